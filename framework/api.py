@@ -1,0 +1,227 @@
+"""Public API: ``apply(pipe_or_model, config)`` -> handle; ``remove``; a context that disables.
+
+Everything that can be wrong with the input is checked before the model is touched; a failure
+while installing undoes what was installed, so nothing is left half-applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from framework.config import ConfigBase, ConfigError, instantiate, load_config, resolve
+from framework.engine import PatchSet, Runtime
+from framework.interfaces import ModelAdapter, SiteSpec
+from framework.manager import get_registry
+
+HANDLE_ATTR = "_tokenreduce_handle"
+
+
+class UnsupportedModelError(TypeError):
+    """No registered adapter serves this model."""
+
+
+class TokenReduceHandle:
+    """An applied configuration. ``remove()`` restores the original forward methods exactly."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pipeline: Any,
+        adapter: ModelAdapter,
+        runtime: Runtime,
+        patches: PatchSet,
+        sites: list[SiteSpec],
+    ) -> None:
+        self.model, self.pipeline, self.adapter = model, pipeline, adapter
+        self.runtime, self.sites = runtime, sites
+        self._patches = patches
+
+    @property
+    def config(self) -> ConfigBase:
+        return self.runtime.config
+
+    @property
+    def active(self) -> bool:
+        return len(self._patches) > 0
+
+    def remove(self) -> None:
+        """Undo every patch; a second call does nothing."""
+        self._patches.undo()
+        for owner in (self.model, self.pipeline):
+            if owner is not None and owner.__dict__.get(HANDLE_ATTR) is self:
+                object.__delattr__(owner, HANDLE_ATTR)
+
+    def enable(self) -> None:
+        self.runtime.enabled = True
+
+    def disable(self) -> None:
+        self.runtime.enabled = False
+
+    @contextmanager
+    def disabled(self) -> Iterator[TokenReduceHandle]:
+        """Run the original computation inside the block (state is kept for later)."""
+        previous = self.runtime.enabled
+        self.runtime.enabled = False
+        try:
+            yield self
+        finally:
+            self.runtime.enabled = previous
+
+    def reset(self) -> None:
+        """Forget cached plans and restart the step clock."""
+        self.runtime.reset_state()
+
+    def __enter__(self) -> TokenReduceHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"TokenReduceHandle({self.adapter.name}, ratio={self.config.ratio}, sites={len(self.sites)}, {state})"
+
+
+def find_denoiser(pipe_or_model: Any) -> tuple[nn.Module, Any, type[ModelAdapter] | None]:
+    """(denoiser, pipeline or None, matching adapter class or None)."""
+    registry = get_registry()
+    adapters = [registry.get("adapter", n) for n in registry.names("adapter")]
+    if isinstance(pipe_or_model, nn.Module):
+        for cls in adapters:
+            if cls.matches(pipe_or_model):
+                return pipe_or_model, None, cls
+        return pipe_or_model, None, None
+    for cls in adapters:
+        denoiser = cls.denoiser_of(pipe_or_model)
+        if denoiser is not None:
+            return denoiser, pipe_or_model, cls
+    names = ", ".join(registry.names("adapter")) or "(none)"
+    raise UnsupportedModelError(
+        f"{type(pipe_or_model).__name__} is neither a torch module nor a pipeline with a supported "
+        f"`unet`/`transformer`; registered adapters: {names}"
+    )
+
+
+def prepare(pipe_or_model: Any, config: Any, **overrides: Any) -> tuple[nn.Module, Any, ModelAdapter, Runtime, list[SiteSpec]]:
+    """Validate everything against the model without modifying it."""
+    config = load_config(config, **overrides)
+    model, pipeline, detected = find_denoiser(pipe_or_model)
+    registry = get_registry()
+    if config.adapter.name == "auto":
+        if detected is None:
+            raise UnsupportedModelError(
+                f"no adapter supports {type(model).__name__}; registered adapters: {', '.join(registry.names('adapter'))}"
+            )
+        adapter = detected(detected.Params())
+    else:
+        adapter = instantiate("adapter", config.adapter)  # type: ignore[assignment]
+        if not adapter.matches(model):
+            raise UnsupportedModelError(
+                f"adapter {adapter.name!r} does not support {type(model).__name__}"
+                + (f"; the model matches adapter {detected.name!r}" if detected else "")
+            )
+    resolved = resolve(config, adapter=adapter)
+    runtime = Runtime(resolved)
+    try:
+        adapter.validate(model, config)
+        sites = adapter.sites(model, config)
+        for grid in {s.grid for s in sites if s.grid is not None}:
+            runtime.layout(grid)
+    except ValueError as exc:
+        raise ConfigError(f"{adapter.name}: {exc}") from None
+    return model, pipeline, adapter, runtime, sites
+
+
+def apply(pipe_or_model: Any, config: Any = "toma", **overrides: Any) -> TokenReduceHandle:
+    """Apply a config (preset name, file, mapping or Config) to a pipeline or denoiser.
+
+    Re-applying replaces the previous application. Returns the handle.
+    """
+    model, pipeline, adapter, runtime, sites = prepare(pipe_or_model, config, **overrides)
+    previous = get_handle(model)
+    if previous is not None:
+        previous.remove()
+    patches = PatchSet()
+    try:
+        adapter.install(model, runtime, patches)
+        if pipeline is not None:
+            _attach_scheduler(pipeline, runtime, patches)
+    except BaseException:
+        patches.undo()
+        raise
+    handle = TokenReduceHandle(model, pipeline, adapter, runtime, patches, sites)
+    object.__setattr__(model, HANDLE_ATTR, handle)
+    if pipeline is not None:
+        object.__setattr__(pipeline, HANDLE_ATTR, handle)
+    return handle
+
+
+def _attach_scheduler(pipeline: Any, runtime: Runtime, patches: PatchSet) -> None:
+    """Reset the clock at each pipeline call and close each denoising step (host only)."""
+    scheduler = getattr(pipeline, "scheduler", None)
+    if scheduler is None or not hasattr(scheduler, "step") or not hasattr(scheduler, "set_timesteps"):
+        return
+    clock = runtime.clock
+
+    def on_set_timesteps(original):
+        def set_timesteps(*args, **kwargs):
+            out = original(*args, **kwargs)
+            clock.reset()
+            return out
+
+        return set_timesteps
+
+    def on_step(original):
+        def step(*args, **kwargs):
+            out = original(*args, **kwargs)
+            clock.end_step()
+            return out
+
+        return step
+
+    patches.wrap_method(scheduler, "set_timesteps", on_set_timesteps)
+    patches.wrap_method(scheduler, "step", on_step)
+    patches.set(clock, "scheduler_attached", True)
+
+
+def get_handle(pipe_or_model: Any) -> TokenReduceHandle | None:
+    handle = getattr(pipe_or_model, "__dict__", {}).get(HANDLE_ATTR)
+    if handle is None and not isinstance(pipe_or_model, nn.Module):
+        for attr in ("unet", "transformer"):
+            module = getattr(pipe_or_model, attr, None)
+            if module is not None and HANDLE_ATTR in module.__dict__:
+                return module.__dict__[HANDLE_ATTR]
+    return handle
+
+
+def remove(pipe_or_model: Any) -> bool:
+    """Remove whatever tokenreduce applied to this pipeline or model; ``True`` if there was something."""
+    handle = get_handle(pipe_or_model)
+    if handle is None:
+        return False
+    handle.remove()
+    return True
+
+
+@contextmanager
+def disabled(pipe_or_model: Any) -> Iterator[None]:
+    """Temporarily run the unmodified computation."""
+    handle = get_handle(pipe_or_model)
+    if handle is None:
+        yield
+        return
+    with handle.disabled():
+        yield
+
+
+def begin_call(runtime: Runtime, timestep: Any) -> None:
+    """For adapters: call at the top of the denoiser's forward."""
+    if torch.compiler.is_compiling():
+        runtime.clock.begin_compiled_call()
+    else:
+        runtime.clock.begin_call(timestep)

@@ -1,0 +1,165 @@
+"""Everything a wrapped site needs at run time, resolved once at apply time.
+
+The hot path is :meth:`Runtime.plan`: a few attribute reads and one comparison when the plan is
+reused; selection and weights when the reuse policy says so. No registry, no config, no host
+synchronisation, static shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from framework.engine.clock import Clock
+from framework.interfaces import Decision, MergePlan, SelectContext
+from framework.layout import Layout, build_layout, kept_per_region
+
+if TYPE_CHECKING:
+    from framework.config import Resolved
+
+
+class IdentityPlan(MergePlan):
+    """Nothing merged (ratio 0 at this layer): both maps return their input."""
+
+    def __init__(self, num_tokens: int, device: torch.device) -> None:
+        self.positions = None
+        self.num_tokens = num_tokens
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+
+@dataclass
+class Slot:
+    """The cached plan of one sharing group for one guidance pass."""
+
+    pending: Decision = Decision.SELECT
+    key: tuple | None = None
+    destinations: torch.Tensor | None = None
+    plan: MergePlan | None = None
+
+
+@dataclass
+class Group:
+    """Blocks sharing one plan (a block kind, or a single block)."""
+
+    name: str
+    slots: dict[int, Slot] = field(default_factory=dict)
+
+
+class Runtime:
+    def __init__(self, resolved: Resolved) -> None:
+        self.resolved = resolved
+        self.config = resolved.config
+        self.ratio = resolved.config.ratio
+        self.selector = resolved.selector
+        self.merger = resolved.merger
+        self.partitioner = resolved.partitioner
+        self.reuse = resolved.reuse
+        self.enabled = True
+        self.groups: dict[str, Group] = {}
+        self.clock = Clock(self)
+        self._layouts: dict[tuple[int, int], Layout] = {}
+        self._generators: dict[str, torch.Generator] = {}
+
+    # ------------------------------------------------------------------ set-up (host)
+
+    def group(self, kind: str, block: str) -> Group:
+        """The group a block belongs to under the reuse policy's sharing mode."""
+        name = kind if self.reuse.sharing == "kind" else block
+        return self.groups.setdefault(name, Group(name))
+
+    def layout(self, grid: tuple[int, int]) -> Layout:
+        """The static layout of a grid (built once; raises ``ValueError`` on impossible combinations)."""
+        layout = self._layouts.get(grid)
+        if layout is None:
+            layout = self._layouts[grid] = self._build_layout(grid)
+        return layout
+
+    def _build_layout(self, grid: tuple[int, int]) -> Layout:
+        h, w = grid
+        min_h, min_w = self.partitioner.min_grid()
+        if h < min_h or w < min_w:
+            raise ValueError(
+                f"token grid {h}x{w} is smaller than partitioner {self.partitioner.name!r} needs ({min_h}x{min_w})"
+            )
+        regions = self.partitioner.partition(h, w)
+        keep = kept_per_region(regions.sizes, self.ratio)
+        dests = self.selector.count(regions, keep)
+        total_keep = sum(keep)
+        if self.merger.needs_destinations:
+            if any(d > s for d, s in zip(dests, regions.sizes, strict=True)):
+                raise ValueError(f"selector {self.selector.name!r} asks for more destinations than tokens on {h}x{w}")
+            if self.merger.output == "destinations" and sum(dests) != total_keep:
+                raise ValueError(
+                    f"selector {self.selector.name!r} gives {sum(dests)} destinations on the {h}x{w} grid but "
+                    f"merger {self.merger.name!r} makes one token per destination and ratio {self.ratio} keeps "
+                    f"{total_keep}; change the ratio to match the selector or use a selector that picks the kept count"
+                )
+            if self.merger.output == "keep" and any(d > k for d, k in zip(dests, keep, strict=True)):
+                raise ValueError(
+                    f"selector {self.selector.name!r} gives more destinations than merger {self.merger.name!r} "
+                    f"keeps at ratio {self.ratio} on the {h}x{w} grid; lower the ratio"
+                )
+        return build_layout(regions, self.ratio, dests, total_keep)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """A dedicated generator per device, so random selectors never shift the sampler's RNG."""
+        key = str(device)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.config.seed)
+            self._generators[key] = gen
+        return gen
+
+    def mark_all(self, decision: Decision) -> None:
+        for group in self.groups.values():
+            for slot in group.slots.values():
+                slot.pending = decision
+
+    def reset_state(self) -> None:
+        """Forget every cached plan (e.g. after the model moved to another device)."""
+        for group in self.groups.values():
+            group.slots.clear()
+        for gen_key in list(self._generators):
+            del self._generators[gen_key]
+        self.clock.reset()
+
+    # ------------------------------------------------------------------ hot path
+
+    def plan(self, group: Group, x: torch.Tensor, grid: tuple[int, int]) -> MergePlan:
+        """The plan for ``x`` (``(B, N, C)``, raster order on ``grid``) in this group."""
+        slot = group.slots.get(self.clock.pass_index)
+        if slot is None:
+            slot = group.slots[self.clock.pass_index] = Slot()
+        key = (x.shape[0], x.shape[1], grid, x.dtype, x.device)
+        decision = slot.pending if slot.key == key else Decision.SELECT
+        if decision is Decision.REUSE and slot.plan is not None:
+            return slot.plan
+        layout = self.layout(grid)
+        if layout.keep == layout.num_tokens and not self.merger.kv_only:
+            plan: MergePlan = IdentityPlan(layout.num_tokens, x.device)
+        else:
+            layout = layout.to(x.device)
+            features = self.features(x, layout)
+            if decision is Decision.SELECT or slot.destinations is None or slot.key != key:
+                ctx = SelectContext(layout=layout, generator=self.generator(x.device))
+                slot.destinations = self.selector.select(features, ctx) if self.merger.needs_destinations else None
+            plan = self.merger.plan(x, features, slot.destinations, layout)
+        slot.plan, slot.key, slot.pending = plan, key, Decision.REUSE
+        return plan
+
+    @staticmethod
+    def features(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """``(B, R, S, C)`` float32 L2-normalised tokens; padding slots are zero."""
+        feats = F.normalize(layout.to_regions(x).float(), dim=-1)
+        if layout.regions.ragged:
+            feats = feats * layout.regions.valid.unsqueeze(-1).unsqueeze(0)
+        return feats

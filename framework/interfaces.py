@@ -1,0 +1,209 @@
+"""The five extension points. Each implementation carries a ``name`` and a pydantic ``Params`` model.
+
+Components are plain objects resolved once at apply time; the per-block hot path calls only
+their tensor methods (no registry look-ups, no config parsing, no host synchronisation).
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+
+from framework.layout import Layout, Regions
+from framework.params import StrictParams
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+class Component(ABC):
+    """Common base: a registered name, a parameter model, and the parameters it was built with."""
+
+    kind: ClassVar[str]
+    name: ClassVar[str]
+    Params: ClassVar[type[StrictParams]]
+
+    def __init__(self, params: StrictParams | None = None) -> None:
+        self.params = params if params is not None else self.Params()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params!r})"
+
+    def check(self, config: Any) -> None:  # noqa: B027 - optional hook
+        """Raise ``ValueError`` if this component cannot work with the rest of ``config``.
+
+        Called at validation time, before any model is touched.
+        """
+
+
+# --------------------------------------------------------------------------- Partitioner
+
+
+class Partitioner(Component):
+    """Token grid ``(H, W)`` -> regions that are processed as one batch row each."""
+
+    kind = "partitioner"
+
+    @abstractmethod
+    def partition(self, height: int, width: int) -> Regions:
+        """Regions of an ``height x width`` raster grid (host tensors, built once per grid)."""
+
+    def min_grid(self) -> tuple[int, int]:
+        """The smallest grid this partitioner accepts (validated before patching)."""
+        return (1, 1)
+
+
+# --------------------------------------------------------------------------- Selector
+
+
+@dataclass(frozen=True)
+class SelectContext:
+    """What a selector may know besides the features: the layout and a dedicated generator."""
+
+    layout: Layout
+    generator: torch.Generator | None = None
+
+
+class Selector(Component):
+    """Region features -> destination indices, shared by every sample of the batch."""
+
+    kind = "selector"
+
+    def count(self, regions: Regions, keep: Sequence[int]) -> tuple[int, ...]:
+        """Destinations per region; by default one per kept token."""
+        return tuple(keep)
+
+    @abstractmethod
+    def select(self, features: torch.Tensor, ctx: SelectContext) -> torch.Tensor:
+        """Pick destinations.
+
+        ``features``: ``(B, R, S, C)`` float32, L2-normalised per token (padding slots are zero).
+        Returns local slot indices ``(R, k)`` (``k = ctx.layout.k``); for region ``r`` only the
+        first ``ctx.layout.dests[r]`` entries are used and they must be unique valid slots.
+        """
+
+
+# --------------------------------------------------------------------------- Merger
+
+
+class MergePlan(ABC):
+    """A resolved merge for one layer and batch: ``merge`` shortens, ``unmerge`` restores."""
+
+    #: raster indices ``(N',)`` whose positional data (e.g. RoPE rows) each merged token takes
+    positions: torch.Tensor | None = None
+
+    @abstractmethod
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, N, C)`` -> ``(B, N', C)``."""
+
+    @abstractmethod
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        """``(B, N', C)`` -> ``(B, N, C)``."""
+
+
+class Merger(Component):
+    """Features + destinations -> a :class:`MergePlan`.
+
+    ``output`` says how long the merged sequence is: ``"destinations"`` (one merged token per
+    destination: the selector must pick exactly the kept count) or ``"keep"`` (the layer's kept
+    count; unmatched sources stay, as in bipartite matching). ``kv_only`` mergers shorten only
+    keys and values (ToDo) and need no unmerge.
+    """
+
+    kind = "merger"
+    output: ClassVar[Literal["destinations", "keep"]] = "destinations"
+    kv_only: ClassVar[bool] = False
+    needs_destinations: ClassVar[bool] = True
+
+    @abstractmethod
+    def plan(self, x: torch.Tensor, features: torch.Tensor, destinations: torch.Tensor, layout: Layout) -> MergePlan:
+        """Build the plan.
+
+        ``x``: ``(B, N, C)`` tokens in the model dtype; ``features``: ``(B, R, S, C)`` normalised
+        float32 region features; ``destinations``: ``(R, k)`` local indices from the selector.
+        """
+
+
+# --------------------------------------------------------------------------- ReusePolicy
+
+
+class Decision(enum.Enum):
+    """What the first block of a sharing group does in one denoiser call."""
+
+    SELECT = "select"  # new destinations and new weights
+    WEIGHTS = "weights"  # cached destinations, new weights
+    REUSE = "reuse"  # cached plan
+
+
+class ReusePolicy(Component):
+    """(step, block group) -> recompute destinations / recompute weights / reuse.
+
+    ``sharing="kind"``: every block of a kind (SDXL: resolution level; Flux: double or single)
+    uses the plan computed in the first block of that kind; ``"block"``: each block its own.
+    """
+
+    kind = "reuse"
+    sharing: Literal["kind", "block"] = "kind"
+
+    @property
+    def needs_step(self) -> bool:
+        """Whether decisions depend on the denoising step (else every call selects anew)."""
+        return True
+
+    @abstractmethod
+    def decide(self, step: int) -> Decision:
+        """The decision for denoising step ``step`` (0-based within one pipeline call)."""
+
+
+# --------------------------------------------------------------------------- ModelAdapter
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One place in a model where tokens are reduced, described for ``explain``."""
+
+    path: str  # dotted module path
+    site: str  # e.g. "attn1", "block", "double", "single"
+    group: str  # sharing group (block kind)
+    grid: tuple[int, int] | None  # token grid at the reference resolution, if known
+
+
+class ModelAdapter(Component):
+    """Finds the sites in one model family, installs and removes the wrappers."""
+
+    kind = "adapter"
+
+    @classmethod
+    @abstractmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether ``model`` (a denoiser, not a pipeline) is of this adapter's family."""
+
+    @classmethod
+    def denoiser_of(cls, pipe: Any) -> nn.Module | None:
+        """The denoiser inside a pipeline object, or ``None``."""
+        for attr in ("unet", "transformer"):
+            module = getattr(pipe, attr, None)
+            if module is not None and cls.matches(module):
+                return module
+        return None
+
+    @abstractmethod
+    def sites(self, model: nn.Module, config: Any) -> list[SiteSpec]:
+        """The sites the config selects, without modifying the model (used by validation and explain)."""
+
+    @abstractmethod
+    def install(self, model: nn.Module, runtime: Any, patches: Any) -> None:
+        """Install the wrappers through ``patches`` (a :class:`framework.engine.PatchSet`).
+
+        Wrap sub-modules' ``forward`` on the instance; never copy a block's forward. Call
+        :func:`framework.api.begin_call` at the top of the denoiser's forward. If this raises
+        part-way, the caller undoes what ``patches`` holds.
+        """
+
+    def validate(self, model: nn.Module, config: Any) -> None:  # noqa: B027 - optional hook
+        """Raise ``ValueError`` for a model/config combination this adapter cannot serve."""

@@ -1,0 +1,195 @@
+"""Static token layouts: regions of a grid and the number of tokens each region keeps.
+
+Everything here is computed once per (grid, ratio) on the host, so the hot path only sees
+fixed index tensors and fixed shapes (what CUDA graphs and ``torch.compile`` need).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Regions:
+    """A partition of an ``H x W`` raster grid into ``R`` regions of at most ``S`` tokens.
+
+    ``index[r, s]`` is the raster index of slot ``s`` of region ``r``; padding slots (ragged
+    border tiles) point at token 0 and are ``False`` in ``valid``. ``shape`` is the 2-D extent
+    of a full region (rows, cols) when regions are rectangles, for grid-aware selectors.
+    """
+
+    grid: tuple[int, int]
+    index: torch.Tensor  # (R, S) int64
+    valid: torch.Tensor  # (R, S) bool
+    sizes: tuple[int, ...]  # valid tokens per region
+    shape: tuple[int, int] | None = None
+    # (R, S) row/col of each slot inside its region's rectangle (grid-aware selectors)
+    local_rc: torch.Tensor | None = None
+
+    @property
+    def num_regions(self) -> int:
+        return self.index.shape[0]
+
+    @property
+    def slots(self) -> int:
+        return self.index.shape[1]
+
+    @property
+    def ragged(self) -> bool:
+        return any(s != self.slots for s in self.sizes)
+
+    @property
+    def is_raster(self) -> bool:
+        """One region holding every token in raster order: no gather needed."""
+        return self.num_regions == 1 and not self.ragged
+
+    def check_cover(self) -> None:
+        """Raise if the valid slots do not cover every token of the grid exactly once."""
+        n = self.grid[0] * self.grid[1]
+        taken = self.index[self.valid]
+        counts = torch.bincount(taken, minlength=n)
+        if taken.numel() != n or bool((counts != 1).any()):
+            raise ValueError(f"regions do not cover the {self.grid} grid exactly once")
+
+
+def kept_per_region(sizes: tuple[int, ...], ratio: float) -> tuple[int, ...]:
+    """Tokens each region keeps: ``round(S * (1 - r))`` adjusted so the layer keeps ``N - floor(r N)``.
+
+    The adjustment uses largest remainders and keeps every non-empty region at >= 1 token.
+    """
+    n = sum(sizes)
+    total = n - math.floor(ratio * n)
+    exact = [s * (1.0 - ratio) for s in sizes]
+    keep = [min(s, max(1 if s else 0, round(e))) for s, e in zip(sizes, exact, strict=True)]
+    diff = total - sum(keep)
+    # Regions whose rounding lost the most get the extra tokens first (and vice versa).
+    order = sorted(range(len(sizes)), key=lambda i: exact[i] - keep[i], reverse=diff > 0)
+    while diff != 0:
+        room = [i for i in order if (keep[i] < sizes[i] if diff > 0 else keep[i] > 1)]
+        if not room:
+            raise ValueError(f"cannot keep {total} of {n} tokens over regions of sizes {sizes}")
+        for i in room[: abs(diff)]:
+            keep[i] += 1 if diff > 0 else -1
+        diff = total - sum(keep)
+    return tuple(keep)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Regions plus the static destination budget of one layer.
+
+    ``k`` = destination slots per region (the maximum over regions); ``slot_valid[r, j]`` says
+    whether slot ``j`` of region ``r`` is a real destination. ``compact`` lists the flat slot
+    positions ``r * k + j`` that are real, in order: the merged sequence has ``len(compact)``
+    tokens. ``keep`` is the number of tokens the layer keeps after merging (``N'``).
+    """
+
+    regions: Regions
+    ratio: float
+    k: int
+    dests: tuple[int, ...]  # real destinations per region
+    keep: int
+    slot_valid: torch.Tensor  # (R, k) bool
+    compact: torch.Tensor | None  # (D,) int64, None when every slot is real
+    _device_cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.regions.grid[0] * self.regions.grid[1]
+
+    @property
+    def num_destinations(self) -> int:
+        return sum(self.dests)
+
+    def to(self, device: torch.device) -> Layout:
+        """This layout with its index tensors on ``device`` (cached)."""
+        key = str(device)
+        if key not in self._device_cache:
+            r = self.regions
+            moved_regions = Regions(
+                grid=r.grid,
+                index=r.index.to(device),
+                valid=r.valid.to(device),
+                sizes=r.sizes,
+                shape=r.shape,
+                local_rc=None if r.local_rc is None else r.local_rc.to(device),
+            )
+            self._device_cache[key] = Layout(
+                regions=moved_regions,
+                ratio=self.ratio,
+                k=self.k,
+                dests=self.dests,
+                keep=self.keep,
+                slot_valid=self.slot_valid.to(device),
+                compact=None if self.compact is None else self.compact.to(device),
+            )
+        return self._device_cache[key]
+
+    # --- reshaping helpers shared by mergers (pure views/gathers, static shapes) ---
+
+    def to_regions(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, N, C)`` raster tokens -> ``(B, R, S, C)`` region slots (padding slots hold token 0)."""
+        r = self.regions
+        if r.is_raster:
+            return x.unsqueeze(1)
+        b, _, c = x.shape
+        return x.index_select(1, r.index.reshape(-1)).view(b, r.num_regions, r.slots, c)
+
+    def from_regions(self, xr: torch.Tensor) -> torch.Tensor:
+        """``(B, R, S, C)`` region slots -> ``(B, N, C)`` raster tokens (padding slots dropped)."""
+        r = self.regions
+        b, _, _, c = xr.shape
+        if r.is_raster:
+            return xr.reshape(b, -1, c)
+        flat = xr.reshape(b, -1, c)
+        inverse = self._inverse(xr.device)
+        return flat.index_select(1, inverse)
+
+    def _inverse(self, device: torch.device) -> torch.Tensor:
+        key = ("inverse", str(device))
+        if key not in self._device_cache:
+            r = self.regions
+            flat_index = r.index.reshape(-1).cpu()
+            flat_valid = r.valid.reshape(-1).cpu()
+            inverse = torch.empty(self.num_tokens, dtype=torch.long)
+            positions = torch.arange(flat_index.numel())
+            inverse[flat_index[flat_valid]] = positions[flat_valid]
+            self._device_cache[key] = inverse.to(device)
+        return self._device_cache[key]
+
+    def compact_slots(self, y: torch.Tensor) -> torch.Tensor:
+        """``(B, R, k, C)`` destination slots -> ``(B, D, C)`` real destinations."""
+        b, _, _, c = y.shape
+        flat = y.reshape(b, -1, c)
+        return flat if self.compact is None else flat.index_select(1, self.compact)
+
+    def expand_slots(self, y: torch.Tensor) -> torch.Tensor:
+        """``(B, D, C)`` -> ``(B, R, k, C)``; unreal slots are filled with zeros."""
+        b, _, c = y.shape
+        r = self.regions.num_regions
+        if self.compact is None:
+            return y.view(b, r, self.k, c)
+        out = y.new_zeros(b, r * self.k, c)
+        out = out.index_copy(1, self.compact, y)
+        return out.view(b, r, self.k, c)
+
+    def global_destinations(self, local: torch.Tensor) -> torch.Tensor:
+        """Local destination indices ``(R, k)`` -> raster indices ``(D,)`` of the real destinations."""
+        raster = torch.gather(self.regions.index, 1, local)
+        flat = raster.reshape(-1)
+        return flat if self.compact is None else flat.index_select(0, self.compact)
+
+
+def build_layout(regions: Regions, ratio: float, dests: tuple[int, ...], keep: int) -> Layout:
+    """A layout with ``dests[r]`` destination slots per region, padded to ``k = max(dests)``."""
+    k = max(max(dests), 1)
+    slot_valid = torch.arange(k).unsqueeze(0) < torch.tensor(dests).unsqueeze(1)
+    compact = None
+    if not bool(slot_valid.all()):
+        compact = torch.nonzero(slot_valid.reshape(-1), as_tuple=False).squeeze(1)
+    return Layout(
+        regions=regions, ratio=ratio, k=k, dests=dests, keep=keep, slot_valid=slot_valid, compact=compact
+    )
