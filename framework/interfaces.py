@@ -120,6 +120,13 @@ class Merger(Component):
     kv_only: ClassVar[bool] = False
     needs_destinations: ClassVar[bool] = True
 
+    def for_site(self, position: float) -> Merger:
+        """The merger to use at a site ``position`` in [0, 1] through the merged blocks (default: self).
+
+        Lets a method vary per block (ToFu: prune early, fuse late) without the adapter knowing.
+        """
+        return self
+
     @abstractmethod
     def plan(self, x: torch.Tensor, features: torch.Tensor, destinations: torch.Tensor, layout: Layout) -> MergePlan:
         """Build the plan.

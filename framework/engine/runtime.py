@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from framework.engine.clock import Clock
-from framework.interfaces import Decision, MergePlan, SelectContext
+from framework.interfaces import Decision, MergePlan, Merger, SelectContext
 from framework.layout import Layout, build_layout, kept_per_region
 
 if TYPE_CHECKING:
@@ -50,6 +50,7 @@ class Group:
     """Blocks sharing one plan (a block kind, or a single block)."""
 
     name: str
+    merger: Merger
     slots: dict[int, Slot] = field(default_factory=dict)
 
 
@@ -70,10 +71,17 @@ class Runtime:
 
     # ------------------------------------------------------------------ set-up (host)
 
-    def group(self, kind: str, block: str) -> Group:
-        """The group a block belongs to under the reuse policy's sharing mode."""
+    def group(self, kind: str, block: str, position: float = 0.0) -> Group:
+        """The group a block belongs to under the reuse policy's sharing mode.
+
+        ``position`` in [0, 1] is the block's place among the merged blocks; the group's merger
+        is ``merger.for_site(position)`` of its first block.
+        """
         name = kind if self.reuse.sharing == "kind" else block
-        return self.groups.setdefault(name, Group(name))
+        group = self.groups.get(name)
+        if group is None:
+            group = self.groups[name] = Group(name, self.merger.for_site(position))
+        return group
 
     def layout(self, grid: tuple[int, int]) -> Layout:
         """The static layout of a grid (built once; raises ``ValueError`` on impossible combinations)."""
@@ -144,15 +152,16 @@ class Runtime:
         if decision is Decision.REUSE and slot.plan is not None:
             return slot.plan
         layout = self.layout(grid)
-        if layout.keep == layout.num_tokens and not self.merger.kv_only:
+        merger = group.merger
+        if layout.keep == layout.num_tokens and not merger.kv_only:
             plan: MergePlan = IdentityPlan(layout.num_tokens, x.device)
         else:
             layout = layout.to(x.device)
             features = self.features(x, layout)
             if decision is Decision.SELECT or slot.destinations is None or slot.key != key:
                 ctx = SelectContext(layout=layout, generator=self.generator(x.device))
-                slot.destinations = self.selector.select(features, ctx) if self.merger.needs_destinations else None
-            plan = self.merger.plan(x, features, slot.destinations, layout)
+                slot.destinations = self.selector.select(features, ctx) if merger.needs_destinations else None
+            plan = merger.plan(x, features, slot.destinations, layout)
         slot.plan, slot.key, slot.pending = plan, key, Decision.REUSE
         return plan
 
