@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from torch import nn
 
 from framework.config import ConfigBase, ConfigError, instantiate, load_config, resolve
@@ -186,7 +185,7 @@ def _attach_scheduler(pipeline: Any, runtime: Runtime, patches: PatchSet) -> Non
 
     patches.wrap_method(scheduler, "set_timesteps", on_set_timesteps)
     patches.wrap_method(scheduler, "step", on_step)
-    patches.set(clock, "scheduler_attached", True)
+    patches.set(clock, "driver", "scheduler")
 
 
 def get_handle(pipe_or_model: Any) -> TokenReduceHandle | None:
@@ -220,8 +219,5 @@ def disabled(pipe_or_model: Any) -> Iterator[None]:
 
 
 def begin_call(runtime: Runtime, timestep: Any) -> None:
-    """For adapters: call at the top of the denoiser's forward."""
-    if torch.compiler.is_compiling():
-        runtime.clock.begin_compiled_call()
-    else:
-        runtime.clock.begin_call(timestep)
+    """For adapters: call at the top of the denoiser's forward (before any site runs)."""
+    runtime.clock.begin_call(timestep)

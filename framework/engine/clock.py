@@ -1,15 +1,24 @@
 """The denoising-step clock that drives reuse decisions.
 
-The step index comes from the timestep the denoiser receives: a new value is a new step, the
-same value again is another guidance pass of the same step, a larger value starts a new
-generation. When the model belongs to a pipeline, the scheduler's ``set_timesteps`` resets the
-clock at the start of every pipeline call and ``step`` closes each denoising step (exact, with
-no device read; this is also what drives the clock when the denoiser runs compiled).
+Three drivers:
+
+- ``"timestep"`` (a bare denoiser, the default): the step index comes from the timestep the
+  denoiser receives: a new value is a new step, the same value again is another guidance pass of
+  the same step, a larger value starts a new generation. Reading it costs one small device read
+  per call, and only when the reuse policy depends on the step.
+- ``"scheduler"`` (the model belongs to a pipeline given to ``apply``): the scheduler's
+  ``set_timesteps`` resets the clock at the start of every pipeline call and its ``step`` closes
+  each denoising step; guidance passes are counted between the two. Exact, host-only, no device
+  read, and it keeps working when the denoiser runs compiled or captured in a CUDA graph.
+- ``"manual"``: the caller drives :meth:`reset` and :meth:`end_step` (benchmarks, custom loops).
+
+Under ``torch.compile`` the ``"timestep"`` driver cannot read the timestep, so every call
+recomputes its plans (correct, without cross-step reuse); use a pipeline or ``"manual"`` there.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -17,6 +26,12 @@ from framework.interfaces import Decision
 
 if TYPE_CHECKING:
     from framework.engine.runtime import Runtime
+
+Driver = Literal["timestep", "scheduler", "manual"]
+
+#: More calls than this within one step means nothing is closing steps (e.g. the denoiser of a
+#: patched pipeline called from a custom loop): recompute on every call instead of piling up passes.
+MAX_PASSES_PER_STEP = 4
 
 
 def timestep_value(timestep: Any) -> float:
@@ -29,68 +44,57 @@ def timestep_value(timestep: Any) -> float:
 class Clock:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.driver: Driver = "timestep"
         self.step = 0
         self.pass_index = 0
         self.last_t: float | None = None
-        self.scheduler_attached = False
-        self._step_opened_by_scheduler = False
-        self.calls = 0
-        self._passes_in_step = 0  # compiled calls since the scheduler opened the step
+        self._passes_in_step = 0
 
-    # ---- driven by the pipeline's scheduler (host only) ----
+    # ---- external drivers (scheduler hooks, benchmarks) ----
 
     def reset(self) -> None:
-        """Start of a pipeline call: step 0, every plan recomputed."""
+        """Start of a generation: step 0, every plan recomputed."""
         self.step = 0
-        self.pass_index = 0
         self.last_t = None
-        self._step_opened_by_scheduler = True
-        self._passes_in_step = 0
-        self._mark()
+        self._open_step()
 
     def end_step(self) -> None:
-        """The scheduler finished a denoising step."""
+        """A denoising step finished."""
         self.step += 1
-        self.pass_index = 0
-        self._step_opened_by_scheduler = True
-        self._passes_in_step = 0
-        self._mark()
+        self._open_step()
 
-    # ---- driven by the denoiser's own forward ----
+    def _open_step(self) -> None:
+        self.pass_index = 0
+        self._passes_in_step = 0
+        self.runtime.mark_all(self.runtime.reuse.decide(self.step))
+
+    # ---- called at the top of every denoiser call ----
 
     def begin_call(self, timestep: Any) -> None:
-        """Called at the top of every eager denoiser call."""
-        self.calls += 1
         policy = self.runtime.reuse
         if not policy.needs_step:
             self.pass_index = 0
             self.runtime.mark_all(Decision.SELECT)
-            return
-        t = timestep_value(timestep) if timestep is not None else None
-        if self._step_opened_by_scheduler:
-            self._step_opened_by_scheduler = False
-        elif t is None or self.last_t is None or t > self.last_t:
-            self.step = 0  # a new generation
-            self.pass_index = 0
-            self._mark()
-        elif t == self.last_t:
-            self.pass_index += 1  # another guidance pass of the same step
-        else:
-            self.step += 1
-            self.pass_index = 0
-            self._mark()
-        self.last_t = t
-
-    def begin_compiled_call(self) -> None:
-        """The traced counterpart of :meth:`begin_call`: no device reads, few distinct values."""
-        if not self.runtime.reuse.needs_step or not self.scheduler_attached:
-            # Nothing outside the graph advances the clock: recompute, never reuse a stale plan.
+        elif self.driver != "timestep":
+            if self._passes_in_step >= MAX_PASSES_PER_STEP:
+                self.pass_index = 0
+                self.runtime.mark_all(Decision.SELECT)
+            else:
+                # Guidance passes of one step keep separate plans.
+                self.pass_index = self._passes_in_step
+                self._passes_in_step += 1
+        elif torch.compiler.is_compiling():
+            # The timestep cannot be read inside a graph: recompute, never reuse a stale plan.
             self.pass_index = 0
             self.runtime.mark_all(Decision.SELECT)
         else:
-            # Guidance passes of one step keep separate plans (values 0, 1: few graphs).
-            self.pass_index = self._passes_in_step
-            self._passes_in_step += 1
+            self._observe(timestep_value(timestep) if timestep is not None else None)
 
-    def _mark(self) -> None:
-        self.runtime.mark_all(self.runtime.reuse.decide(self.step))
+    def _observe(self, t: float | None) -> None:
+        if t is None or self.last_t is None or t > self.last_t:
+            self.reset()  # a new generation
+        elif t == self.last_t:
+            self.pass_index += 1  # another guidance pass of the same step
+        else:
+            self.end_step()
+        self.last_t = t

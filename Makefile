@@ -1,0 +1,35 @@
+# CPU set-up: torch is pinned to a CPU build here; GPU users install their own torch first.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test test-fast lint schema clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/tokenreduce demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check framework plugins toma_plugin baselines tests
+	$(BIN)/ruff format --check framework plugins toma_plugin baselines tests
+
+schema: setup
+	$(BIN)/tokenreduce schema -o docs/config.schema.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis tokenreduce-demo

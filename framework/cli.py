@@ -1,0 +1,174 @@
+"""The ``tokenreduce`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+# --------------------------------------------------------------------------- plugins / schema / validate
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from framework.manager import get_registry
+
+    registry = get_registry()
+    table = Table(title="tokenreduce components")
+    for column in ("name", "kind", "source"):
+        table.add_column(column)
+    for kind, name, entry in registry.entries():
+        table.add_row(name, kind, entry.source)
+    console.print(table)
+    presets = Table(title="presets")
+    for column in ("name", "source", "description"):
+        presets.add_column(column)
+    for name, preset in sorted(registry.presets.items()):
+        presets.add_row(name, preset.source, preset.description)
+    console.print(presets)
+    for plugin, error in registry.failed.items():
+        err_console.print(f"[red]failed to load[/red] {plugin}: {error}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from framework.config import json_schema
+
+    text = json.dumps(json_schema(), indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from framework.config import load_config
+
+    config = load_config(args.config)
+    console.print(f"[green]valid[/green]: {args.config}")
+    console.print_json(json.dumps(config.model_dump(mode="json")))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from framework.explain import explain
+
+    explain(args.config, arch=args.arch, height=args.height, width=args.width, console=console)
+    return 0
+
+
+# --------------------------------------------------------------------------- demo / generate / bench
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from framework.demo import run_demo
+
+    run_demo(output=Path(args.output), steps=args.steps, ratio=args.ratio, console=console)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from framework.generate import generate
+
+    generate(
+        model=args.model,
+        config=args.config,
+        prompt=args.prompt,
+        steps=args.steps,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        device=args.device,
+        dtype=args.dtype,
+        output=Path(args.output),
+        baseline=args.baseline,
+        console=console,
+    )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from framework.bench.cli import run_bench_command
+
+    return run_bench_command(args, console)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenreduce", description="Token reduction for diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("plugins", help="list registered components and presets with their source")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("schema", help="print the JSON schema of config files")
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("validate", help="validate a config file or preset")
+    p.add_argument("config", help="config file (.yaml/.toml/.json) or preset name")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("explain", help="show what a config merges where, with token counts per level")
+    p.add_argument("config", help="config file or preset name")
+    p.add_argument("--arch", choices=["sdxl", "flux"], help="architecture (default: from the config's adapter)")
+    p.add_argument("--height", type=int, default=1024, help="image height in pixels (default 1024)")
+    p.add_argument("--width", type=int, default=1024, help="image width in pixels (default 1024)")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("demo", help="ToMA on the embedded tiny models: timing, difference and a side-by-side PNG")
+    p.add_argument("-o", "--output", default="tokenreduce-demo", help="output folder (default tokenreduce-demo)")
+    p.add_argument("--steps", type=int, default=8, help="denoising steps (default 8)")
+    p.add_argument("--ratio", type=float, default=0.5, help="merge ratio (default 0.5)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="generate an image with a diffusers pipeline and a config")
+    p.add_argument("--model", required=True, help="model id (hub cache) or local pipeline folder")
+    p.add_argument("--config", default="toma", help="config file or preset (default: toma)")
+    p.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16/bf16 on GPU")
+    p.add_argument("-o", "--output", default="tokenreduce-out", help="output folder")
+    p.add_argument("--baseline", action="store_true", help="also generate without token reduction")
+    p.set_defaults(func=cmd_generate)
+
+    try:
+        from framework.bench.cli import add_bench_parser
+    except ModuleNotFoundError:  # pragma: no cover - bench is optional at import time
+        pass
+    else:
+        add_bench_parser(sub, cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from framework.api import UnsupportedModelError
+    from framework.config import ConfigError
+    from framework.registry import UnknownComponentError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, UnsupportedModelError, UnknownComponentError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
