@@ -6,6 +6,7 @@ while installing undoes what was installed, so nothing is left half-applied.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -167,7 +168,9 @@ def _attach_scheduler(pipeline: Any, runtime: Runtime, patches: PatchSet) -> Non
         return
     clock = runtime.clock
 
+    # functools.wraps keeps the signatures: pipelines inspect them (e.g. Flux checks for `sigmas`).
     def on_set_timesteps(original):
+        @functools.wraps(original)
         def set_timesteps(*args, **kwargs):
             out = original(*args, **kwargs)
             clock.reset()
@@ -176,6 +179,7 @@ def _attach_scheduler(pipeline: Any, runtime: Runtime, patches: PatchSet) -> Non
         return set_timesteps
 
     def on_step(original):
+        @functools.wraps(original)
         def step(*args, **kwargs):
             out = original(*args, **kwargs)
             clock.end_step()

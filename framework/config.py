@@ -46,7 +46,7 @@ class AutoAdapterParams(StrictParams):
 
 
 class ConfigBase(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     ratio: float = Field(0.5, description="Fraction of image tokens removed per merged layer, in [0, 1).")
     seed: int = Field(0, description="Seed of the dedicated generator used by random selectors.")

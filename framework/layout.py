@@ -28,6 +28,14 @@ class Regions:
     shape: tuple[int, int] | None = None
     # (R, S) row/col of each slot inside its region's rectangle (grid-aware selectors)
     local_rc: torch.Tensor | None = None
+    # One full region listing the tokens in raster order; decided once on the host when not given.
+    raster_order: bool | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.raster_order is None:
+            r, s = self.index.shape
+            raster = r == 1 and all(n == s for n in self.sizes) and torch.equal(self.index[0].cpu(), torch.arange(s))
+            object.__setattr__(self, "raster_order", raster)
 
     @property
     def num_regions(self) -> int:
@@ -44,7 +52,7 @@ class Regions:
     @property
     def is_raster(self) -> bool:
         """One region holding every token in raster order: no gather needed."""
-        return self.num_regions == 1 and not self.ragged
+        return bool(self.raster_order)
 
     def check_cover(self) -> None:
         """Raise if the valid slots do not cover every token of the grid exactly once."""
@@ -94,7 +102,28 @@ class Layout:
     keep: int
     slot_valid: torch.Tensor  # (R, k) bool
     compact: torch.Tensor | None  # (D,) int64, None when every slot is real
+    # (N,) position of each raster token among the flattened region slots (built on the host)
+    inverse: torch.Tensor | None = None
     _device_cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.inverse is None and not self.regions.is_raster:
+            flat_index = self.regions.index.reshape(-1)
+            flat_valid = self.regions.valid.reshape(-1)
+            inverse = torch.empty(self.num_tokens, dtype=torch.long, device=flat_index.device)
+            positions = torch.arange(flat_index.numel(), device=flat_index.device)
+            inverse[flat_index[flat_valid]] = positions[flat_valid]
+            object.__setattr__(self, "inverse", inverse)
+
+    @property
+    def host(self) -> Layout:
+        """The host (CPU) original of this layout: build lookup tables from it, never from device copies."""
+        return self._device_cache.get("host", self)
+
+    @property
+    def all_slots_real(self) -> bool:
+        """Every destination slot is real (host-side: no device read)."""
+        return self.compact is None
 
     @property
     def num_tokens(self) -> int:
@@ -105,7 +134,8 @@ class Layout:
         return sum(self.dests)
 
     def to(self, device: torch.device) -> Layout:
-        """This layout with its index tensors on ``device`` (cached)."""
+        """This layout with its index tensors on ``device`` (cached; every index is built on the host
+        first, so nothing is ever read back from the device)."""
         key = str(device)
         if key not in self._device_cache:
             r = self.regions
@@ -116,6 +146,7 @@ class Layout:
                 sizes=r.sizes,
                 shape=r.shape,
                 local_rc=None if r.local_rc is None else r.local_rc.to(device),
+                raster_order=r.raster_order,
             )
             self._device_cache[key] = Layout(
                 regions=moved_regions,
@@ -125,7 +156,9 @@ class Layout:
                 keep=self.keep,
                 slot_valid=self.slot_valid.to(device),
                 compact=None if self.compact is None else self.compact.to(device),
+                inverse=None if self.inverse is None else self.inverse.to(device),
             )
+            self._device_cache[key]._device_cache["host"] = self.host
         return self._device_cache[key]
 
     # --- reshaping helpers shared by mergers (pure views/gathers, static shapes) ---
@@ -145,20 +178,7 @@ class Layout:
         if r.is_raster:
             return xr.reshape(b, -1, c)
         flat = xr.reshape(b, -1, c)
-        inverse = self._inverse(xr.device)
-        return flat.index_select(1, inverse)
-
-    def _inverse(self, device: torch.device) -> torch.Tensor:
-        key = ("inverse", str(device))
-        if key not in self._device_cache:
-            r = self.regions
-            flat_index = r.index.reshape(-1).cpu()
-            flat_valid = r.valid.reshape(-1).cpu()
-            inverse = torch.empty(self.num_tokens, dtype=torch.long)
-            positions = torch.arange(flat_index.numel())
-            inverse[flat_index[flat_valid]] = positions[flat_valid]
-            self._device_cache[key] = inverse.to(device)
-        return self._device_cache[key]
+        return flat.index_select(1, self.inverse)
 
     def compact_slots(self, y: torch.Tensor) -> torch.Tensor:
         """``(B, R, k, C)`` destination slots -> ``(B, D, C)`` real destinations."""

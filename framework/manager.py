@@ -46,10 +46,9 @@ class PluginManager:
         for module_name in BUILTIN_MODULES:
             try:
                 module = importlib.import_module(module_name)
-            except ModuleNotFoundError as exc:  # a first-party folder not built yet
-                if exc.name and module_name.startswith(exc.name):
-                    continue
-                raise
+            except Exception as exc:  # a broken install: say so wherever a name is not found
+                self.registry.failed[f"{module_name} ({BUILTIN_SOURCE})"] = f"{type(exc).__name__}: {exc}"
+                continue
             self.register(module, source=BUILTIN_SOURCE, name=module_name)
         if autoload:
             self._load_entry_points()

@@ -10,12 +10,14 @@ data-dependent shapes, so it can be captured by CUDA graphs or ``torch.compile``
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
 
 from framework.interfaces import SelectContext, Selector
+from framework.layout import Regions
 from framework.params import StrictParams
 
 
@@ -79,6 +81,20 @@ class FacilityLocationSelector(Selector):
                 "over the batch; 'first' uses sample 0 only (the original release's behaviour)."
             ),
         )
+        fraction: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
+            None,
+            description=(
+                "Destinations as a fraction of each region's tokens (for mergers that keep unmatched tokens, "
+                "e.g. bipartite); null: one per kept token."
+            ),
+        )
+
+    def count(self, regions: Regions, keep: Sequence[int]) -> tuple[int, ...]:
+        fraction = self.params.fraction
+        if fraction is None:
+            return tuple(keep)
+        # Same rule as the random selector's fraction: at least one destination per non-empty region.
+        return tuple(min(s, max(1, round(fraction * s))) if s else 0 for s in regions.sizes)
 
     def select(self, features: torch.Tensor, ctx: SelectContext) -> torch.Tensor:
         layout = ctx.layout

@@ -29,17 +29,18 @@ class TilePartitioner(Partitioner):
 
         @field_validator("size")
         @classmethod
-        def _check_size(cls, value: int | list[int]) -> int | list[int]:
-            if isinstance(value, list) and len(value) != 2:
+        def _normalise_size(cls, value: int | list[int]) -> list[int]:
+            sides = [value, value] if isinstance(value, int) else value
+            if len(sides) != 2:
                 raise ValueError(f"tile size must be an int or [rows, cols], got {value!r}")
-            if min([value] if isinstance(value, int) else value) < 1:
+            if min(sides) < 1:
                 raise ValueError(f"tile sides must be positive, got {value!r}")
-            return value
+            return list(sides)
 
     def __init__(self, params: StrictParams | None = None) -> None:
         super().__init__(params)
-        size = self.params.size
-        self.tile: tuple[int, int] = (size, size) if isinstance(size, int) else (size[0], size[1])
+        rows, cols = self.params.size  # normalised to [rows, cols] by the validator
+        self.tile: tuple[int, int] = (rows, cols)
         self._cache: dict[tuple[int, int], Regions] = {}
 
     def min_grid(self) -> tuple[int, int]:

@@ -7,6 +7,7 @@ synchronisation, static shapes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -142,8 +143,18 @@ class Runtime:
 
     # ------------------------------------------------------------------ hot path
 
-    def plan(self, group: Group, x: torch.Tensor, grid: tuple[int, int]) -> MergePlan:
-        """The plan for ``x`` (``(B, N, C)``, raster order on ``grid``) in this group."""
+    def plan(
+        self,
+        group: Group,
+        x: torch.Tensor,
+        grid: tuple[int, int],
+        source: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> MergePlan:
+        """The plan for ``x`` (``(B, N, C)``, raster order on ``grid``) in this group.
+
+        ``source``, if given, maps ``x`` to the tokens the plan is computed from (e.g. a block's
+        norm when a whole block is wrapped); it runs only when a plan is computed, never on reuse.
+        """
         slot = group.slots.get(self.clock.pass_index)
         if slot is None:
             slot = group.slots[self.clock.pass_index] = Slot()
@@ -156,6 +167,8 @@ class Runtime:
         if layout.keep == layout.num_tokens and not merger.kv_only:
             plan: MergePlan = IdentityPlan(layout.num_tokens, x.device)
         else:
+            if source is not None:
+                x = source(x)
             layout = layout.to(x.device)
             features = self.features(x, layout)
             if decision is Decision.SELECT or slot.destinations is None or slot.key != key:

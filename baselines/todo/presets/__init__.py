@@ -1,0 +1,1 @@
+"""Preset configs shipped with the ToDo plugin (YAML files next to this module)."""

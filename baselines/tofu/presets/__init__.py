@@ -1,0 +1,1 @@
+"""Preset configs shipped with the ToFu plugin (YAML files next to this module)."""

@@ -1,0 +1,1 @@
+"""Preset configs shipped with the ToMeSD plugin (YAML files next to this module)."""

@@ -1,0 +1,108 @@
+"""The ``tokenreduce bench`` sub-command."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from framework.bench.models import ARCHS, DTYPES
+from framework.bench.runner import MODES, BenchSettings, run_bench
+from framework.bench.variants import DEFAULT_RATIOS, METHODS
+
+
+def add_bench_parser(subparsers: Any, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench",
+        help="denoiser-step latency of ToMA, the baselines, the ideal merge and the unmodified model, interleaved",
+        description=(
+            "Times one denoiser step of every variant on the same model, interleaved round by round, in eager "
+            "mode and replayed from CUDA graphs; writes bench.json, bench.md and bench.png. Random weights by "
+            "default (speed does not depend on them). Exit code 1 if a variant failed (outputs are still written)."
+        ),
+    )
+    p.add_argument(
+        "--arch", nargs="+", choices=list(ARCHS), default=["sdxl", "flux"], help="default: sdxl flux"
+    )
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=list(MODES),
+        default=None,
+        help="default: eager graph on CUDA, eager on a CPU",
+    )
+    p.add_argument(
+        "--ratios", nargs="+", type=float, default=list(DEFAULT_RATIOS), help="default: 0.25 0.5 0.75"
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=list(METHODS),
+        help="subset of the default variants (the unmodified model is always timed)",
+    )
+    p.add_argument(
+        "--configs", nargs="+", default=[], metavar="FILE", help="extra config files, each a variant"
+    )
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
+    p.add_argument("--batch", type=int, default=None, help="default: 2 for sdxl (guidance), 1 for flux")
+    p.add_argument("--height", type=int, default=None, help="pixels (default 1024)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default 1024)")
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), default=None, help="default: fp16 sdxl, bf16 flux (fp32 on a CPU)"
+    )
+    p.add_argument("--device", default=None, help="default: cuda if available")
+    p.add_argument(
+        "--model", default=None, metavar="ID_OR_PATH", help="real weights (model id or local folder)"
+    )
+    p.add_argument("-o", "--output", default="bench-results", help="output folder (default bench-results)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="time whole generations (text encoders, all steps, VAE) of the --model pipeline instead",
+    )
+    p.add_argument("--steps", type=int, default=30, help="denoising steps per generation with --pipeline")
+    p.add_argument("--prompt", default=BenchSettings.prompt, help="prompt with --pipeline")
+    p.set_defaults(func=func)
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    return BenchSettings(
+        archs=list(args.arch),
+        modes=None if args.modes is None else list(args.modes),
+        ratios=list(args.ratios),
+        methods=list(args.methods),
+        configs=[Path(c) for c in args.configs],
+        rounds=args.rounds,
+        warmup=args.warmup,
+        batch=args.batch,
+        height=args.height,
+        width=args.width,
+        dtype=args.dtype,
+        device=args.device,
+        model=args.model,
+        output=Path(args.output),
+        seed=args.seed,
+        pipeline=args.pipeline,
+        steps=args.steps,
+        prompt=args.prompt,
+    )
+
+
+def run_bench_command(args: argparse.Namespace, console: Console) -> int:
+    record = run_bench(settings_from_args(args), console)
+    failed = [
+        f"{run['arch']} {run['mode']} {v['name']}"
+        for run in record["runs"]
+        for v in run["variants"]
+        if v["error"]
+    ]
+    for name in failed:
+        console.print(f"[red]failed[/red]: {name}")
+    return 1 if failed else 0

@@ -1,0 +1,90 @@
+"""Whole-generation timing: text encoders, every denoising step and the VAE, variants interleaved.
+
+Reported separately from the denoiser step (PERFORMANCE.md). The configs are applied to the
+pipeline itself, so the scheduler drives the reuse schedule as in normal use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from framework.api import apply
+from framework.bench.timing import Stopwatch, Timings, describe_error
+from framework.bench.variants import Variant
+
+
+def pipeline_family(pipe: Any) -> str:
+    if getattr(pipe, "unet", None) is not None:
+        return "sdxl"
+    if getattr(pipe, "transformer", None) is not None:
+        return "flux"
+    raise ValueError(f"{type(pipe).__name__} has neither a `unet` nor a `transformer`")
+
+
+def family_of_pipeline_folder(model: str) -> str:
+    """The family ("sdxl" or "flux") from a pipeline's ``model_index.json`` (read before loading any weights)."""
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(model)
+    if "unet" in index:
+        return "sdxl"
+    if "transformer" in index:
+        return "flux"
+    raise ValueError(f"{model!r} is a pipeline with neither a `unet` nor a `transformer`")
+
+
+def denoiser_of(pipe: Any) -> torch.nn.Module:
+    return pipe.unet if pipeline_family(pipe) == "sdxl" else pipe.transformer
+
+
+def load_pipeline(model: str, device: str, dtype: torch.dtype) -> Any:
+    from framework.generate import load_pipeline as load
+
+    pipe = load(model, device, dtype)
+    pipe.set_progress_bar_config(disable=True)  # ours counts generations
+    return pipe
+
+
+@torch.no_grad()
+def time_pipeline(
+    pipe: Any,
+    variants: Sequence[Variant],
+    rounds: int,
+    warmup: int,
+    device: str | torch.device,
+    call_kwargs: dict[str, Any],
+    seed: int = 0,
+    advance: Callable[[], None] | None = None,
+) -> Timings:
+    """Milliseconds per generation of every variant, interleaved round by round (same seed each time)."""
+    watch = Stopwatch(device)
+    out = Timings(samples={v.name: [] for v in variants})
+    active = list(variants)
+
+    def generate() -> None:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        pipe(generator=generator, **call_kwargs)
+
+    for rnd in range(-warmup, rounds):
+        for variant in list(active):
+            handle = None
+            try:
+                if variant.config is not None:
+                    handle = apply(pipe, variant.config)
+                ms = watch(generate)
+            except Exception as exc:  # one broken variant must not end a long benchmark
+                out.errors[variant.name] = describe_error(exc)
+                active.remove(variant)
+                continue
+            finally:
+                if handle is not None:
+                    handle.remove()
+            out.log.append((rnd, variant.name))
+            if rnd >= 0:
+                out.samples[variant.name].append(ms)
+            if advance is not None:
+                advance()
+    return out

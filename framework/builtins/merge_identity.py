@@ -1,0 +1,39 @@
+"""``identity`` merger: every piece of the plumbing runs, nothing is reduced (overhead measurement)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+
+from framework.interfaces import MergePlan, Merger
+from framework.layout import Layout
+from framework.params import StrictParams
+
+
+class PassThroughPlan(MergePlan):
+    """``merge`` and ``unmerge`` return their input; every token keeps its own position."""
+
+    def __init__(self, num_tokens: int, device: torch.device) -> None:
+        self.positions = torch.arange(num_tokens, device=device)
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+
+class IdentityMerger(Merger):
+    name = "identity"
+    # No destinations are used, so the runtime skips selection entirely.
+    needs_destinations = False
+    hard: ClassVar[bool] = True
+
+    class Params(StrictParams):
+        name: Literal["identity"] = "identity"
+
+    def plan(
+        self, x: torch.Tensor, features: torch.Tensor, destinations: torch.Tensor | None, layout: Layout
+    ) -> MergePlan:
+        return PassThroughPlan(x.shape[1], x.device)

@@ -1,0 +1,21 @@
+"""``global`` partitioner: the whole grid is one region, in raster order (no gather needed)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from framework.builtins.partition_stripe import stripe_regions
+from framework.interfaces import Partitioner
+from framework.layout import Regions
+from framework.params import StrictParams
+
+
+class GlobalPartitioner(Partitioner):
+    name = "global"
+
+    class Params(StrictParams):
+        name: Literal["global"] = "global"
+
+    def partition(self, height: int, width: int) -> Regions:
+        # One stripe as tall as the grid: shape (h, w), local_rc = raster row/col.
+        return stripe_regions(height, width, height)

@@ -1,0 +1,48 @@
+"""``random`` selector: uniformly random destinations per region, from the runtime's seeded generator.
+
+Drawing from the dedicated generator (never the global one) keeps the sampler's random stream
+untouched. Selection is a single random-score top-k per region: no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field
+
+from framework.interfaces import SelectContext, Selector
+from framework.layout import Regions
+from framework.params import StrictParams
+
+
+class RandomSelector(Selector):
+    name = "random"
+
+    class Params(StrictParams):
+        name: Literal["random"] = "random"
+        fraction: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
+            None,
+            description="Destinations as a fraction of each region's tokens; null: one per kept token.",
+        )
+
+    def count(self, regions: Regions, keep: Sequence[int]) -> tuple[int, ...]:
+        fraction = self.params.fraction
+        if fraction is None:
+            return tuple(keep)
+        # Every non-empty region gets at least one destination.
+        return tuple(min(s, max(1, round(fraction * s))) if s else 0 for s in regions.sizes)
+
+    def select(self, features: torch.Tensor, ctx: SelectContext) -> torch.Tensor:
+        layout = ctx.layout
+        device = features.device
+        generator = ctx.generator
+        if generator is None:  # called outside the runtime: a fixed seed, never the global RNG
+            generator = torch.Generator(device=device)
+            generator.manual_seed(0)
+        valid = layout.regions.valid
+        scores = torch.rand(valid.shape, generator=generator, device=generator.device).to(device)
+        # Scores are in [0, 1): padding slots (score -1) come after every valid slot.
+        scores = scores.masked_fill(~valid, -1.0)
+        return scores.topk(layout.k, dim=1).indices

@@ -1,0 +1,1 @@
+"""First-party model adapters (SDXL UNet, Flux transformer), registered like any third-party plugin."""

@@ -1,0 +1,150 @@
+"""The per-call wrappers the SDXL adapter installs (the hot path).
+
+Each factory returns ``make(original) -> forward`` for :meth:`PatchSet.wrap_forward`. The
+wrappers read only plain objects resolved at install time (the runtime, the block's group, two
+small state cells) and call the original directly while the runtime is disabled. Per transformer
+block and call they add: the wrapper frame, ``runtime.plan`` (a cache hit on most calls),
+``plan.merge`` and ``plan.unmerge``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from framework.api import begin_call
+from framework.engine.runtime import Group, Runtime
+from framework.interfaces import MergePlan
+
+Forward = Callable[..., Any]
+Factory = Callable[[Forward], Forward]
+
+
+class GridCell:
+    """The token grid of the latest input of one ``Transformer2DModel`` (read by its blocks)."""
+
+    __slots__ = ("grid",)
+
+    def __init__(self, grid: tuple[int, int]) -> None:
+        self.grid = grid
+
+
+class PlanCell:
+    """The plan of the current call of one block, shared by the block's sites."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self) -> None:
+        self.plan: MergePlan | None = None
+
+
+def begin_denoiser_call(runtime: Runtime) -> Factory:
+    """UNet forward: advance the step clock before any block runs."""
+
+    def make(original: Forward) -> Forward:
+        def forward(sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+            if runtime.enabled:
+                begin_call(runtime, timestep)
+            return original(sample, timestep, *args, **kwargs)
+
+        return forward
+
+    return make
+
+
+def track_grid(runtime: Runtime, cell: GridCell) -> Factory:
+    """``Transformer2DModel`` forward: record the ``(H, W)`` of its ``(B, C, H, W)`` input."""
+
+    def make(original: Forward) -> Forward:
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if runtime.enabled:
+                cell.grid = (hidden_states.shape[-2], hidden_states.shape[-1])
+            return original(hidden_states, *args, **kwargs)
+
+        return forward
+
+    return make
+
+
+def whole_block(runtime: Runtime, group: Group, grid: GridCell, source: Forward | None) -> Factory:
+    """``BasicTransformerBlock`` forward on merged tokens: ``x + U(block(M x) - M x)``.
+
+    ``source`` maps the block input to the tokens the plan is computed from (the block's first
+    norm) or is ``None`` to use the input itself.
+    """
+
+    def make(original: Forward) -> Forward:
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if not runtime.enabled:
+                return original(hidden_states, *args, **kwargs)
+            plan = runtime.plan(group, hidden_states, grid.grid, source)
+            merged = plan.merge(hidden_states)
+            out = original(merged, *args, **kwargs)
+            if merged is hidden_states:  # nothing merged at this layer: the block's own output, exactly
+                return out
+            return hidden_states + plan.unmerge(out - merged)
+
+        return forward
+
+    return make
+
+
+def plan_at_block_input(runtime: Runtime, group: Group, grid: GridCell, cell: PlanCell) -> Factory:
+    """``BasicTransformerBlock`` forward: compute the block's plan from its raw input, run the block."""
+
+    def make(original: Forward) -> Forward:
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if runtime.enabled:
+                cell.plan = runtime.plan(group, hidden_states, grid.grid)
+            return original(hidden_states, *args, **kwargs)
+
+        return forward
+
+    return make
+
+
+def merged_site(runtime: Runtime, group: Group, grid: GridCell, cell: PlanCell, plans: bool) -> Factory:
+    """``attn1`` / ``attn2`` / ``ff`` forward on merged tokens: ``U(f(M n, ...))``.
+
+    ``plans``: this is the block's first site and computes the plan from the tokens it receives;
+    otherwise it uses the plan already in ``cell``. Other arguments (text states) pass untouched.
+    """
+
+    def make(original: Forward) -> Forward:
+        if plans:
+
+            def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+                if not runtime.enabled:
+                    return original(hidden_states, *args, **kwargs)
+                plan = cell.plan = runtime.plan(group, hidden_states, grid.grid)
+                return plan.unmerge(original(plan.merge(hidden_states), *args, **kwargs))
+
+        else:
+
+            def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+                if not runtime.enabled:
+                    return original(hidden_states, *args, **kwargs)
+                plan = cell.plan
+                return plan.unmerge(original(plan.merge(hidden_states), *args, **kwargs))
+
+        return forward
+
+    return make
+
+
+def kv_only_site(runtime: Runtime, group: Group, grid: GridCell, cell: PlanCell, plans: bool) -> Factory:
+    """``attn1`` forward with full-length queries and keys/values from the merged tokens (no unmerge)."""
+
+    def make(original: Forward) -> Forward:
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if not runtime.enabled:
+                return original(hidden_states, *args, **kwargs)
+            plan = runtime.plan(group, hidden_states, grid.grid) if plans else cell.plan
+            kwargs["encoder_hidden_states"] = plan.merge(hidden_states)
+            return original(hidden_states, *args, **kwargs)
+
+        return forward
+
+    return make

@@ -1,0 +1,467 @@
+"""Flux adapter: token merging inside ``FluxTransformer2DModel``'s double- and single-stream blocks.
+
+Only image tokens are merged; text tokens never are. Placement (the ToMA release's):
+
+- **Double-stream blocks**: the block's ``attn`` is wrapped. It receives the normalised, modulated
+  image tokens; they are merged with the group's plan, image Q/K/V are projected from the merged
+  tokens, joint attention runs over ``[text; merged image]`` and the image output is unmerged after
+  ``to_out`` (exact, since unmerge rows sum to 1). The MLP and the residuals stay full length.
+- **Single-stream blocks**: attention *and* the parallel MLP run on ``[text; merged image]``:
+  ``norm`` is wrapped to merge the image part of its output, ``attn`` to substitute the merged
+  RoPE table, ``proj_out`` to unmerge the image part of its output; gate and residual stay full
+  length. The block's own ``forward`` is never replaced.
+- **RoPE**: each merged token takes the rotary row of its destination (``plan.positions``); the
+  merged table is built once per plan and call and shared by the group's blocks.
+- **Plans**: one sharing group per block kind (``double``, ``single``) when the reuse policy shares
+  by kind; the plan is computed in the first merged block of the kind from its normalised image
+  tokens, later blocks apply it to their own tokens.
+
+Token grid. Flux receives image tokens as ``(B, N, C)``; the ``(H, W)`` grid is found, in order:
+
+1. ``grid`` from the adapter parameters (must satisfy ``H * W == N``);
+2. from ``img_ids`` (``(N, 3)``, axis 1 = row, axis 2 = column, raster order), read on the host once
+   per distinct ``img_ids`` tensor (one small device read per generation: pipelines pass the same
+   tensor at every step);
+3. when the transformer runs under ``torch.compile`` nothing can be read from the device: the grid
+   last read for the same ``N`` is used, else a square grid when ``N`` is a perfect square, else a
+   ``ValueError`` asks for the adapter's ``grid``. Run one eager call at each new resolution before
+   the compiled ones: it reads the grid and builds the static index tables outside the graph.
+
+The text length is read from ``encoder_hidden_states`` at every call (nothing assumes 512).
+Merging is active only inside the wrapped transformer forward; the blocks called on their own, or
+with the handle disabled, run their original code. Attention masks and gradient checkpointing are
+not supported while merging (a clear error is raised).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from framework.api import begin_call
+from framework.config import instantiate
+from framework.engine.runtime import Group, IdentityPlan, Runtime
+from framework.hookspecs import hookimpl
+from framework.interfaces import MergePlan, ModelAdapter, SiteSpec
+from framework.manager import get_registry
+from framework.params import StrictParams
+
+DOUBLE, SINGLE = "double", "single"
+
+
+# --------------------------------------------------------------------------- per-call state
+
+
+class CallContext:
+    """Set by the transformer's forward wrapper, read by the block wrappers of the same call."""
+
+    def __init__(self) -> None:
+        self.on = False  # inside a wrapped transformer call with the runtime enabled
+        self.text_len = 0
+        self.grid: tuple[int, int] = (0, 0)
+        # group name -> (plan, cos table, merged (cos, sin)); reset every call, so within a call
+        # every block of a group reuses the table and a new plan or new RoPE table rebuilds it.
+        self.rope: dict[str, tuple[MergePlan, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+class Site:
+    """One merged block: the runtime, its sharing group and (single blocks) the plan of this call."""
+
+    def __init__(self, ctx: CallContext, runtime: Runtime, group: Group) -> None:
+        self.ctx, self.runtime, self.group = ctx, runtime, group
+        self.plan: MergePlan | None = None  # single blocks: set by `norm`, used by `attn` and `proj_out`
+
+
+def merged_rope(site: Site, plan: MergePlan, rope: Any, text_len: int) -> Any:
+    """``(cos, sin)`` with the image rows replaced by the rows of ``plan.positions``; text rows kept."""
+    if rope is None:
+        return None
+    cos, sin = rope
+    cached = site.ctx.rope.get(site.group.name)
+    if cached is not None and cached[0] is plan and cached[1] is cos:
+        return cached[2]
+    positions = plan.positions
+    if positions is None:
+        raise ValueError(
+            f"merger {site.group.merger.name!r} gives no `positions` for its merged tokens; Flux needs them for RoPE"
+        )
+    merged = (
+        torch.cat((cos[:text_len], cos[text_len:].index_select(0, positions)), dim=0),
+        torch.cat((sin[:text_len], sin[text_len:].index_select(0, positions)), dim=0),
+    )
+    site.ctx.rope[site.group.name] = (plan, cos, merged)
+    return merged
+
+
+def _no_mask(attention_mask: Any) -> None:
+    if attention_mask is not None:
+        raise ValueError(
+            "Flux token merging does not support an attention_mask (the merged sequence is shorter)"
+        )
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+def wrap_double_attn(site: Site) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``attn`` of a double-stream block: merged image Q/K/V, image output unmerged after ``to_out``."""
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def forward(
+            hidden_states: torch.Tensor,
+            encoder_hidden_states: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None,
+            image_rotary_emb: Any = None,
+            **kwargs: Any,
+        ) -> Any:
+            ctx = site.ctx
+            if not ctx.on:
+                return original(
+                    hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs
+                )
+            plan = site.runtime.plan(site.group, hidden_states, ctx.grid)
+            if isinstance(plan, IdentityPlan):
+                return original(
+                    hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs
+                )
+            _no_mask(attention_mask)
+            rope = merged_rope(site, plan, image_rotary_emb, encoder_hidden_states.shape[1])
+            out = original(plan.merge(hidden_states), encoder_hidden_states, None, rope, **kwargs)
+            if len(out) == 3:  # IP-adapter: its output is per (merged) image query too
+                return plan.unmerge(out[0]), out[1], plan.unmerge(out[2])
+            return plan.unmerge(out[0]), out[1]
+
+        return forward
+
+    return make
+
+
+def wrap_single_norm(site: Site) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``norm`` of a single-stream block: plan from its image tokens, output ``[text; merged image]``."""
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def forward(x: torch.Tensor, emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            normed, gate = original(x, emb)
+            ctx = site.ctx
+            site.plan = None
+            if not ctx.on:
+                return normed, gate
+            t = ctx.text_len
+            image = normed[:, t:]
+            plan = site.runtime.plan(site.group, image, ctx.grid)
+            if isinstance(plan, IdentityPlan):
+                return normed, gate
+            site.plan = plan
+            return torch.cat((normed[:, :t], plan.merge(image)), dim=1), gate
+
+        return forward
+
+    return make
+
+
+def wrap_single_attn(site: Site) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``attn`` of a single-stream block: the same call with the merged RoPE table."""
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def forward(
+            hidden_states: torch.Tensor,
+            encoder_hidden_states: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None,
+            image_rotary_emb: Any = None,
+            **kwargs: Any,
+        ) -> Any:
+            plan = site.plan
+            if plan is not None:
+                _no_mask(attention_mask)
+                image_rotary_emb = merged_rope(site, plan, image_rotary_emb, site.ctx.text_len)
+            return original(hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
+
+        return forward
+
+    return make
+
+
+def wrap_single_proj_out(site: Site) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``proj_out`` of a single-stream block: unmerge the image part of its output."""
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            out = original(x)
+            plan = site.plan
+            if plan is None:
+                return out
+            site.plan = None
+            t = site.ctx.text_len
+            return torch.cat((out[:, :t], plan.unmerge(out[:, t:])), dim=1)
+
+        return forward
+
+    return make
+
+
+# --------------------------------------------------------------------------- token grid
+
+
+def grid_from_ids(img_ids: torch.Tensor, num_tokens: int) -> tuple[int, int]:
+    """``(H, W)`` of raster-ordered Flux image ids (one device read); ``ValueError`` otherwise."""
+    hint = "set the flux adapter's `grid: [H, W]`"
+    if img_ids.ndim != 2 or img_ids.shape[0] != num_tokens or img_ids.shape[1] < 3:
+        raise ValueError(
+            f"img_ids of shape {tuple(img_ids.shape)} do not describe {num_tokens} image tokens; {hint}"
+        )
+    rc = img_ids[:, 1:3].to(device="cpu", dtype=torch.float64)
+    rows, cols = rc[:, 0] - rc[:, 0].min(), rc[:, 1] - rc[:, 1].min()
+    h, w = int(rows.max()) + 1, int(cols.max()) + 1
+    raster = torch.arange(num_tokens, dtype=torch.float64)
+    if h * w != num_tokens or not (
+        torch.equal(rows, raster.div(w, rounding_mode="floor")) and torch.equal(cols, raster % w)
+    ):
+        raise ValueError(f"img_ids are not a raster-ordered grid of {num_tokens} tokens; {hint}")
+    return h, w
+
+
+class GridResolver:
+    """The ``(H, W)`` image-token grid of a call (see the module docstring for the order)."""
+
+    def __init__(self, explicit: list[int] | None) -> None:
+        self.explicit = None if explicit is None else (explicit[0], explicit[1])
+        self._last: tuple[tuple, tuple[int, int]] | None = None
+        self.by_tokens: dict[int, tuple[int, int]] = {}
+
+    def __call__(self, img_ids: torch.Tensor | None, num_tokens: int) -> tuple[int, int]:
+        if self.explicit is not None:
+            h, w = self.explicit
+            if h * w != num_tokens:
+                raise ValueError(f"the flux adapter's grid {h}x{w} does not match {num_tokens} image tokens")
+            return self.explicit
+        if torch.compiler.is_compiling() or img_ids is None:
+            grid = self.by_tokens.get(num_tokens)
+            if grid is None:
+                side = math.isqrt(num_tokens)
+                if side * side != num_tokens:
+                    raise ValueError(
+                        f"cannot infer the token grid of {num_tokens} image tokens without reading img_ids; "
+                        "set the flux adapter's `grid: [H, W]` (or run one eager call first)"
+                    )
+                grid = (side, side)
+            return grid
+        if img_ids.ndim == 3:  # deprecated batched ids; diffusers uses the first
+            img_ids = img_ids[0]
+        # Inference tensors have no version counter (an in-place edit of one is not noticed).
+        version = -1 if img_ids.is_inference() else img_ids._version
+        key = (tuple(img_ids.shape), img_ids.device, img_ids.data_ptr(), version)
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        grid = grid_from_ids(img_ids, num_tokens)
+        self._last = (key, grid)
+        self.by_tokens[num_tokens] = grid
+        return grid
+
+
+def wrap_transformer(
+    model: nn.Module, runtime: Runtime, ctx: CallContext, grids: GridResolver
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The denoiser's forward: advance the step clock and set the per-call context."""
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def forward(
+            hidden_states: torch.Tensor,
+            encoder_hidden_states: torch.Tensor | None = None,
+            pooled_projections: torch.Tensor | None = None,
+            timestep: torch.Tensor | None = None,
+            img_ids: torch.Tensor | None = None,
+            txt_ids: torch.Tensor | None = None,
+            *args: Any,
+            **kwargs: Any,
+        ) -> Any:
+            if not runtime.enabled:
+                return original(
+                    hidden_states,
+                    encoder_hidden_states,
+                    pooled_projections,
+                    timestep,
+                    img_ids,
+                    txt_ids,
+                    *args,
+                    **kwargs,
+                )
+            if model.gradient_checkpointing and torch.is_grad_enabled():
+                raise ValueError(
+                    "Flux token merging does not support gradient checkpointing; disable one of them"
+                )
+            begin_call(runtime, timestep)
+            ctx.grid = grids(img_ids, hidden_states.shape[1])
+            ctx.text_len = encoder_hidden_states.shape[1]
+            ctx.rope = {}
+            ctx.on = True
+            try:
+                return original(
+                    hidden_states,
+                    encoder_hidden_states,
+                    pooled_projections,
+                    timestep,
+                    img_ids,
+                    txt_ids,
+                    *args,
+                    **kwargs,
+                )
+            finally:
+                ctx.on = False
+
+        return forward
+
+    return make
+
+
+# --------------------------------------------------------------------------- adapter
+
+
+class FluxAdapter(ModelAdapter):
+    """Flux transformer (``FluxTransformer2DModel``): double- and single-stream blocks."""
+
+    name = "flux"
+
+    class Params(StrictParams):
+        name: Literal["flux"] = "flux"
+        skip_double: int = Field(5, ge=0, description="The first N double-stream blocks are not merged.")
+        skip_single: int = Field(5, ge=0, description="The first N single-stream blocks are not merged.")
+        double: bool = Field(True, description="Merge in double-stream blocks at all.")
+        single: bool = Field(True, description="Merge in single-stream blocks at all.")
+        blocks: list[int] | None = Field(
+            None,
+            description=(
+                "Explicit blocks to merge, as indices into [double blocks..., single blocks...]; overrides "
+                "skip_double/skip_single (double/single still apply)."
+            ),
+        )
+        grid: list[int] | None = Field(
+            None,
+            description=(
+                "[H, W] image-token grid, for img_ids that are not a raster grid or cannot be read (compiled "
+                "calls at a non-square size never run eagerly). Default: read from img_ids."
+            ),
+        )
+
+        @field_validator("blocks")
+        @classmethod
+        def _check_blocks(cls, value: list[int] | None) -> list[int] | None:
+            if value is not None and any(i < 0 for i in value):
+                raise ValueError(f"block indices must be >= 0, got {value}")
+            return value
+
+        @field_validator("grid")
+        @classmethod
+        def _check_grid(cls, value: list[int] | None) -> list[int] | None:
+            if value is not None and (len(value) != 2 or min(value) < 1):
+                raise ValueError(f"grid must be [H, W] with positive sides, got {value}")
+            return value
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        from diffusers import FluxTransformer2DModel  # lazy: keeps plugin discovery light
+
+        return isinstance(model, FluxTransformer2DModel)
+
+    # ---- selection (host, set-up time) ----
+
+    def selected(self, model: nn.Module) -> tuple[list[int], list[int]]:
+        """Indices of the merged double-stream and single-stream blocks."""
+        p = self.params
+        n_double, n_single = len(model.transformer_blocks), len(model.single_transformer_blocks)
+        if p.blocks is None:
+            double = list(range(p.skip_double, n_double))
+            single = list(range(p.skip_single, n_single))
+        else:
+            chosen = set(p.blocks)
+            double = [i for i in range(n_double) if i in chosen]
+            single = [j for j in range(n_single) if n_double + j in chosen]
+        return (double if p.double else []), (single if p.single else [])
+
+    def check(self, config: Any) -> None:
+        merger = get_registry().get("merger", config.merger.name)
+        if merger.kv_only:
+            raise ValueError(
+                f"kv_only mergers are not supported on Flux joint attention: merger {merger.name!r} only "
+                "shortens keys/values, while the flux adapter merges the image tokens themselves (queries "
+                "included) and needs a merger that can unmerge"
+            )
+
+    def validate(self, model: nn.Module, config: Any) -> None:
+        self.check(config)
+        p = self.params
+        n_double, n_single = len(model.transformer_blocks), len(model.single_transformer_blocks)
+        if p.blocks is not None and any(i >= n_double + n_single for i in p.blocks):
+            raise ValueError(
+                f"blocks {p.blocks} out of range: the model has {n_double} double-stream and {n_single} "
+                f"single-stream blocks (indices 0..{n_double + n_single - 1})"
+            )
+        double, single = self.selected(model)
+        if not double and not single:
+            raise ValueError(
+                f"the block filter selects no block: the model has {n_double} double-stream and {n_single} "
+                f"single-stream blocks (skip_double={p.skip_double}, skip_single={p.skip_single}, "
+                f"double={p.double}, single={p.single}, blocks={p.blocks})"
+            )
+
+    def sites(self, model: nn.Module, config: Any) -> list[SiteSpec]:
+        per_block = instantiate("reuse", config.reuse).sharing == "block"
+        grid = None if self.params.grid is None else (self.params.grid[0], self.params.grid[1])
+        double, single = self.selected(model)
+        specs = []
+        for kind, paths in (
+            (DOUBLE, [f"transformer_blocks.{i}" for i in double]),
+            (SINGLE, [f"single_transformer_blocks.{j}" for j in single]),
+        ):
+            for path in paths:
+                site_path = f"{path}.attn" if kind == DOUBLE else path
+                specs.append(
+                    SiteSpec(path=site_path, site=kind, group=path if per_block else kind, grid=grid)
+                )
+        return specs
+
+    # ---- installation ----
+
+    def install(self, model: nn.Module, runtime: Runtime, patches: Any) -> None:
+        ctx = CallContext()
+        double, single = self.selected(model)
+        total = len(double) + len(single)
+        place = 0
+
+        def site_for(kind: str, block: str) -> Site:
+            nonlocal place
+            position = place / (total - 1) if total > 1 else 0.0
+            place += 1
+            return Site(ctx, runtime, runtime.group(kind, block, position))
+
+        for i in double:
+            block = model.transformer_blocks[i]
+            patches.wrap_forward(block.attn, wrap_double_attn(site_for(DOUBLE, f"transformer_blocks.{i}")))
+        for j in single:
+            block = model.single_transformer_blocks[j]
+            site = site_for(SINGLE, f"single_transformer_blocks.{j}")
+            patches.wrap_forward(block.norm, wrap_single_norm(site))
+            patches.wrap_forward(block.attn, wrap_single_attn(site))
+            patches.wrap_forward(block.proj_out, wrap_single_proj_out(site))
+        patches.wrap_forward(model, wrap_transformer(model, runtime, ctx, GridResolver(self.params.grid)))
+
+
+@hookimpl
+def tokenreduce_register(registry: Any) -> None:
+    registry.add(FluxAdapter)
+    registry.add_preset(
+        "toma-flux",
+        "toma_plugin.presets",
+        "toma-flux.yaml",
+        "ToMA on Flux: r=0.5, facility location on 4x4 tiles, attention merge, new plans every step",
+    )

@@ -1,0 +1,214 @@
+"""Model adapter for diffusers' SDXL-style ``UNet2DConditionModel``.
+
+Token reduction acts inside the ``BasicTransformerBlock``s of the UNet's attention levels, on the
+image tokens only (text keys and values are never touched) and never on the residual stream
+outside a merged computation. Sites per block:
+
+- ``attn1``: ``U(attn1(M n))``; ``attn2``: ``U(attn2(M n, text))``; ``ff``: ``U(ff(M n))``, with
+  ``n`` the normalised tokens the sub-module receives. A ``kv_only`` merger (ToDo) at ``attn1``
+  runs ``attn1(n, encoder_hidden_states=M n)``: full-length queries, shortened keys/values.
+- ``block``: the whole block runs on merged tokens, ``x + U(block(M x) - M x)`` (exact at r = 0).
+
+One plan per block and call (shared by its sites); blocks share plans per resolution level when
+the reuse policy shares by kind. The grid of each level is read from the ``(B, C, H, W)`` input
+of its ``Transformer2DModel``, so any latent size works (non-square, not divisible by 2^levels).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+from torch import nn
+
+from framework.config import instantiate
+from framework.engine import PatchSet, Runtime
+from framework.hookspecs import hookimpl
+from framework.interfaces import ModelAdapter, SiteSpec
+from framework.manager import get_registry
+from framework.params import StrictParams
+from plugins import _unet_wrappers as w
+from plugins._unet_levels import UNetBlock, describe_levels, grid_at, latent_size, unet_blocks
+
+Site = Literal["attn1", "attn2", "ff", "block"]
+SITE_ORDER: tuple[Site, ...] = ("attn1", "attn2", "ff")  # execution order inside a block
+
+#: SDXL's VAE downsamples images 8x.
+VAE_SCALE_FACTOR = 8
+
+
+def level_kind(level: int) -> str:
+    """The sharing-group name of a resolution level."""
+    return f"level{level}"
+
+
+class SDXLAdapter(ModelAdapter):
+    name = "sdxl"
+
+    class Params(StrictParams):
+        name: Literal["sdxl"] = "sdxl"
+        # "block" is a placeholder default until the speed/fidelity measurements pick one.
+        sites: list[Site] = Field(
+            default_factory=lambda: ["block"],
+            min_length=1,
+            description=(
+                "Where tokens are merged in each transformer block: any of 'attn1' (self-attention), "
+                "'attn2' (cross-attention queries), 'ff' (feed-forward), or 'block' alone (the whole block)."
+            ),
+        )
+        levels: list[int] | None = Field(
+            None,
+            description=(
+                "Resolution levels to merge, 0 = the highest-resolution level with attention "
+                "(SDXL: 0 = 64x64, 1 = 32x32 tokens at 1024x1024); None = every level with attention."
+            ),
+        )
+        max_downsample: int | None = Field(
+            None,
+            ge=1,
+            description=(
+                "Merge only levels downsampled at most this much relative to the latent (1, 2, 4, 8 as in "
+                "ToMeSD; SDXL's first attention level is already at 2). None = no limit. Combines with `levels`."
+            ),
+        )
+        features: Literal["normed", "block_input"] = Field(
+            "normed",
+            description=(
+                "Tokens that drive selection and merge weights: 'normed' = what the site receives (for "
+                "'block', the block's first norm of its input); 'block_input' = the block's raw input "
+                "(as ToMeSD computes its matching)."
+            ),
+        )
+
+        @model_validator(mode="after")
+        def _check_sites(self) -> SDXLAdapter.Params:
+            if len(set(self.sites)) != len(self.sites):
+                raise ValueError(f"sites lists a site twice: {self.sites}")
+            if "block" in self.sites and len(self.sites) > 1:
+                raise ValueError("site 'block' already covers attn1, attn2 and ff; use it alone")
+            return self
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        from diffusers import UNet2DConditionModel
+
+        return isinstance(model, UNet2DConditionModel)
+
+    # ------------------------------------------------------------------ validation (no changes)
+
+    def check(self, config: Any) -> None:
+        merger = get_registry().get("merger", config.merger.name)
+        if merger.kv_only and self.params.sites != ["attn1"]:
+            raise ValueError(
+                f"merger {merger.name!r} only shortens self-attention keys/values: use sites ['attn1'], "
+                f"not {self.params.sites}"
+            )
+
+    def selected_blocks(self, model: nn.Module) -> list[UNetBlock]:
+        """The transformer blocks the level filters select (``ValueError`` if none)."""
+        blocks = unet_blocks(model)
+        if not blocks:
+            raise ValueError(f"{type(model).__name__} has no BasicTransformerBlock inside a Transformer2DModel")
+        p = self.params
+        existing = describe_levels(blocks, latent_size(model))
+        unknown = sorted(set(p.levels or ()) - {b.level for b in blocks})
+        if unknown:
+            raise ValueError(f"levels {unknown} do not exist; levels with attention: {existing}")
+        chosen = [
+            b
+            for b in blocks
+            if (p.levels is None or b.level in p.levels)
+            and (p.max_downsample is None or b.downsample <= p.max_downsample)
+        ]
+        if not chosen:
+            raise ValueError(
+                f"levels={p.levels}, max_downsample={p.max_downsample} select no transformer block; "
+                f"levels with attention: {existing}"
+            )
+        return chosen
+
+    def validate(self, model: nn.Module, config: Any) -> None:
+        self.check(config)
+        sites = self.params.sites
+        for b in self.selected_blocks(model):
+            if "attn2" in sites and b.block.attn2 is None:
+                raise ValueError(f"{b.path} has no cross-attention (attn2)")
+            if b.block._chunk_size is not None and ("ff" in sites or "block" in sites):
+                fix = (
+                    "`unet.disable_forward_chunking()`"
+                    if hasattr(model, "disable_forward_chunking")
+                    else "`block.set_chunk_feed_forward(None)` on every BasicTransformerBlock"
+                )
+                raise ValueError(
+                    f"feed-forward chunking is enabled on {b.path}; sites 'ff' and 'block' need whole token "
+                    f"sequences: disable it with {fix} before applying"
+                )
+            if sites == ["block"] and self.params.features == "normed" and b.block.norm_type != "layer_norm":
+                raise ValueError(
+                    f"{b.path} uses norm_type {b.block.norm_type!r}; site 'block' with features 'normed' "
+                    "needs 'layer_norm' blocks (use features 'block_input')"
+                )
+
+    def sites(self, model: nn.Module, config: Any) -> list[SiteSpec]:
+        by_kind = instantiate("reuse", config.reuse).sharing == "kind"
+        latent = latent_size(model)
+        specs = []
+        for b in self.selected_blocks(model):
+            group = level_kind(b.level) if by_kind else b.path
+            grid = grid_at(latent, b.downsample)
+            for site in self.params.sites:
+                path = b.path if site == "block" else f"{b.path}.{site}"
+                specs.append(SiteSpec(path=path, site=site, group=group, grid=grid))
+        return specs
+
+    def grids_for(self, model: nn.Module, height: int, width: int) -> dict[str, tuple[int, int]]:
+        """Token grid per group (level kinds and block paths) for an image of ``height x width`` pixels."""
+        latent = (height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR)
+        grids = {}
+        for b in unet_blocks(model):
+            grids[level_kind(b.level)] = grids[b.path] = grid_at(latent, b.downsample)
+        return grids
+
+    # ------------------------------------------------------------------ installation
+
+    def install(self, model: nn.Module, runtime: Runtime, patches: PatchSet) -> None:
+        blocks = self.selected_blocks(model)
+        sites = [s for s in SITE_ORDER if s in self.params.sites]
+        from_input = self.params.features == "block_input"
+        latent = latent_size(model)
+        cells: dict[int, w.GridCell] = {}
+        for i, b in enumerate(blocks):
+            group = runtime.group(level_kind(b.level), b.path, i / max(len(blocks) - 1, 1))
+            grid = cells.get(id(b.transformer))
+            if grid is None:
+                grid = cells[id(b.transformer)] = w.GridCell(grid_at(latent, b.downsample))
+                patches.wrap_forward(b.transformer, w.track_grid(runtime, grid))
+            if not sites:  # the whole block
+                source = None if from_input else b.block.norm1
+                patches.wrap_forward(b.block, w.whole_block(runtime, group, grid, source))
+                continue
+            cell = w.PlanCell()
+            if from_input:
+                patches.wrap_forward(b.block, w.plan_at_block_input(runtime, group, grid, cell))
+            site_factory = w.kv_only_site if group.merger.kv_only else w.merged_site
+            for j, site in enumerate(sites):
+                plans = j == 0 and not from_input
+                patches.wrap_forward(getattr(b.block, site), site_factory(runtime, group, grid, cell, plans))
+        patches.wrap_forward(model, w.begin_denoiser_call(runtime))
+
+
+@hookimpl
+def tokenreduce_register(registry: Any) -> None:
+    registry.add(SDXLAdapter)
+    registry.add_preset(
+        "toma-sdxl",
+        "toma_plugin.presets",
+        "toma-sdxl.yaml",
+        "ToMA on SDXL: r=0.5, facility location on 8x8 tiles, attention merge, shared per level over steps",
+    )
+    registry.add_preset(
+        "toma",
+        "toma_plugin.presets",
+        "toma.yaml",
+        "ToMA components with the adapter picked from the model (SDXL UNet or Flux transformer)",
+    )

@@ -1,0 +1,103 @@
+"""ToMA attention merger: merge and unmerge as per-region linear maps built from a soft assignment.
+
+Per region and sample, ``A[i, j] = softmax_j(cos(x_i, d_j) / tau)`` spreads each source token over
+the destinations. Merging takes column-normalised weighted means ``M = (A / colsum(A))^T``;
+unmerging applies ``U = A`` (``transpose``) or the pseudo-inverse of ``M`` (``pinv``). Both maps
+are computed once in :meth:`AttentionMerger.plan` and applied as block-diagonal batched matmuls.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from framework.interfaces import MergePlan, Merger
+from framework.layout import Layout
+from framework.params import StrictParams
+
+#: Tikhonov term of the pseudo-inverse; ``M M^T`` has eigenvalues of the order of 1 / group size.
+PINV_EPS = 1e-6
+
+
+def soft_assignment(
+    features: torch.Tensor, destinations: torch.Tensor, layout: Layout, temperature: float
+) -> torch.Tensor:
+    """``A``: ``(B, R, S, k)`` float32; unreal destination slots get 0, padding source rows are 0."""
+    b, r, _, c = features.shape
+    k = destinations.shape[1]
+    dest_feats = features.gather(2, destinations.view(1, r, k, 1).expand(b, r, k, c))
+    logits = (features @ dest_feats.transpose(-1, -2)) / temperature
+    if layout.compact is not None:  # some slots are unreal (host-side fact of the layout: no device read)
+        logits = logits.masked_fill(~layout.slot_valid.unsqueeze(1), float("-inf"))
+    assign = torch.softmax(logits, dim=-1)
+    if layout.regions.ragged:
+        assign = assign * layout.regions.valid.unsqueeze(-1).to(assign.dtype)
+    return assign
+
+
+def merge_map(assign: torch.Tensor) -> torch.Tensor:
+    """``M = (A / colsum(A))^T``: ``(B, R, k, S)``, every real row a convex combination."""
+    # A real destination receives at least 1/k from itself, so only unreal slots hit the clamp.
+    colsum = assign.sum(dim=-2, keepdim=True).clamp_min(torch.finfo(assign.dtype).tiny)
+    return (assign / colsum).transpose(-1, -2)
+
+
+def pinv_unmerge_map(merge: torch.Tensor) -> torch.Tensor:
+    """``U = M^T (M M^T + eps I)^-1``: ``(B, R, S, k)``, via a Cholesky solve (no host sync)."""
+    k = merge.shape[-2]
+    gram = merge @ merge.transpose(-1, -2)
+    gram = gram + PINV_EPS * torch.eye(k, dtype=gram.dtype, device=gram.device)
+    chol, _ = torch.linalg.cholesky_ex(gram)
+    return torch.cholesky_solve(merge, chol).transpose(-1, -2)
+
+
+class AttentionPlan(MergePlan):
+    """Precomputed maps; ``merge``/``unmerge`` are a gather, one batched matmul and a reshape each."""
+
+    def __init__(
+        self, merge: torch.Tensor, unmerge: torch.Tensor, layout: Layout, positions: torch.Tensor
+    ) -> None:
+        self.merge_weights = merge  # (B, R, k, S), x.dtype
+        self.unmerge_weights = unmerge  # (B, R, S, k), x.dtype
+        self.layout = layout
+        self.positions = positions
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layout.compact_slots(self.merge_weights @ self.layout.to_regions(x))
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        return self.layout.from_regions(self.unmerge_weights @ self.layout.expand_slots(y))
+
+
+class AttentionMerger(Merger):
+    name = "attention"
+    output = "destinations"
+    #: soft weights: ``unmerge(merge(x)) == x`` on merge groups only to a tolerance (at the default temperature)
+    hard: ClassVar[bool] = False
+
+    class Params(StrictParams):
+        name: Literal["attention"] = "attention"
+        temperature: float = Field(
+            0.001,
+            gt=0.0,
+            description="Softmax temperature tau of the soft assignment (scores = cosine / tau); smaller is harder.",
+        )
+        unmerge: Literal["transpose", "pinv"] = Field(
+            "transpose",
+            description="Unmerge map: the assignment itself ('transpose') or the pseudo-inverse of the merge ('pinv').",
+        )
+
+    def plan(
+        self, x: torch.Tensor, features: torch.Tensor, destinations: torch.Tensor, layout: Layout
+    ) -> MergePlan:
+        assign = soft_assignment(features, destinations, layout, self.params.temperature)
+        merge = merge_map(assign)
+        unmerge = assign if self.params.unmerge == "transpose" else pinv_unmerge_map(merge)
+        return AttentionPlan(
+            merge=merge.to(x.dtype),
+            unmerge=unmerge.to(x.dtype),
+            layout=layout,
+            positions=layout.global_destinations(destinations),
+        )
