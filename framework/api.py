@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from framework.config import ConfigBase, ConfigError, instantiate, load_config, resolve
+from framework.config import ConfigBase, ConfigError, check_combination, instantiate, load_config, resolve
 from framework.engine import PatchSet, Runtime
 from framework.interfaces import ModelAdapter, SiteSpec
 from framework.manager import get_registry
@@ -107,7 +107,9 @@ def find_denoiser(pipe_or_model: Any) -> tuple[nn.Module, Any, type[ModelAdapter
     )
 
 
-def prepare(pipe_or_model: Any, config: Any, **overrides: Any) -> tuple[nn.Module, Any, ModelAdapter, Runtime, list[SiteSpec]]:
+def prepare(
+    pipe_or_model: Any, config: Any, **overrides: Any
+) -> tuple[nn.Module, Any, ModelAdapter, Runtime, list[SiteSpec]]:
     """Validate everything against the model without modifying it."""
     config = load_config(config, **overrides)
     model, pipeline, detected = find_denoiser(pipe_or_model)
@@ -125,6 +127,9 @@ def prepare(pipe_or_model: Any, config: Any, **overrides: Any) -> tuple[nn.Modul
                 f"adapter {adapter.name!r} does not support {type(model).__name__}"
                 + (f"; the model matches adapter {detected.name!r}" if detected else "")
             )
+    if config.adapter.name == "auto":
+        # Component checks that depend on the adapter run again with the one detected.
+        check_combination(config.model_copy(update={"adapter": adapter.params}))
     resolved = resolve(config, adapter=adapter)
     runtime = Runtime(resolved)
     try:

@@ -57,7 +57,9 @@ FLUX_DEV_TRANSFORMER: dict[str, Any] = {
 ARCHITECTURES = {"sdxl": SDXL_BASE_UNET, "flux": FLUX_DEV_TRANSFORMER}
 
 
-def build(arch: str, *, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def build(
+    arch: str, *, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
     """The denoiser of ``arch`` ("sdxl" or "flux"); on the meta device it holds no memory."""
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 

@@ -122,14 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="show what a config merges where, with token counts per level")
     p.add_argument("config", help="config file or preset name")
-    p.add_argument("--arch", choices=["sdxl", "flux"], help="architecture (default: from the config's adapter)")
+    p.add_argument(
+        "--arch", choices=["sdxl", "flux"], help="architecture (default: from the config's adapter)"
+    )
     p.add_argument("--height", type=int, default=1024, help="image height in pixels (default 1024)")
     p.add_argument("--width", type=int, default=1024, help="image width in pixels (default 1024)")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("demo", help="ToMA on the embedded tiny models: timing, difference and a side-by-side PNG")
-    p.add_argument("-o", "--output", default="tokenreduce-demo", help="output folder (default tokenreduce-demo)")
-    p.add_argument("--steps", type=int, default=8, help="denoising steps (default 8)")
+    p = sub.add_parser(
+        "demo", help="ToMA on the embedded tiny models: timing, difference and a side-by-side PNG"
+    )
+    p.add_argument(
+        "-o", "--output", default="tokenreduce-demo", help="output folder (default tokenreduce-demo)"
+    )
+    p.add_argument("--steps", type=int, default=6, help="denoising steps (default 6)")
     p.add_argument("--ratio", type=float, default=0.5, help="merge ratio (default 0.5)")
     p.set_defaults(func=cmd_demo)
 
@@ -142,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16/bf16 on GPU")
+    p.add_argument(
+        "--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16/bf16 on GPU"
+    )
     p.add_argument("-o", "--output", default="tokenreduce-out", help="output folder")
     p.add_argument("--baseline", action="store_true", help="also generate without token reduction")
     p.set_defaults(func=cmd_generate)

@@ -126,7 +126,9 @@ def parse_config_text(text: str, suffix: str, origin: str = "<config>") -> dict[
         elif suffix == ".json":
             data = json.loads(text)
         else:
-            raise ConfigError(f"{origin}: unsupported config format {suffix!r}; use .yaml, .yml, .toml or .json")
+            raise ConfigError(
+                f"{origin}: unsupported config format {suffix!r}; use .yaml, .yml, .toml or .json"
+            )
     except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{origin}: cannot parse: {exc}") from exc
     if data is None:
@@ -151,14 +153,18 @@ def load_config(source: Any, registry: Registry | None = None, **overrides: Any)
         text = str(source)
         if text in registry.presets:
             preset = registry.presets[text]
-            data = parse_config_text(preset.read_text(), Path(preset.resource).suffix, origin=f"preset {text!r}")
+            data = parse_config_text(
+                preset.read_text(), Path(preset.resource).suffix, origin=f"preset {text!r}"
+            )
         elif Path(text).suffix.lower() in (".yaml", ".yml", ".toml", ".json") or Path(text).exists():
             data = read_config_file(text)
         else:
             presets = ", ".join(sorted(registry.presets)) or "(none)"
             raise ConfigError(f"{text!r} is neither a config file nor a preset; presets: {presets}")
     else:
-        raise ConfigError(f"a config must be a preset name, a path, a mapping or a Config, got {type(source).__name__}")
+        raise ConfigError(
+            f"a config must be a preset name, a path, a mapping or a Config, got {type(source).__name__}"
+        )
     data.update(overrides)
     try:
         config = model.model_validate(data)
@@ -178,11 +184,17 @@ def render_validation_error(exc: ValidationError, registry: Registry) -> str:
             names = registry.names(kind) + (["auto"] if kind == "adapter" else [])
             msg = f"unknown {kind} {err['input'].get('name')!r}; valid {kind}s: {', '.join(sorted(names))}"
             if registry.failed:
-                msg += "; plugins that failed to load: " + "; ".join(f"{k}: {v}" for k, v in registry.failed.items())
+                msg += "; plugins that failed to load: " + "; ".join(
+                    f"{k}: {v}" for k, v in registry.failed.items()
+                )
         elif err["type"] == "union_tag_not_found":
             msg = f"missing `name`; valid: {', '.join(registry.names(loc[0]))}" if loc else msg
         # Drop the discriminator tag pydantic inserts into the location.
-        path = ".".join(p for i, p in enumerate(loc) if not (i == 1 and loc[0] in _DEFAULTS and p in _names(registry, loc[0])))
+        path = ".".join(
+            p
+            for i, p in enumerate(loc)
+            if not (i == 1 and loc[0] in _DEFAULTS and p in _names(registry, loc[0]))
+        )
         lines.append(f"  - {path or '<root>'}: {msg}")
     return "\n".join(lines)
 
@@ -215,7 +227,9 @@ def instantiate(kind: str, params: StrictParams, registry: Registry | None = Non
     return cls(params)
 
 
-def resolve(config: ConfigBase, registry: Registry | None = None, adapter: ModelAdapter | None = None) -> Resolved:
+def resolve(
+    config: ConfigBase, registry: Registry | None = None, adapter: ModelAdapter | None = None
+) -> Resolved:
     registry = registry or get_registry()
     parts = {kind: instantiate(kind, getattr(config, kind), registry) for kind in COMPONENT_FIELDS}
     if adapter is None and config.adapter.name != "auto":
@@ -227,7 +241,13 @@ def check_combination(config: ConfigBase, registry: Registry | None = None) -> N
     """Raise :class:`ConfigError` naming the conflict if the components cannot work together."""
     resolved = resolve(config, registry)
     problems = []
-    for component in (resolved.selector, resolved.merger, resolved.partitioner, resolved.reuse, resolved.adapter):
+    for component in (
+        resolved.selector,
+        resolved.merger,
+        resolved.partitioner,
+        resolved.reuse,
+        resolved.adapter,
+    ):
         if component is None:
             continue
         try:

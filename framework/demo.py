@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.table import Table
 
@@ -93,7 +93,9 @@ def flux_demo_model(seed: int = 0) -> DemoModel:
         "img_ids": img_ids,
         "txt_ids": torch.zeros(16, 3),
     }
-    return DemoModel("Flux-shaped transformer", "toma-flux", transformer, latents, conditioning, (h, w), flow=True)
+    return DemoModel(
+        "Flux-shaped transformer", "toma-flux", transformer, latents, conditioning, (h, w), flow=True
+    )
 
 
 @torch.no_grad()
@@ -119,10 +121,8 @@ def sample(demo: DemoModel, steps: int) -> tuple[torch.Tensor, list[float]]:
 def to_image(latents: torch.Tensor, grid: tuple[int, int], lo: torch.Tensor, hi: torch.Tensor) -> np.ndarray:
     """First three latent channels of sample 0 as an RGB array, with a shared scale."""
     h, w = grid
-    if latents.dim() == 3:  # Flux: (B, N, C) tokens
-        image = latents[0, :, :3].T.reshape(3, h, w)
-    else:
-        image = latents[0, :3]
+    # Flux latents are (B, N, C) tokens, SDXL latents (B, C, H, W).
+    image = latents[0, :, :3].T.reshape(3, h, w) if latents.dim() == 3 else latents[0, :3]
     image = ((image - lo[:, None, None]) / (hi - lo)[:, None, None]).clamp(0, 1)
     return (image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
@@ -133,14 +133,50 @@ def channel_range(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return flat.quantile(0.01, dim=1), flat.quantile(0.99, dim=1)
 
 
-def run_demo(output: Path, steps: int = 8, ratio: float = 0.5, console: Console | None = None) -> dict[str, Any]:
+def side_by_side(rows: list[tuple[str, list[tuple[str, np.ndarray]]]], scale: int = 4) -> Image.Image:
+    """One labelled row of panels per model, each panel upscaled ``scale`` times (nearest)."""
+    label_h, pad = 16, 8
+    tiles = [
+        [
+            (label, Image.fromarray(p).resize((p.shape[1] * scale, p.shape[0] * scale), Image.NEAREST))
+            for label, p in row
+        ]
+        for _, row in rows
+    ]
+    width = max(sum(t.width for _, t in row) + pad * (len(row) + 1) for row in tiles)
+    height = sum(max(t.height for _, t in row) + 2 * label_h + pad for row in tiles) + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = pad
+    for (title, _), row in zip(rows, tiles, strict=True):
+        draw.text((pad, y), title, fill="black")
+        y += label_h
+        x = pad
+        for label, tile in row:
+            draw.text((x, y), label, fill="black")
+            canvas.paste(tile, (x, y + label_h))
+            x += tile.width + pad
+        y += label_h + max(t.height for _, t in row) + pad
+    return canvas
+
+
+def run_demo(
+    output: Path, steps: int = 6, ratio: float = 0.5, console: Console | None = None
+) -> dict[str, Any]:
     console = console or Console()
     output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     table = Table(title=f"ToMA, ratio {ratio}, {steps} steps, CPU ({torch.get_num_threads()} threads)")
-    for column in ("model", "tokens (top level)", "step, unmodified", "step, ToMA", "speedup", "rel. difference"):
+    for column in (
+        "model",
+        "tokens (top level)",
+        "step, unmodified",
+        "step, ToMA",
+        "speedup",
+        "rel. difference",
+    ):
         table.add_column(column)
-    rows: list[np.ndarray] = []
+    panels: list[tuple[str, list[tuple[str, np.ndarray]]]] = []
     results: dict[str, Any] = {"ratio": ratio, "steps": steps, "models": {}}
     for demo in (sdxl_demo_model(), flux_demo_model()):
         sample(demo, 1)  # warm-up
@@ -172,15 +208,15 @@ def run_demo(output: Path, steps: int = 8, ratio: float = 0.5, console: Console 
         }
         lo, hi = channel_range(base)
         a, b = to_image(base, demo.grid, lo, hi), to_image(reduced, demo.grid, lo, hi)
-        diff = np.abs(a.astype(np.int16) - b.astype(np.int16)).clip(0, 255).astype(np.uint8)
-        pad = np.full((a.shape[0], 4, 3), 255, np.uint8)
-        rows.append(np.concatenate([a, pad, b, pad, diff], axis=1))
+        diff = np.abs(a.astype(np.float32) - b.astype(np.float32)).max(axis=-1)
+        gain = 255.0 / max(float(diff.max()), 1.0)
+        diff_rgb = np.repeat((diff * gain).clip(0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+        panels.append(
+            (demo.name, [("unmodified", a), (f"ToMA r={ratio}", b), (f"|difference| x{gain:.0f}", diff_rgb)])
+        )
     console.print(table)
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    picture = Image.fromarray(np.concatenate(rows, axis=0)).resize((width * 4, sum(r.shape[0] for r in rows) * 4), Image.NEAREST)
     png = output / "side_by_side.png"
-    picture.save(png)
+    side_by_side(panels).save(png)
     (output / "demo.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     console.print(f"side-by-side (unmodified | ToMA | difference): {png}")
     console.print(f"results: {output / 'demo.json'}")

@@ -13,7 +13,9 @@ from framework.api import prepare
 from framework.config import load_config
 
 
-def explain(config: Any, *, arch: str | None = None, height: int = 1024, width: int = 1024, console: Console) -> None:
+def explain(
+    config: Any, *, arch: str | None = None, height: int = 1024, width: int = 1024, console: Console
+) -> None:
     cfg = load_config(config)
     if arch is None:
         arch = cfg.adapter.name if cfg.adapter.name in archs.ARCHITECTURES else "sdxl"
@@ -29,7 +31,16 @@ def explain(config: Any, *, arch: str | None = None, height: int = 1024, width: 
     for site in sites:
         by_group[site.group].append(site)
     table = Table(title="merged sites by group (one shared plan per group and guidance pass)")
-    for column in ("group", "sites", "blocks", "grid", "tokens", "kept", "regions x slots", "destinations/region"):
+    for column in (
+        "group",
+        "sites",
+        "blocks",
+        "grid",
+        "tokens",
+        "kept",
+        "regions x slots",
+        "destinations/region",
+    ):
         table.add_column(column)
     for group, members in by_group.items():
         grid = grids.get(group, members[0].grid)

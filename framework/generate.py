@@ -67,7 +67,13 @@ def generate(
         kwargs["height"] = height
     if width:
         kwargs["width"] = width
-    record: dict[str, Any] = {"model": model, "prompt": prompt, "steps": steps, "seed": seed, "env": environment()}
+    record: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt,
+        "steps": steps,
+        "seed": seed,
+        "env": environment(),
+    }
 
     def run(name: str) -> None:
         generator = torch.Generator(device="cpu").manual_seed(seed)

@@ -119,6 +119,9 @@ class Merger(Component):
     output: ClassVar[Literal["destinations", "keep"]] = "destinations"
     kv_only: ClassVar[bool] = False
     needs_destinations: ClassVar[bool] = True
+    #: Whether ``plan`` reads ``features``; if neither it nor selection does, the engine skips the
+    #: float32 normalisation pass and passes ``None``.
+    needs_features: ClassVar[bool] = True
 
     def for_site(self, position: float) -> Merger:
         """The merger to use at a site ``position`` in [0, 1] through the merged blocks (default: self).
@@ -128,11 +131,14 @@ class Merger(Component):
         return self
 
     @abstractmethod
-    def plan(self, x: torch.Tensor, features: torch.Tensor, destinations: torch.Tensor, layout: Layout) -> MergePlan:
+    def plan(
+        self, x: torch.Tensor, features: torch.Tensor, destinations: torch.Tensor, layout: Layout
+    ) -> MergePlan:
         """Build the plan.
 
         ``x``: ``(B, N, C)`` tokens in the model dtype; ``features``: ``(B, R, S, C)`` normalised
-        float32 region features; ``destinations``: ``(R, k)`` local indices from the selector.
+        float32 region features (``None`` when ``needs_features`` and ``needs_destinations`` are
+        both false); ``destinations``: ``(R, k)`` local indices from the selector.
         """
 
 

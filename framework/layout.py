@@ -34,7 +34,11 @@ class Regions:
     def __post_init__(self) -> None:
         if self.raster_order is None:
             r, s = self.index.shape
-            raster = r == 1 and all(n == s for n in self.sizes) and torch.equal(self.index[0].cpu(), torch.arange(s))
+            raster = (
+                r == 1
+                and all(n == s for n in self.sizes)
+                and torch.equal(self.index[0].cpu(), torch.arange(s))
+            )
             object.__setattr__(self, "raster_order", raster)
 
     @property

@@ -63,12 +63,16 @@ class PluginManager:
             except Exception as exc:  # keep going; report it when a config names a missing part
                 self.registry.failed[f"{ep.name} ({dist})"] = f"{type(exc).__name__}: {exc}"
                 continue
-            self.register(plugin, source=f"{dist} {ep.dist.version if ep.dist else ''}".strip(), name=ep.value)
+            self.register(
+                plugin, source=f"{dist} {ep.dist.version if ep.dist else ''}".strip(), name=ep.value
+            )
 
     def register(self, plugin: object, *, source: str | None = None, name: str | None = None) -> None:
         """Register a plugin object (a module or any object with ``tokenreduce_register``)."""
         if name is None:
-            name = plugin.__name__ if isinstance(plugin, ModuleType) else f"{type(plugin).__name__}-{id(plugin)}"
+            name = (
+                plugin.__name__ if isinstance(plugin, ModuleType) else f"{type(plugin).__name__}-{id(plugin)}"
+            )
         if self.pm.has_plugin(name):
             return
         source = source or name

@@ -83,7 +83,9 @@ class Registry:
             valid = ", ".join(sorted(table)) or "(none)"
             hint = ""
             if self.failed:
-                hint = "; plugins that failed to load: " + "; ".join(f"{k}: {v}" for k, v in self.failed.items())
+                hint = "; plugins that failed to load: " + "; ".join(
+                    f"{k}: {v}" for k, v in self.failed.items()
+                )
             raise UnknownComponentError(f"unknown {kind} {name!r}; valid {kind}s: {valid}{hint}")
         return table[name].cls
 
@@ -91,7 +93,9 @@ class Registry:
         return sorted(self.components[kind])
 
     def entries(self) -> list[tuple[str, str, Entry]]:
-        return [(kind, name, e) for kind, table in self.components.items() for name, e in sorted(table.items())]
+        return [
+            (kind, name, e) for kind, table in self.components.items() for name, e in sorted(table.items())
+        ]
 
 
 def _kind_of(cls: type) -> str:

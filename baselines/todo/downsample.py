@@ -67,6 +67,7 @@ class DownsampleMerger(Merger):
     output = "keep"
     kv_only = True
     needs_destinations = False
+    needs_features = False
 
     class Params(StrictParams):
         name: Literal["downsample"] = "downsample"
@@ -109,6 +110,6 @@ class DownsampleMerger(Merger):
             raise ValueError("; ".join(problems))
 
     def plan(
-        self, x: torch.Tensor, features: torch.Tensor, destinations: torch.Tensor | None, layout: Layout
+        self, x: torch.Tensor, features: torch.Tensor | None, destinations: torch.Tensor | None, layout: Layout
     ) -> MergePlan:
         return DownsamplePlan(layout.regions.grid, self.params.factor, self.params.mode)

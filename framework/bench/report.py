@@ -14,8 +14,10 @@ from framework.bench.variants import METHODS, REFERENCES
 
 EFFICIENCY_NOTE = (
     "speedup = unmodified median / variant median (same run); efficiency = (speedup - 1) / "
-    "(ideal speedup - 1) with the ideal merge at the same ratio and placement, null for the reference "
-    "variants and where that ideal is missing or not faster than the unmodified model (no headroom)"
+    "(ideal speedup - 1) with the ideal merge at the same ratio and the ToMA preset's placement, null for "
+    "the reference variants and where that ideal is missing or not faster than the unmodified model "
+    "(no headroom); the ideal runs through the framework's runtime, so it includes the per-block cost the "
+    "runtime adds to any merger"
 )
 GRAPH_NOTE = (
     "graph mode: one CUDA graph per distinct reuse decision of a variant's cycle, replayed in the "

@@ -296,6 +296,7 @@ def time_graphs(
     warmup: int,
     capture_warmup: int = 3,
     advance: Callable[[], None] | None = None,
+    on_captured: Callable[[], None] | None = None,
 ) -> Timings:
     """Capture every variant (one shared memory pool), then time interleaved replays of their cycles."""
     device = next(model.parameters()).device
@@ -317,6 +318,8 @@ def time_graphs(
             pool = torch.cuda.graph_pool_handle()
     torch.cuda.synchronize()
     out.notes["graph_memory_gib"] = (torch.cuda.memory_allocated() - before) / 2**30
+    if on_captured is not None:
+        on_captured()
     try:
         for rnd in range(-warmup, rounds):
             for cap in captured:

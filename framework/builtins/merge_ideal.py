@@ -33,11 +33,12 @@ class IdealMerger(Merger):
     name = "ideal"
     output = "keep"
     needs_destinations = False
+    needs_features = False
 
     class Params(StrictParams):
         name: Literal["ideal"] = "ideal"
 
     def plan(
-        self, x: torch.Tensor, features: torch.Tensor, destinations: torch.Tensor | None, layout: Layout
+        self, x: torch.Tensor, features: torch.Tensor | None, destinations: torch.Tensor | None, layout: Layout
     ) -> MergePlan:
         return IdealPlan(layout.keep, layout.num_tokens, x.device)

@@ -28,12 +28,13 @@ class IdentityMerger(Merger):
     name = "identity"
     # No destinations are used, so the runtime skips selection entirely.
     needs_destinations = False
+    needs_features = False
     hard: ClassVar[bool] = True
 
     class Params(StrictParams):
         name: Literal["identity"] = "identity"
 
     def plan(
-        self, x: torch.Tensor, features: torch.Tensor, destinations: torch.Tensor | None, layout: Layout
+        self, x: torch.Tensor, features: torch.Tensor | None, destinations: torch.Tensor | None, layout: Layout
     ) -> MergePlan:
         return PassThroughPlan(x.shape[1], x.device)

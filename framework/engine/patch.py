@@ -41,7 +41,9 @@ class PatchSet:
         """Replace ``module.forward`` by ``make(original_forward)``."""
         self.set(module, "forward", make(module.forward))
 
-    def wrap_method(self, obj: Any, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    def wrap_method(
+        self, obj: Any, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]
+    ) -> None:
         self.set(obj, name, make(getattr(obj, name)))
 
     def undo(self) -> None:

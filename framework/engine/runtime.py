@@ -104,7 +104,9 @@ class Runtime:
         total_keep = sum(keep)
         if self.merger.needs_destinations:
             if any(d > s for d, s in zip(dests, regions.sizes, strict=True)):
-                raise ValueError(f"selector {self.selector.name!r} asks for more destinations than tokens on {h}x{w}")
+                raise ValueError(
+                    f"selector {self.selector.name!r} asks for more destinations than tokens on {h}x{w}"
+                )
             if self.merger.output == "destinations" and sum(dests) != total_keep:
                 raise ValueError(
                     f"selector {self.selector.name!r} gives {sum(dests)} destinations on the {h}x{w} grid but "
@@ -170,7 +172,8 @@ class Runtime:
             if source is not None:
                 x = source(x)
             layout = layout.to(x.device)
-            features = self.features(x, layout)
+            needs_features = merger.needs_destinations or merger.needs_features
+            features = self.features(x, layout) if needs_features else None
             if decision is Decision.SELECT or slot.destinations is None or slot.key != key:
                 ctx = SelectContext(layout=layout, generator=self.generator(x.device))
                 slot.destinations = self.selector.select(features, ctx) if merger.needs_destinations else None

@@ -28,6 +28,12 @@ they test what the engine actually calls. Optional class attributes a merger may
 - ``linear = False``: opts out of the linearity check (merge/unmerge linear for a fixed plan).
 - ``convex = False``: opts out of the convexity check (merged tokens are convex combinations).
 
+Mergers get destinations from ``MergerContract.companion_selector()`` (the built-in ``random``
+selector; override it when a merger needs another one) and are tested at site positions 0, 0.5
+and 1 (``for_site``). Partitioners are tested on grids from ``min_grid()`` up to 11 more rows
+and columns. A ``ValueError`` raised while building a layout (an impossible combination, which
+the engine reports before patching) rejects that example rather than failing it.
+
 The tests use hypothesis; load a profile with ``deadline=None`` in your ``conftest.py`` (first
 torch calls are slow), as this project's ``tests/conftest.py`` does.
 """
@@ -90,6 +96,7 @@ __all__ = [
     "make_runtime",
     "merge_groups",
     "probe_matrix",
+    "seeded",
 ]
 
 # --------------------------------------------------------------------------- engine helpers
@@ -149,6 +156,7 @@ def layout_or_reject(build: Callable[[], T]) -> T:
 
 
 def seeded(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded like the runtime's dedicated one."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
@@ -279,7 +287,7 @@ class ComponentContract:
             pytest.fail(f"{type(self).__name__}: set `component` or override the `component` fixture")
         return build_component(self.component)
 
-    def test_is_a_registered_kind(self, component: Component) -> None:
+    def test_implements_its_interface(self, component: Component) -> None:
         assert isinstance(component, self.interface)
         params = component.params
         assert params.name == component.name  # type: ignore[attr-defined]

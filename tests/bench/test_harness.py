@@ -315,3 +315,31 @@ def test_bench_command_end_to_end(tmp_path: Path) -> None:
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(out / "bench.png") as image:
         assert image.width > 100 and image.height > 100
+
+
+@pytest.mark.slow
+def test_pipeline_mode_times_whole_generations(tmp_path: Path) -> None:
+    from framework.testing.tiny_sdxl import tiny_sdxl_pipeline
+
+    # A 32x32 latent: the tiny UNet's attention grids are 16x16 and 8x8, enough for 8x8 tiles.
+    tiny_sdxl_pipeline(sample_size=32).save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "results"
+    argv = ["bench", "--pipeline", "--model", str(tmp_path / "pipe"), "--steps", "2", "--ratios", "0.5"]
+    argv += [
+        "--methods",
+        "unmodified",
+        "toma",
+        "--rounds",
+        "2",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "-o",
+        str(out),
+    ]
+    assert main(argv) == 0
+    (run,) = json.loads((out / "bench.json").read_text())["runs"]
+    assert (run["arch"], run["mode"], run["unit"], run["steps"]) == ("sdxl", "pipeline", "generation", 2)
+    assert [v["name"] for v in run["variants"]] == ["unmodified", "toma@0.5"]
+    assert all(v["error"] is None and v["n"] == 2 for v in run["variants"])
