@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -46,7 +47,7 @@ class AutoAdapterParams(StrictParams):
 
 
 class ConfigBase(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
 
     ratio: float = Field(0.5, description="Fraction of image tokens removed per merged layer, in [0, 1).")
     seed: int = Field(0, description="Seed of the dedicated generator used by random selectors.")
@@ -69,7 +70,9 @@ _DEFAULTS = {
     "reuse": {"name": "step_sharing"},
 }
 
-_model_cache: dict[int, tuple[int, type[ConfigBase]]] = {}
+# id(registry) -> (weak reference to it, component count, model). The reference guards against a
+# new registry that reuses the id of a collected one.
+_model_cache: dict[int, tuple[weakref.ref, int, type[ConfigBase]]] = {}
 
 
 def _union(registry: Registry, kind: str, extra: tuple[type[StrictParams], ...] = ()) -> Any:
@@ -86,8 +89,8 @@ def config_model(registry: Registry | None = None) -> type[ConfigBase]:
     registry = registry or get_registry()
     stamp = sum(len(t) for t in registry.components.values())
     cached = _model_cache.get(id(registry))
-    if cached and cached[0] == stamp:
-        return cached[1]
+    if cached and cached[0]() is registry and cached[1] == stamp:
+        return cached[2]
     fields: dict[str, Any] = {
         "adapter": (_union(registry, "adapter", (AutoAdapterParams,)), Field(default=_DEFAULTS["adapter"])),
     }
@@ -95,7 +98,7 @@ def config_model(registry: Registry | None = None) -> type[ConfigBase]:
         if registry.components[kind]:
             fields[kind] = (_union(registry, kind), Field(default=_DEFAULTS[kind]))
     model = create_model("Config", __base__=ConfigBase, **fields)
-    _model_cache[id(registry)] = (stamp, model)
+    _model_cache[id(registry)] = (weakref.ref(registry), stamp, model)
     return model
 
 

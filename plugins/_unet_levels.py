@@ -51,7 +51,9 @@ def unet_blocks(unet: nn.Module) -> list[UNetBlock]:
                 continue
             for k, block in enumerate(transformer.transformer_blocks):
                 if isinstance(block, BasicTransformerBlock):
-                    found.append((f"{stage_path}.attentions.{j}.transformer_blocks.{k}", block, transformer, factor))
+                    found.append(
+                        (f"{stage_path}.attentions.{j}.transformer_blocks.{k}", block, transformer, factor)
+                    )
     levels = {factor: i for i, factor in enumerate(sorted({f for *_, f in found}))}
     return [UNetBlock(path, block, t, factor, levels[factor]) for path, block, t, factor in found]
 

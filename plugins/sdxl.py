@@ -108,7 +108,9 @@ class SDXLAdapter(ModelAdapter):
         """The transformer blocks the level filters select (``ValueError`` if none)."""
         blocks = unet_blocks(model)
         if not blocks:
-            raise ValueError(f"{type(model).__name__} has no BasicTransformerBlock inside a Transformer2DModel")
+            raise ValueError(
+                f"{type(model).__name__} has no BasicTransformerBlock inside a Transformer2DModel"
+            )
         p = self.params
         existing = describe_levels(blocks, latent_size(model))
         unknown = sorted(set(p.levels or ()) - {b.level for b in blocks})
@@ -195,6 +197,19 @@ class SDXLAdapter(ModelAdapter):
                 plans = j == 0 and not from_input
                 patches.wrap_forward(getattr(b.block, site), site_factory(runtime, group, grid, cell, plans))
         patches.wrap_forward(model, w.begin_denoiser_call(runtime))
+        self._build_host_state(model, runtime, {grid.grid for grid in cells.values()})
+
+    @staticmethod
+    def _build_host_state(model: nn.Module, runtime: Runtime, grids: set[tuple[int, int]]) -> None:
+        """Build what the first call would build lazily (the default grids' layouts on the model's
+        device, the selectors' generator), so that a model compiled right after ``apply`` traces
+        no set-up code. Other resolutions need one eager call before compiled calls."""
+        device = next(model.parameters()).device
+        if device.type == "meta":
+            return
+        runtime.generator(device)
+        for grid in grids:
+            runtime.layout(grid).to(device)
 
 
 @hookimpl

@@ -13,7 +13,8 @@ import torch
 
 import framework
 from framework import hookimpl
-from framework.config import ConfigBase, ConfigError, json_schema, load_config, resolve
+from framework.builtins import AlwaysPolicy, GlobalPartitioner, GridSelector, HardMeanMerger, RandomSelector
+from framework.config import ConfigBase, ConfigError, config_model, json_schema, load_config, resolve
 from framework.interfaces import SelectContext, Selector
 from framework.params import StrictParams
 from framework.registry import Registry
@@ -260,6 +261,23 @@ def test_component_checks_reject_incompatible_combinations() -> None:
 def test_every_registered_preset_is_a_valid_config(registry: Registry) -> None:
     for name in registry.presets:
         assert isinstance(load_config(name), ConfigBase), name
+
+
+def test_a_new_registry_gets_its_own_model() -> None:
+    """Registries with the same number of components but different ones never share a cached model."""
+    data = {"selector": {"name": "grid"}, "merger": {"name": "hard_mean"}, "partitioner": {"name": "global"}}
+    for _ in range(5):
+        first = Registry()
+        for cls in (RandomSelector, HardMeanMerger, GlobalPartitioner, AlwaysPolicy):
+            first.add(cls)
+        config_model(first)
+        del first  # its id is free for the next registry
+        second = Registry()
+        for cls in (GridSelector, HardMeanMerger, GlobalPartitioner, AlwaysPolicy):
+            second.add(cls)
+        assert (
+            config_model(second).model_validate({**data, "reuse": {"name": "always"}}).selector.name == "grid"
+        )
 
 
 # --------------------------------------------------------------------------- JSON schema

@@ -27,6 +27,13 @@ OWN_RATIO = ("todo",)
 REFERENCES = ("unmodified", "identity", "ideal")
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
 IDENTITY_RATIO = 0.5
+#: The ceiling: the ToMA placement keeping the first tokens of every merged block (one slice, one
+#: concat), no selection and no weights.
+IDEAL_COMPONENTS: dict[str, dict[str, Any]] = {
+    "merger": {"name": "ideal"},
+    "partitioner": {"name": "global"},
+    "reuse": {"name": "always"},
+}
 
 
 @dataclass(frozen=True)
@@ -63,9 +70,9 @@ def _validated(source: Any, **overrides: Any) -> dict[str, Any]:
     return load_config(source, **overrides).model_dump()
 
 
-def _derived(base: dict[str, Any], **components: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with some components replaced, validated again."""
-    return _validated({**base, **components})
+def _derived(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """``base`` with some top-level fields replaced, validated again."""
+    return _validated({**base, **changes})
 
 
 def default_variants(
@@ -80,76 +87,41 @@ def default_variants(
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     presets = get_registry().presets
     out = VariantSet([Variant("unmodified", "unmodified", None)])  # every speedup is relative to it
+    toma = toma_preset(family)
 
-    toma_name = toma_preset(family)
-    toma_base: dict[str, Any] | None = None
-    if toma_name in presets:
-        toma_base = _validated(toma_name)
-
-    def add(method: str, ratio: float | None, build: Any, name: str | None = None) -> None:
+    def add(method: str, ratio: float | None, preset: str, build: Any, name: str | None = None) -> None:
         name = name or variant_name(method, ratio)
+        if method not in methods:
+            return
+        if preset not in presets:
+            out.skip(name, method, ratio, f"preset {preset!r} is not registered")
+            return
         try:
             out.variants.append(Variant(name, method, ratio, build()))
         except (ConfigError, ValueError) as exc:
             out.skip(name, method, ratio, str(exc))
 
-    def missing(preset: str) -> str:
-        return f"preset {preset!r} is not registered"
-
-    if "identity" in methods:
-        if toma_base is None:
-            out.skip("identity", "identity", IDENTITY_RATIO, missing(toma_name))
-        else:
-            add(
-                "identity",
-                IDENTITY_RATIO,
-                lambda: _derived(toma_base, ratio=IDENTITY_RATIO, merger={"name": "identity"}),
-                name="identity",
-            )
+    add(
+        "identity",
+        IDENTITY_RATIO,
+        toma,
+        lambda: _derived(_validated(toma), ratio=IDENTITY_RATIO, merger={"name": "identity"}),
+        name="identity",
+    )
     for ratio in ratios:
-        if "ideal" in methods:
-            if toma_base is None:
-                out.skip(variant_name("ideal", ratio), "ideal", ratio, missing(toma_name))
-            else:
-                add(
-                    "ideal",
-                    ratio,
-                    lambda r=ratio: _derived(
-                        toma_base,
-                        ratio=r,
-                        merger={"name": "ideal"},
-                        partitioner={"name": "global"},
-                        reuse={"name": "always"},
-                    ),
-                )
-        if "toma" in methods:
-            if toma_base is None:
-                out.skip(variant_name("toma", ratio), "toma", ratio, missing(toma_name))
-            else:
-                add("toma", ratio, lambda r=ratio: _validated(toma_name, ratio=r))
+        add("ideal", ratio, toma, lambda r=ratio: _derived(_validated(toma), ratio=r, **IDEAL_COMPONENTS))
+        add("toma", ratio, toma, lambda r=ratio: _validated(toma, ratio=r))
         for method in BASELINES:
-            preset = f"{method}-{family}"
-            if method not in methods or method in OWN_RATIO:
-                continue
-            if preset not in presets:
-                out.skip(variant_name(method, ratio), method, ratio, missing(preset))
-            else:
-                add(method, ratio, lambda p=preset, r=ratio: _validated(p, ratio=r))
+            if method not in OWN_RATIO:
+                preset = f"{method}-{family}"
+                add(method, ratio, preset, lambda p=preset, r=ratio: _validated(p, ratio=r))
     for method in OWN_RATIO:
         preset = f"{method}-{family}"
-        if method not in methods:
-            continue
-        if preset not in presets:
-            out.skip(method, method, None, missing(preset))
-            continue
         try:
-            config = _validated(preset)
-        except ConfigError as exc:
-            out.skip(method, method, None, str(exc))
-        else:
-            out.variants.append(
-                Variant(variant_name(method, config["ratio"]), method, config["ratio"], config)
-            )
+            own = load_config(preset).ratio if preset in presets else None
+        except ConfigError:
+            own = None  # add() records the error
+        add(method, own, preset, lambda p=preset: _validated(p))
     taken = set(out.names())
     for path in configs:
         # Extra configs are not optional: a bad file stops the benchmark before it starts.

@@ -24,7 +24,7 @@ def hard_assignment(features: torch.Tensor, destinations: torch.Tensor, layout: 
     """One-hot ``(B, R, S, k)`` float32 assignment; padding source rows and unreal destinations are 0."""
     b, r, s, c = features.shape
     k = destinations.shape[1]
-    dest_feats = features.gather(2, destinations.view(1, r, k, 1).expand(b, r, k, c))
+    dest_feats = features.gather(2, destinations.reshape(1, r, k, 1).expand(b, r, k, c))
     sim = features @ dest_feats.transpose(-1, -2)  # (B, R, S, k) float32
     # One-hot matrices by comparison with an arange (a static shape, no value checks on the host).
     own = destinations.unsqueeze(1) == torch.arange(s, device=sim.device).view(s, 1)  # (R, S, k)

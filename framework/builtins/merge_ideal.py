@@ -39,6 +39,10 @@ class IdealMerger(Merger):
         name: Literal["ideal"] = "ideal"
 
     def plan(
-        self, x: torch.Tensor, features: torch.Tensor | None, destinations: torch.Tensor | None, layout: Layout
+        self,
+        x: torch.Tensor,
+        features: torch.Tensor | None,
+        destinations: torch.Tensor | None,
+        layout: Layout,
     ) -> MergePlan:
         return IdealPlan(layout.keep, layout.num_tokens, x.device)

@@ -35,6 +35,10 @@ class IdentityMerger(Merger):
         name: Literal["identity"] = "identity"
 
     def plan(
-        self, x: torch.Tensor, features: torch.Tensor | None, destinations: torch.Tensor | None, layout: Layout
+        self,
+        x: torch.Tensor,
+        features: torch.Tensor | None,
+        destinations: torch.Tensor | None,
+        layout: Layout,
     ) -> MergePlan:
         return PassThroughPlan(x.shape[1], x.device)

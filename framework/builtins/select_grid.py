@@ -1,8 +1,9 @@
 """``grid`` selector: the top-left token of every full ``sy x sx`` cell of each rectangular region.
 
 The destination count is intrinsic (cells per region, whatever the ratio); border rows and
-columns that do not fill a cell are never destinations. Needs regions with ``local_rc``
-(rectangular regions, e.g. ``global``, ``stripe``, ``tile``).
+columns that do not fill a cell are never destinations, and a region without a full cell is an
+error (reported when the layout is built). Needs regions with ``local_rc`` (rectangular
+regions, e.g. ``global``, ``stripe``, ``tile``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,16 @@ class GridSelector(Selector):
         return (self.params.stride[0], self.params.stride[1])
 
     def count(self, regions: Regions, keep: Sequence[int]) -> tuple[int, ...]:
-        return tuple(int(n) for n in cell_corners(regions, self.stride).sum(dim=1).tolist())
+        counts = tuple(int(n) for n in cell_corners(regions, self.stride).sum(dim=1).tolist())
+        for cells, size in zip(counts, regions.sizes, strict=True):
+            if size and not cells:
+                # Its tokens would have no destination to merge into (or be represented by).
+                sy, sx = self.stride
+                raise ValueError(
+                    f"a region of {size} tokens on the {regions.grid[0]}x{regions.grid[1]} grid has no full "
+                    f"{sy}x{sx} cell, so no destination; use a smaller stride or larger regions"
+                )
+        return counts
 
     def select(self, features: torch.Tensor, ctx: SelectContext) -> torch.Tensor:
         layout = ctx.layout

@@ -93,8 +93,10 @@ class Clock:
     def _observe(self, t: float | None) -> None:
         if t is None or self.last_t is None or t > self.last_t:
             self.reset()  # a new generation
-        elif t == self.last_t:
+        elif t == self.last_t and self.pass_index + 1 < MAX_PASSES_PER_STEP:
             self.pass_index += 1  # another guidance pass of the same step
+        elif t == self.last_t:
+            self.reset()  # the same timestep again and again: repeated one-step generations
         else:
             self.end_step()
         self.last_t = t

@@ -107,6 +107,12 @@ class Runtime:
                 raise ValueError(
                     f"selector {self.selector.name!r} asks for more destinations than tokens on {h}x{w}"
                 )
+            empty = [i for i, (d, s) in enumerate(zip(dests, regions.sizes, strict=True)) if s and not d]
+            if empty:
+                raise ValueError(
+                    f"selector {self.selector.name!r} gives no destination to {len(empty)} region(s) of the "
+                    f"{h}x{w} grid (partitioner {self.partitioner.name!r}); their tokens could not be merged anywhere"
+                )
             if self.merger.output == "destinations" and sum(dests) != total_keep:
                 raise ValueError(
                     f"selector {self.selector.name!r} gives {sum(dests)} destinations on the {h}x{w} grid but "
@@ -139,8 +145,9 @@ class Runtime:
         """Forget every cached plan (e.g. after the model moved to another device)."""
         for group in self.groups.values():
             group.slots.clear()
-        for gen_key in list(self._generators):
-            del self._generators[gen_key]
+        # Re-seeded rather than dropped: the same stream restarts, and compiled graphs keep the objects.
+        for gen in self._generators.values():
+            gen.manual_seed(self.config.seed)
         self.clock.reset()
 
     # ------------------------------------------------------------------ hot path

@@ -435,7 +435,10 @@ class MergerContract(ComponentContract):
         x = case.tokens()
         return runtime, group.merger, runtime.plan(group, x, case.grid), x
 
-    @given(case=scenarios(dtypes=(torch.float64, torch.float32)), position=st.sampled_from(POSITIONS))
+    @given(
+        case=scenarios(dtypes=(torch.float64, torch.float32, torch.bfloat16, torch.float16)),
+        position=st.sampled_from(POSITIONS),
+    )
     @_with_examples("case", EDGE_SCENARIOS, position=0.0)
     @example(case=EDGE_SCENARIOS[2], position=1.0)
     def test_shapes_dtypes_and_finiteness(self, component: Merger, case: Scenario, position: float) -> None:
@@ -541,9 +544,10 @@ class MergerContract(ComponentContract):
         destinations = selector.select(features0, SelectContext(layout=layout, generator=seeded(case.seed)))
         groups = merge_groups(layout, destinations, seed=case.seed)
         x = grouped_tokens(groups, batch_size=case.batch_size, seed=case.seed)
-        plan = merger.plan(
-            x, Runtime.features(x, layout), destinations if merger.needs_destinations else None, layout
-        )
+        # What the engine passes: no features for mergers that read none, no destinations unless needed.
+        reads_features = merger.needs_destinations or getattr(merger, "needs_features", True)
+        features = Runtime.features(x, layout) if reads_features else None
+        plan = merger.plan(x, features, destinations if merger.needs_destinations else None, layout)
         tol = self.tolerance if merger.hard else self.soft_tolerance  # type: ignore[attr-defined]
         merged = plan.merge(x)
         _assert_close(plan.unmerge(merged), x, tol, "unmerge(merge(x)) for x constant on merge groups")

@@ -39,7 +39,9 @@ def make_plugin_distribution(
     (root / f"{module}.py").write_text(textwrap.dedent(module_source), encoding="utf-8")
     info = root / f"{module}-{version}.dist-info"
     info.mkdir(exist_ok=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", encoding="utf-8")
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", encoding="utf-8"
+    )
     (info / "entry_points.txt").write_text(f"[{PROJECT}]\n{entry} = {module}\n", encoding="utf-8")
     (info / "top_level.txt").write_text(f"{module}\n", encoding="utf-8")
     return PluginDistribution(root=root, name=name, version=version, module=module, entry_point=entry)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock
 
 import framework as tr
 from framework.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet
@@ -202,3 +205,68 @@ def test_kv_only_merger_at_attn1(unet):
     assert 1e-4 < relative_error(out, reference) < MAX_RELATIVE_ERROR
     with tr.disabled(unet):
         assert torch.equal(run(unet, inputs), reference)
+
+
+@pytest.mark.parametrize("sites", SITE_SETS, ids="+".join)
+def test_identity_merger_runs_the_plumbing_exactly(unet, sites):
+    inputs = tiny_sdxl_inputs(unet, batch=2, height=18, width=26, seed=8)
+    reference = run(unet, inputs)
+    tr.apply(unet, config(sites, merger={"name": "identity"}, reuse={"name": "always"}))
+    assert torch.equal(run(unet, inputs), reference)
+
+
+def test_block_site_updates_merged_tokens_and_passes_the_rest_through(unet):
+    """With the ``ideal`` merger (keep the first N' tokens), ``x + U(block(M x) - M x)`` means: the
+    kept tokens get the block's output on the kept tokens alone, the others leave unchanged."""
+    checked = []
+
+    def check(block, args, kwargs, output):
+        x = args[0]
+        n = x.shape[1]
+        keep = n - math.floor(0.5 * n)
+        alone = BasicTransformerBlock.forward(block, x[:, :keep], **kwargs)
+        torch.testing.assert_close(output[:, :keep], alone, rtol=1e-5, atol=1e-5)
+        assert torch.equal(output[:, keep:], x[:, keep:])
+        checked.append(n)
+
+    tr.apply(unet, config(["block"], merger={"name": "ideal"}, partitioner={"name": "global"}))
+    blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+    hooks = [b.register_forward_hook(check, with_kwargs=True) for b in blocks]
+    try:
+        run(unet, tiny_sdxl_inputs(unet, batch=2, height=18, width=26, seed=9))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert sorted(set(checked)) == [5 * 7, 9 * 13]  # both levels of the 18x26 latent
+    assert len(checked) == len(blocks)
+
+
+# --------------------------------------------------------------------------- presets
+
+
+@pytest.mark.parametrize("preset", ["toma-sdxl", "toma"])
+def test_presets_on_an_sdxl_shaped_unet(preset):
+    unet = tiny_sdxl_unet(seed=0, sample_size=32)  # attention grids 16x16 and 8x8: one 8x8 tile fits both
+    inputs = tiny_sdxl_inputs(unet, batch=2, seed=10)
+    reference = run(unet, inputs)
+    handle = tr.apply(unet, preset)
+    assert handle.adapter.name == "sdxl"
+    assert {s.grid for s in handle.sites} == {(16, 16), (8, 8)}
+    out = run(unet, inputs)
+    assert torch.isfinite(out).all()
+    assert 1e-4 < relative_error(out, reference) < MAX_RELATIVE_ERROR
+
+
+def test_toma_sdxl_fits_the_real_sdxl_architecture():
+    """The published SDXL-base UNet on the meta device: 70 blocks on 64x64 and 32x32 grids at 1024x1024."""
+    from framework import archs
+    from framework.api import prepare
+
+    model = archs.build("sdxl")
+    _, _, adapter, runtime, sites = prepare(model, "toma-sdxl")
+    assert len(sites) == 70
+    assert {s.grid for s in sites} == {(64, 64), (32, 32)}
+    assert {s.group: s.grid for s in sites} == {"level0": (64, 64), "level1": (32, 32)}
+    assert adapter.grids_for(model, 768, 1344)["level0"] == (48, 84)
+    for grid in ((64, 64), (32, 32), (48, 84), (24, 42)):
+        runtime.layout(grid)  # every tile of 8x8 fits; ragged borders are fine

@@ -19,17 +19,20 @@ pytestmark = pytest.mark.slow
 
 
 def test_inductor_fullgraph_matches_eager():
+    """Compiled right after ``apply`` (no eager call first) at the UNet's default, non-square size."""
     # One attention level with 4 blocks: inductor's CPU code generation dominates the test time.
-    unet = tiny_sdxl_unet(seed=0, block_out_channels=(16, 32), transformer_layers_per_block=(1, 1))
-    inputs = tiny_sdxl_inputs(unet, batch=2, height=16, width=24, seed=1)
+    unet = tiny_sdxl_unet(
+        seed=0, sample_size=(16, 24), block_out_channels=(16, 32), transformer_layers_per_block=(1, 1)
+    )
+    inputs = tiny_sdxl_inputs(unet, batch=2, seed=1)
     reference = run(unet, inputs)
     tr.apply(unet, config())
-    eager = run(unet, inputs)
     torch._dynamo.reset()
     compiled = torch.compile(unet, fullgraph=True)
     got = run(compiled, inputs)
+    eager = run(unet, inputs)
     # Inductor fuses and reorders float32 reductions (norms, softmax, matmuls): measured differences
-    # are ~2e-6 on outputs of magnitude ~1.5. 1e-4 leaves room for other CPUs and stays three orders
+    # are ~2e-6 on outputs of magnitude ~1.5. 1e-4 leaves room for other CPUs and stays two orders
     # of magnitude below the effect of merging itself (checked next), so a graph that skipped or
     # mangled the merge cannot pass.
     torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
@@ -37,31 +40,39 @@ def test_inductor_fullgraph_matches_eager():
 
 
 def test_ten_step_loop_compiles_a_bounded_number_of_graphs():
-    """Reuse decisions driven from outside the graph (as a pipeline's scheduler does).
+    """Reuse decisions driven from outside the graph (as a pipeline's scheduler does), compiled
+    right after ``apply`` at the default size (no eager call first), two generations of ten steps.
 
     Dynamo specialises a graph on each sharing group's pending decision, not on the step number:
     SELECT (selection and weights), WEIGHTS (weights from cached destinations) and REUSE (the
-    cached plan's tensors become graph inputs), plus at most one more for the first call, which
-    creates the plan slots. So ten steps need at most four graphs (three observed). Graph count is
-    a Dynamo property, independent of the backend: the "eager" backend skips inductor's slow code
+    cached plan's tensors become graph inputs); the very first SELECT also creates the plan slots,
+    a later one finds them. So any number of steps needs at most four graphs. Graph count is a
+    Dynamo property, independent of the backend: the "eager" backend skips inductor's slow code
     generation, and its outputs must equal an eager twin driven the same way at every step, which
-    also proves each step ran the graph of the right decision.
+    also shows that each step ran the graph of the right decision. ``handle.reset()`` keeps the
+    graphs valid.
     """
     unet = tiny_sdxl_unet(seed=0)
     twin = copy.deepcopy(unet)
     cfg = config(reuse={"name": "step_sharing", "destinations_every": 4, "weights_every": 2})
-    clocks = [tr.apply(model, cfg).runtime.clock for model in (unet, twin)]
+    handles = [tr.apply(model, cfg) for model in (unet, twin)]
+    clocks = [handle.runtime.clock for handle in handles]
     for clock in clocks:
         clock.driver = "manual"
-        clock.reset()
-    inputs = tiny_sdxl_inputs(unet, batch=2, height=16, width=24, seed=2)
+    inputs = tiny_sdxl_inputs(unet, batch=2, seed=2)  # the default size: its layouts are built at apply time
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = torch.compile(unet, fullgraph=True, backend="eager")
-    for t in torch.linspace(900.0, 100.0, 10):
-        got = run(compiled, at(inputs, float(t)))
-        want = run(twin, at(inputs, float(t)))
-        assert torch.equal(got, want)
+    for _generation in range(2):
         for clock in clocks:
-            clock.end_step()
+            clock.reset()
+        for t in torch.linspace(900.0, 100.0, 10):
+            got = run(compiled, at(inputs, float(t)))
+            want = run(twin, at(inputs, float(t)))
+            assert torch.equal(got, want)
+            for clock in clocks:
+                clock.end_step()
+    for handle in handles:
+        handle.reset()  # forgets the plans; the compiled graphs stay valid
+    assert torch.equal(run(compiled, at(inputs, 900.0)), run(twin, at(inputs, 900.0)))
     assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4

@@ -60,7 +60,7 @@ def test_plans_follow_the_step_schedule(unet):
 
 
 def test_never_policy_keeps_the_first_plan(unet):
-    handle = tr.apply(unet, config(reuse={"name": "step_sharing", "destinations_every": 1000, "weights_every": 1000}))
+    handle = tr.apply(unet, config(reuse={"name": "never"}))
     calls = count_calls(handle.runtime)
     inputs = tiny_sdxl_inputs(unet, batch=2, seed=2)
     for t in [900, 800, 700]:
@@ -82,6 +82,16 @@ def test_guidance_passes_keep_separate_plans(unet):
         assert torch.equal(paired, alone)
 
 
+def test_always_policy_selects_in_every_block(unet):
+    handle = tr.apply(unet, config(reuse={"name": "always"}))  # one group per block
+    calls = count_calls(handle.runtime)
+    inputs = tiny_sdxl_inputs(unet, batch=2, seed=8)
+    for t in [900, 900, 800]:
+        run(unet, at(inputs, t))
+    blocks = 11  # 3 at level 0, 8 at level 1
+    assert calls == {"select": 3 * blocks, "weights": 3 * blocks}
+
+
 @pytest.mark.parametrize(("batch", "size"), [(2, (18, 26)), (3, (16, 16)), (1, (16, 16))])
 def test_changed_batch_or_resolution_never_reuses_a_stale_plan(unet, batch, size):
     fresh = copy.deepcopy(unet)
@@ -97,7 +107,7 @@ def test_changed_batch_or_resolution_never_reuses_a_stale_plan(unet, batch, size
 
 
 def test_reset_forgets_plans(unet):
-    handle = tr.apply(unet, config(reuse={"name": "step_sharing", "destinations_every": 1000, "weights_every": 1000}))
+    handle = tr.apply(unet, config(reuse={"name": "never"}))
     calls = count_calls(handle.runtime)
     inputs = tiny_sdxl_inputs(unet, batch=2, seed=7)
     run(unet, at(inputs, 900))

@@ -33,7 +33,10 @@ BAD_CONFIGS = {
     "unknown site": (config(["norm1"]), "attn1"),
     "unknown level": (config(adapter={"levels": [2]}), "levels [2] do not exist"),
     "no level selected": (config(adapter={"max_downsample": 1}), "select no transformer block"),
-    "filters exclude each other": (config(adapter={"levels": [1], "max_downsample": 2}), "select no transformer block"),
+    "filters exclude each other": (
+        config(adapter={"levels": [1], "max_downsample": 2}),
+        "select no transformer block",
+    ),
 }
 
 
