@@ -148,3 +148,63 @@ def kv_only_site(runtime: Runtime, group: Group, grid: GridCell, cell: PlanCell,
         return forward
 
     return make
+
+
+class StackCell:
+    """What the first block of a merged stack hands to the last one within one call."""
+
+    __slots__ = ("merged", "plan", "residual")
+
+    def __init__(self) -> None:
+        self.residual: torch.Tensor | None = None
+        self.merged: torch.Tensor | None = None
+        self.plan: MergePlan | None = None
+
+
+def stack_enter(
+    runtime: Runtime, group: Group, grid: GridCell, cell: StackCell, source: Forward | None, last: bool
+) -> Factory:
+    """First ``BasicTransformerBlock`` of a ``Transformer2DModel``: merge once for the whole stack.
+
+    The blocks of one ``Transformer2DModel`` run back to back on one grid, so the stack runs on
+    merged tokens from its first block to its last, and only the stack's update is unmerged:
+    ``x + U(blocks(M x) - M x)``. The blocks in between are not wrapped at all. ``last``: the stack
+    has a single block, which then also unmerges.
+    """
+
+    def make(original: Forward) -> Forward:
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if not runtime.enabled:
+                return original(hidden_states, *args, **kwargs)
+            plan = runtime.plan(group, hidden_states, grid.grid, source)
+            merged = plan.merge(hidden_states)
+            out = original(merged, *args, **kwargs)
+            if merged is hidden_states:  # nothing merged at this layer
+                cell.plan = None
+                return out
+            if last:
+                return hidden_states + plan.unmerge(out - merged)
+            cell.residual, cell.merged, cell.plan = hidden_states, merged, plan
+            return out
+
+        return forward
+
+    return make
+
+
+def stack_exit(runtime: Runtime, cell: StackCell) -> Factory:
+    """Last ``BasicTransformerBlock`` of a merged stack: unmerge the stack's update."""
+
+    def make(original: Forward) -> Forward:
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            out = original(hidden_states, *args, **kwargs)
+            plan = cell.plan
+            if not runtime.enabled or plan is None:
+                return out
+            residual, merged = cell.residual, cell.merged
+            cell.residual = cell.merged = cell.plan = None  # do not hold activations past the call
+            return residual + plan.unmerge(out - merged)
+
+        return forward
+
+    return make

@@ -8,6 +8,10 @@ outside a merged computation. Sites per block:
   ``n`` the normalised tokens the sub-module receives. A ``kv_only`` merger (ToDo) at ``attn1``
   runs ``attn1(n, encoder_hidden_states=M n)``: full-length queries, shortened keys/values.
 - ``block``: the whole block runs on merged tokens, ``x + U(block(M x) - M x)`` (exact at r = 0).
+- ``stack``: all blocks of one ``Transformer2DModel`` run on merged tokens, merged once before the
+  first and unmerged once after the last: ``x + U(blocks(M x) - M x)``. SDXL has 11 such stacks for
+  70 blocks, so this wraps 2 blocks per stack instead of every block: the placement that pays on a
+  CPU-bound eager step (see docs/performance.md).
 
 One plan per block and call (shared by its sites); blocks share plans per resolution level when
 the reuse policy shares by kind. The grid of each level is read from the ``(B, C, H, W)`` input
@@ -30,7 +34,7 @@ from framework.params import StrictParams
 from plugins import _unet_wrappers as w
 from plugins._unet_levels import UNetBlock, describe_levels, grid_at, latent_size, unet_blocks
 
-Site = Literal["attn1", "attn2", "ff", "block"]
+Site = Literal["attn1", "attn2", "ff", "block", "stack"]
 SITE_ORDER: tuple[Site, ...] = ("attn1", "attn2", "ff")  # execution order inside a block
 
 #: SDXL's VAE downsamples images 8x.
@@ -47,13 +51,15 @@ class SDXLAdapter(ModelAdapter):
 
     class Params(StrictParams):
         name: Literal["sdxl"] = "sdxl"
-        # "block" is a placeholder default until the speed/fidelity measurements pick one.
+        # "stack" is the default: the fastest placement measured in both eager and captured modes, and
+        # equal to per-block merging when merge-after-unmerge is the identity (docs/performance.md).
         sites: list[Site] = Field(
-            default_factory=lambda: ["block"],
+            default_factory=lambda: ["stack"],
             min_length=1,
             description=(
-                "Where tokens are merged in each transformer block: any of 'attn1' (self-attention), "
-                "'attn2' (cross-attention queries), 'ff' (feed-forward), or 'block' alone (the whole block)."
+                "Where tokens are merged: any of 'attn1' (self-attention), 'attn2' (cross-attention "
+                "queries), 'ff' (feed-forward) in each block; or alone 'block' (each whole block) or 'stack' "
+                "(all blocks of a Transformer2DModel, merged once and unmerged once)."
             ),
         )
         levels: list[int] | None = Field(
@@ -84,8 +90,9 @@ class SDXLAdapter(ModelAdapter):
         def _check_sites(self) -> SDXLAdapter.Params:
             if len(set(self.sites)) != len(self.sites):
                 raise ValueError(f"sites lists a site twice: {self.sites}")
-            if "block" in self.sites and len(self.sites) > 1:
-                raise ValueError("site 'block' already covers attn1, attn2 and ff; use it alone")
+            for whole in ("block", "stack"):
+                if whole in self.sites and len(self.sites) > 1:
+                    raise ValueError(f"site {whole!r} already covers attn1, attn2 and ff; use it alone")
             return self
 
     @classmethod
@@ -135,7 +142,7 @@ class SDXLAdapter(ModelAdapter):
         for b in self.selected_blocks(model):
             if "attn2" in sites and b.block.attn2 is None:
                 raise ValueError(f"{b.path} has no cross-attention (attn2)")
-            if b.block._chunk_size is not None and ("ff" in sites or "block" in sites):
+            if b.block._chunk_size is not None and ({"ff", "block", "stack"} & set(sites)):
                 fix = (
                     "`unet.disable_forward_chunking()`"
                     if hasattr(model, "disable_forward_chunking")
@@ -145,9 +152,13 @@ class SDXLAdapter(ModelAdapter):
                     f"feed-forward chunking is enabled on {b.path}; sites 'ff' and 'block' need whole token "
                     f"sequences: disable it with {fix} before applying"
                 )
-            if sites == ["block"] and self.params.features == "normed" and b.block.norm_type != "layer_norm":
+            if (
+                sites in (["block"], ["stack"])
+                and self.params.features == "normed"
+                and b.block.norm_type != "layer_norm"
+            ):
                 raise ValueError(
-                    f"{b.path} uses norm_type {b.block.norm_type!r}; site 'block' with features 'normed' "
+                    f"{b.path} uses norm_type {b.block.norm_type!r}; site {sites[0]!r} with features 'normed' "
                     "needs 'layer_norm' blocks (use features 'block_input')"
                 )
 
@@ -159,7 +170,7 @@ class SDXLAdapter(ModelAdapter):
             group = level_kind(b.level) if by_kind else b.path
             grid = grid_at(latent, b.downsample)
             for site in self.params.sites:
-                path = b.path if site == "block" else f"{b.path}.{site}"
+                path = b.path if site in ("block", "stack") else f"{b.path}.{site}"
                 specs.append(SiteSpec(path=path, site=site, group=group, grid=grid))
         return specs
 
@@ -179,14 +190,24 @@ class SDXLAdapter(ModelAdapter):
         from_input = self.params.features == "block_input"
         latent = latent_size(model)
         cells: dict[int, w.GridCell] = {}
+        stacks: dict[int, w.StackCell] = {}
         for i, b in enumerate(blocks):
             group = runtime.group(level_kind(b.level), b.path, i / max(len(blocks) - 1, 1))
             grid = cells.get(id(b.transformer))
             if grid is None:
                 grid = cells[id(b.transformer)] = w.GridCell(grid_at(latent, b.downsample))
                 patches.wrap_forward(b.transformer, w.track_grid(runtime, grid))
+            source = None if from_input else b.block.norm1
+            if self.params.sites == ["stack"]:
+                stack = [s.block for s in blocks if s.transformer is b.transformer]
+                if b.block is stack[0]:
+                    stacks[id(b.transformer)] = cell = w.StackCell()
+                    enter = w.stack_enter(runtime, group, grid, cell, source, last=len(stack) == 1)
+                    patches.wrap_forward(b.block, enter)
+                elif b.block is stack[-1]:
+                    patches.wrap_forward(b.block, w.stack_exit(runtime, stacks[id(b.transformer)]))
+                continue
             if not sites:  # the whole block
-                source = None if from_input else b.block.norm1
                 patches.wrap_forward(b.block, w.whole_block(runtime, group, grid, source))
                 continue
             cell = w.PlanCell()

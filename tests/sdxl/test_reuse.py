@@ -83,7 +83,7 @@ def test_guidance_passes_keep_separate_plans(unet):
 
 
 def test_always_policy_selects_in_every_block(unet):
-    handle = tr.apply(unet, config(reuse={"name": "always"}))  # one group per block
+    handle = tr.apply(unet, config(["block"], reuse={"name": "always"}))  # one group per block
     calls = count_calls(handle.runtime)
     inputs = tiny_sdxl_inputs(unet, batch=2, seed=8)
     for t in [900, 900, 800]:

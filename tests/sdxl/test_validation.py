@@ -95,4 +95,4 @@ def test_params_are_strict():
         SDXLAdapter.Params(max_downsample=0)
     with pytest.raises(ValueError):
         SDXLAdapter.Params(sites=[])
-    assert SDXLAdapter.Params().sites == ["block"]
+    assert SDXLAdapter.Params().sites == ["stack"]
