@@ -153,11 +153,10 @@ def kv_only_site(runtime: Runtime, group: Group, grid: GridCell, cell: PlanCell,
 class StackCell:
     """What the first block of a merged stack hands to the last one within one call."""
 
-    __slots__ = ("merged", "plan", "residual")
+    __slots__ = ("plan", "residual")
 
     def __init__(self) -> None:
         self.residual: torch.Tensor | None = None
-        self.merged: torch.Tensor | None = None
         self.plan: MergePlan | None = None
 
 
@@ -184,7 +183,9 @@ def stack_enter(
                 return out
             if last:
                 return hidden_states + plan.unmerge(out - merged)
-            cell.residual, cell.merged, cell.plan = hidden_states, merged, plan
+            # Only the input is held through the stack; ``M x`` is recomputed at the exit (one small
+            # batched matmul) rather than kept alive next to it.
+            cell.residual, cell.plan = hidden_states, plan
             return out
 
         return forward
@@ -201,9 +202,9 @@ def stack_exit(runtime: Runtime, cell: StackCell) -> Factory:
             plan = cell.plan
             if not runtime.enabled or plan is None:
                 return out
-            residual, merged = cell.residual, cell.merged
-            cell.residual = cell.merged = cell.plan = None  # do not hold activations past the call
-            return residual + plan.unmerge(out - merged)
+            residual = cell.residual
+            cell.residual = cell.plan = None  # do not hold activations past the call
+            return residual + plan.unmerge(out - plan.merge(residual))
 
         return forward
 

@@ -243,6 +243,12 @@ def tokenreduce_register(registry: Any) -> None:
         "ToMA on SDXL: r=0.5, facility location on 8x8 tiles, attention merge, shared per level over steps",
     )
     registry.add_preset(
+        "toma-sdxl-block",
+        "toma_plugin.presets",
+        "toma-sdxl-block.yaml",
+        "ToMA on SDXL merging each transformer block separately (placement 'block'), for comparison",
+    )
+    registry.add_preset(
         "toma",
         "toma_plugin.presets",
         "toma.yaml",
