@@ -28,6 +28,11 @@ def add_bench_parser(subparsers: Any, func: Callable[[argparse.Namespace], int])
         "--arch", nargs="+", choices=list(ARCHS), default=["sdxl", "flux"], help="default: sdxl flux"
     )
     p.add_argument(
+        "--components",
+        action="store_true",
+        help="instead: GPU time of each part of ToMA's merge (selection, weights, merge, unmerge) at real shapes",
+    )
+    p.add_argument(
         "--modes",
         nargs="+",
         choices=list(MODES),
@@ -96,6 +101,11 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 
 def run_bench_command(args: argparse.Namespace, console: Console) -> int:
+    if args.components:
+        from framework.bench.components import run_components
+
+        run_components(Path(args.output), console)
+        return 0
     record = run_bench(settings_from_args(args), console)
     failed = [
         f"{run['arch']} {run['mode']} {v['name']}"
