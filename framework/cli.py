@@ -22,6 +22,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from framework.manager import get_registry
 
     registry = get_registry()
+    if args.markdown:
+        from framework.reference import markdown_reference
+
+        print(markdown_reference(registry), end="")
+        return 0
     table = Table(title="tokenreduce components")
     for column in ("name", "kind", "source"):
         table.add_column(column)
@@ -110,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("plugins", help="list registered components and presets with their source")
+    p.add_argument("--markdown", action="store_true", help="print a parameter reference in markdown instead")
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("schema", help="print the JSON schema of config files")

@@ -70,3 +70,16 @@ class TestGuideSelectorContract(SelectorContract):
     @pytest.fixture(name="component", scope="class")
     def component_fixture(self, guide):
         return guide.CentralSelector(guide.CentralSelector.Params(noise=0.01))
+
+
+def test_configuration_reference_is_current() -> None:
+    from framework.manager import PluginManager
+    from framework.reference import markdown_reference
+
+    text = (DOCS / "configuration.md").read_text(encoding="utf-8")
+    committed = text.split("<!-- reference:start -->\n", 1)[1].split("<!-- reference:end -->", 1)[0]
+    built_in_only = PluginManager(autoload=False).registry
+    assert committed == markdown_reference(built_in_only), (
+        "docs/configuration.md is stale: regenerate it with `tokenreduce plugins --markdown` "
+        "(TOKENREDUCE_DISABLE_PLUGIN_AUTOLOAD=1)"
+    )
