@@ -45,7 +45,7 @@ def explain(
     for group, members in by_group.items():
         grid = grids.get(group, members[0].grid)
         kinds = ", ".join(sorted({s.site for s in members}))
-        blocks = len({s.path.rsplit(".", 1)[0] if s.site != "block" else s.path for s in members})
+        blocks = len({s.path.removesuffix(f".{s.site}").removesuffix(".attn") for s in members})
         if grid is None:
             table.add_row(group, kinds, str(blocks), "?", "?", "?", "?", "?")
             continue
@@ -63,4 +63,4 @@ def explain(
             ", ".join(map(str, dests[:4])) + (" ..." if len(dests) > 4 else ""),
         )
     console.print(table)
-    console.print(f"{len(sites)} wrapped sites in {len(by_group)} groups.")
+    console.print(f"{len(sites)} merged sites in {len(by_group)} groups.")

@@ -430,6 +430,20 @@ class FluxAdapter(ModelAdapter):
                 )
         return specs
 
+    def grids_for(self, model: nn.Module, height: int, width: int) -> dict[str, tuple[int, int]]:
+        """Token grid per group for an image of ``height x width`` pixels (8x VAE, 2x2 patches)."""
+        grid = (height // 16, width // 16)
+        return {DOUBLE: grid, SINGLE: grid} | {s.group: grid for s in self.sites_for_groups(model)}
+
+    def sites_for_groups(self, model: nn.Module) -> list[SiteSpec]:
+        double, single = self.selected(model)
+        return [
+            SiteSpec(f"transformer_blocks.{i}", DOUBLE, f"transformer_blocks.{i}", None) for i in double
+        ] + [
+            SiteSpec(f"single_transformer_blocks.{j}", SINGLE, f"single_transformer_blocks.{j}", None)
+            for j in single
+        ]
+
     # ---- installation ----
 
     def install(self, model: nn.Module, runtime: Runtime, patches: Any) -> None:

@@ -100,7 +100,9 @@ def test_schema_is_json_and_names_the_components(capsys, tmp_path: Path) -> None
         ("partitioner: {name: tile, size: [8, 8], stride: 2}\n", "stride"),
     ],
 )
-def test_validate_rejects_bad_configs_with_a_clear_message(capsys, tmp_path: Path, body: str, needle: str) -> None:
+def test_validate_rejects_bad_configs_with_a_clear_message(
+    capsys, tmp_path: Path, body: str, needle: str
+) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("adapter: {name: sdxl}\n" + body, encoding="utf-8")
     code, _, err = run(capsys, "validate", str(config))
@@ -143,8 +145,19 @@ def test_generate_writes_image_and_record(capsys, tmp_path: Path) -> None:
     config.write_text("adapter: {name: sdxl}\nratio: 0.5\npartitioner: {name: tile, size: 4}\n")
     out_dir = tmp_path / "out"
     code, out, err = run(
-        capsys, "generate", "--model", str(tmp_path / "pipe"), "--config", str(config), "--steps", "2",
-        "--device", "cpu", "--baseline", "-o", str(out_dir),
+        capsys,
+        "generate",
+        "--model",
+        str(tmp_path / "pipe"),
+        "--config",
+        str(config),
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--baseline",
+        "-o",
+        str(out_dir),
     )
     assert code == 0, err
     record = json.loads((out_dir / "record.json").read_text())

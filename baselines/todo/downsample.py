@@ -110,6 +110,10 @@ class DownsampleMerger(Merger):
             raise ValueError("; ".join(problems))
 
     def plan(
-        self, x: torch.Tensor, features: torch.Tensor | None, destinations: torch.Tensor | None, layout: Layout
+        self,
+        x: torch.Tensor,
+        features: torch.Tensor | None,
+        destinations: torch.Tensor | None,
+        layout: Layout,
     ) -> MergePlan:
         return DownsamplePlan(layout.regions.grid, self.params.factor, self.params.mode)
