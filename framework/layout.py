@@ -89,6 +89,16 @@ def kept_per_region(sizes: tuple[int, ...], ratio: float) -> tuple[int, ...]:
     return tuple(keep)
 
 
+def destinations_for_fraction(
+    sizes: tuple[int, ...], keep: tuple[int, ...], fraction: float | None
+) -> tuple[int, ...]:
+    """Destinations per region: one per kept token, or ``fraction`` of each region (at least one
+    per non-empty region), for selectors feeding mergers that keep unmatched tokens."""
+    if fraction is None:
+        return tuple(keep)
+    return tuple(min(s, max(1, round(fraction * s))) if s else 0 for s in sizes)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Regions plus the static destination budget of one layer.

@@ -16,6 +16,7 @@ from pydantic import Field
 from framework.interfaces import MergePlan, Merger
 from framework.layout import Layout
 from framework.params import StrictParams
+from framework.plans import RegionLinearPlan
 
 #: Tikhonov term of the pseudo-inverse; ``M M^T`` has eigenvalues of the order of 1 / group size.
 PINV_EPS = 1e-6
@@ -53,24 +54,6 @@ def pinv_unmerge_map(merge: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_solve(merge, chol).transpose(-1, -2)
 
 
-class AttentionPlan(MergePlan):
-    """Precomputed maps; ``merge``/``unmerge`` are a gather, one batched matmul and a reshape each."""
-
-    def __init__(
-        self, merge: torch.Tensor, unmerge: torch.Tensor, layout: Layout, positions: torch.Tensor
-    ) -> None:
-        self.merge_weights = merge  # (B, R, k, S), x.dtype
-        self.unmerge_weights = unmerge  # (B, R, S, k), x.dtype
-        self.layout = layout
-        self.positions = positions
-
-    def merge(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layout.compact_slots(self.merge_weights @ self.layout.to_regions(x))
-
-    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
-        return self.layout.from_regions(self.unmerge_weights @ self.layout.expand_slots(y))
-
-
 class AttentionMerger(Merger):
     name = "attention"
     output = "destinations"
@@ -95,7 +78,7 @@ class AttentionMerger(Merger):
         assign = soft_assignment(features, destinations, layout, self.params.temperature)
         merge = merge_map(assign)
         unmerge = assign if self.params.unmerge == "transpose" else pinv_unmerge_map(merge)
-        return AttentionPlan(
+        return RegionLinearPlan(
             merge=merge.to(x.dtype),
             unmerge=unmerge.to(x.dtype),
             layout=layout,

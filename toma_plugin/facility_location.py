@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 
 from framework.interfaces import SelectContext, Selector
-from framework.layout import Regions
+from framework.layout import Regions, destinations_for_fraction
 from framework.params import StrictParams
 
 
@@ -90,11 +90,7 @@ class FacilityLocationSelector(Selector):
         )
 
     def count(self, regions: Regions, keep: Sequence[int]) -> tuple[int, ...]:
-        fraction = self.params.fraction
-        if fraction is None:
-            return tuple(keep)
-        # Same rule as the random selector's fraction: at least one destination per non-empty region.
-        return tuple(min(s, max(1, round(fraction * s))) if s else 0 for s in regions.sizes)
+        return destinations_for_fraction(regions.sizes, tuple(keep), self.params.fraction)
 
     def select(self, features: torch.Tensor, ctx: SelectContext) -> torch.Tensor:
         layout = ctx.layout

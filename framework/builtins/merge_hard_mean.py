@@ -15,6 +15,7 @@ import torch
 from framework.interfaces import MergePlan, Merger
 from framework.layout import Layout
 from framework.params import StrictParams
+from framework.plans import RegionLinearPlan
 
 # Cosine similarity is at most 1: this bonus makes every destination choose itself.
 _SELF_BONUS = 4.0
@@ -37,22 +38,6 @@ def hard_assignment(features: torch.Tensor, destinations: torch.Tensor, layout: 
     return assign
 
 
-class HardMeanPlan(MergePlan):
-    def __init__(
-        self, merge: torch.Tensor, unmerge: torch.Tensor, layout: Layout, positions: torch.Tensor
-    ) -> None:
-        self.merge_weights = merge  # (B, R, k, S)
-        self.unmerge_weights = unmerge  # (B, R, S, k)
-        self.layout = layout
-        self.positions = positions
-
-    def merge(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layout.compact_slots(self.merge_weights @ self.layout.to_regions(x))
-
-    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
-        return self.layout.from_regions(self.unmerge_weights @ self.layout.expand_slots(y))
-
-
 class HardMeanMerger(Merger):
     name = "hard_mean"
     output = "destinations"
@@ -71,7 +56,7 @@ class HardMeanMerger(Merger):
         assign = assign.to(weights_dtype)
         sizes = assign.sum(dim=-2, keepdim=True).clamp_min(1.0)  # unreal destinations have no members
         merge = (assign / sizes).transpose(-1, -2)
-        return HardMeanPlan(
+        return RegionLinearPlan(
             merge=merge.to(x.dtype),
             unmerge=assign.to(x.dtype),
             layout=layout,

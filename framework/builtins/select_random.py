@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from framework.interfaces import SelectContext, Selector
-from framework.layout import Regions
+from framework.layout import Regions, destinations_for_fraction
 from framework.params import StrictParams
 
 
@@ -28,11 +28,7 @@ class RandomSelector(Selector):
         )
 
     def count(self, regions: Regions, keep: Sequence[int]) -> tuple[int, ...]:
-        fraction = self.params.fraction
-        if fraction is None:
-            return tuple(keep)
-        # Every non-empty region gets at least one destination.
-        return tuple(min(s, max(1, round(fraction * s))) if s else 0 for s in regions.sizes)
+        return destinations_for_fraction(regions.sizes, tuple(keep), self.params.fraction)
 
     def select(self, features: torch.Tensor, ctx: SelectContext) -> torch.Tensor:
         layout = ctx.layout

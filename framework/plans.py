@@ -1,0 +1,30 @@
+"""Reusable :class:`MergePlan` implementations for mergers whose maps are per-region matrices."""
+
+from __future__ import annotations
+
+import torch
+
+from framework.interfaces import MergePlan
+from framework.layout import Layout
+
+
+class RegionLinearPlan(MergePlan):
+    """Merge and unmerge as block-diagonal batched matmuls over regions, with precomputed weights.
+
+    ``merge_weights``: ``(B, R, k, S)``; ``unmerge_weights``: ``(B, R, S, k)``, both in the tokens'
+    dtype. ``merge``/``unmerge`` are one gather, one batched matmul and one reshape each.
+    """
+
+    def __init__(
+        self, merge: torch.Tensor, unmerge: torch.Tensor, layout: Layout, positions: torch.Tensor
+    ) -> None:
+        self.merge_weights = merge
+        self.unmerge_weights = unmerge
+        self.layout = layout
+        self.positions = positions
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layout.compact_slots(self.merge_weights @ self.layout.to_regions(x))
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        return self.layout.from_regions(self.unmerge_weights @ self.layout.expand_slots(y))
