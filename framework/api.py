@@ -72,6 +72,11 @@ class TokenReduceHandle:
         finally:
             self.runtime.enabled = previous
 
+    def prepare(self, height: int, width: int) -> None:
+        """Build the layouts for images of ``height x width`` pixels now (before a compiled call at
+        a new resolution; eager calls build them on first use)."""
+        self.adapter.prepare(self.model, self.runtime, height, width)
+
     def reset(self) -> None:
         """Forget cached plans and restart the step clock."""
         self.runtime.reset_state()

@@ -220,3 +220,18 @@ class ModelAdapter(Component):
 
     def validate(self, model: nn.Module, config: Any) -> None:  # noqa: B027 - optional hook
         """Raise ``ValueError`` for a model/config combination this adapter cannot serve."""
+
+    def grids_for(self, model: nn.Module, height: int, width: int) -> dict[str, tuple[int, int]]:
+        """Token grid per sharing group for an image of ``height x width`` pixels."""
+        raise NotImplementedError(f"adapter {self.name!r} cannot predict token grids from an image size")
+
+    def prepare(self, model: nn.Module, runtime: Any, height: int, width: int) -> None:
+        """Build, on the model's device, everything a call at this image size builds lazily.
+
+        A model compiled with ``fullgraph=True`` cannot run that set-up inside its graph: call this
+        (through ``handle.prepare``) before the first compiled call at a new resolution.
+        """
+        device = next(model.parameters()).device
+        runtime.generator(device)
+        for grid in set(self.grids_for(model, height, width).values()):
+            runtime.layout(grid).to(device)

@@ -467,7 +467,15 @@ class FluxAdapter(ModelAdapter):
             patches.wrap_forward(block.norm, wrap_single_norm(site))
             patches.wrap_forward(block.attn, wrap_single_attn(site))
             patches.wrap_forward(block.proj_out, wrap_single_proj_out(site))
-        patches.wrap_forward(model, wrap_transformer(model, runtime, ctx, GridResolver(self.params.grid)))
+        self._grids = GridResolver(self.params.grid)
+        patches.wrap_forward(model, wrap_transformer(model, runtime, ctx, self._grids))
+
+    def prepare(self, model: nn.Module, runtime: Runtime, height: int, width: int) -> None:
+        super().prepare(model, runtime, height, width)
+        grid = (height // 16, width // 16)
+        resolver = getattr(self, "_grids", None)
+        if resolver is not None:  # compiled calls cannot read img_ids: tell them this size's grid
+            resolver.by_tokens[grid[0] * grid[1]] = grid
 
 
 @hookimpl

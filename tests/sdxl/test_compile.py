@@ -76,3 +76,20 @@ def test_ten_step_loop_compiles_a_bounded_number_of_graphs():
         handle.reset()  # forgets the plans; the compiled graphs stay valid
     assert torch.equal(run(compiled, at(inputs, 900.0)), run(twin, at(inputs, 900.0)))
     assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4
+
+
+def test_compiled_model_at_a_new_resolution_after_prepare():
+    """A size never seen eagerly: ``handle.prepare`` builds its layouts before the compiled call.
+
+    The "eager" backend keeps the test fast; what matters is that Dynamo traces the call with
+    ``fullgraph=True`` (no set-up code in the graph) and that it computes what eager does.
+    """
+    unet = tiny_sdxl_unet(seed=0, block_out_channels=(16, 32), transformer_layers_per_block=(1, 1))
+    handle = tr.apply(unet, config())
+    latent = (20, 28)  # not the UNet's sample_size
+    inputs = tiny_sdxl_inputs(unet, batch=2, height=latent[0], width=latent[1], seed=3)
+    handle.prepare(height=latent[0] * 8, width=latent[1] * 8)  # pixels: SDXL's VAE is 8x
+    torch._dynamo.reset()
+    compiled = torch.compile(unet, fullgraph=True, backend="eager")
+    got = run(compiled, inputs)
+    torch.testing.assert_close(got, run(unet, inputs), rtol=1e-5, atol=1e-5)
