@@ -70,6 +70,8 @@ def sdxl_demo_model(seed: int = 0) -> DemoModel:
 def flux_demo_model(seed: int = 0) -> DemoModel:
     from diffusers import FluxTransformer2DModel
 
+    from framework.testing.tiny_flux import image_ids
+
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1,
@@ -85,12 +87,10 @@ def flux_demo_model(seed: int = 0) -> DemoModel:
     h = w = 32
     g = torch.Generator().manual_seed(seed + 1)
     latents = torch.randn(1, h * w, 16, generator=g)
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
     conditioning = {
         "encoder_hidden_states": torch.randn(1, 16, 64, generator=g),
         "pooled_projections": torch.randn(1, 32, generator=g),
-        "img_ids": img_ids,
+        "img_ids": image_ids(h, w),
         "txt_ids": torch.zeros(16, 3),
     }
     return DemoModel(

@@ -28,15 +28,6 @@ def fresh_registry():
     tr.reset_manager()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and a busy machine loses a lot to them."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def sdxl() -> tuple[torch.nn.Module, models.DenoiserCall]:
     model = models.build_model("tiny-sdxl", "cpu", torch.float32, seed=0)

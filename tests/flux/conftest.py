@@ -80,12 +80,3 @@ def registry():
     tr.register_plugin(StandIns(), name="flux-test-stand-ins")
     yield tr.get_registry()
     tr.reset_manager()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run much faster on one thread (and do not fight over shared cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

@@ -17,15 +17,6 @@ def fresh_registry():
     tr.reset_manager()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and a busy machine loses a lot to them."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def unet():
     """The tiny SDXL-shaped UNet: levels 0 (downsample 2, 3 blocks) and 1 (downsample 4, 8 blocks)."""
