@@ -71,24 +71,10 @@ def track_grid(runtime: Runtime, cell: GridCell) -> Factory:
 def whole_block(runtime: Runtime, group: Group, grid: GridCell, source: Forward | None) -> Factory:
     """``BasicTransformerBlock`` forward on merged tokens: ``x + U(block(M x) - M x)``.
 
-    ``source`` maps the block input to the tokens the plan is computed from (the block's first
-    norm) or is ``None`` to use the input itself.
+    A stack of one block. ``source`` maps the block input to the tokens the plan is computed from
+    (the block's first norm) or is ``None`` to use the input itself.
     """
-
-    def make(original: Forward) -> Forward:
-        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            if not runtime.enabled:
-                return original(hidden_states, *args, **kwargs)
-            plan = runtime.plan(group, hidden_states, grid.grid, source)
-            merged = plan.merge(hidden_states)
-            out = original(merged, *args, **kwargs)
-            if merged is hidden_states:  # nothing merged at this layer: the block's own output, exactly
-                return out
-            return hidden_states + plan.unmerge(out - merged)
-
-        return forward
-
-    return make
+    return stack_enter(runtime, group, grid, StackCell(), source, last=True)
 
 
 def plan_at_block_input(runtime: Runtime, group: Group, grid: GridCell, cell: PlanCell) -> Factory:

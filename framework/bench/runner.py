@@ -271,6 +271,10 @@ def run_bench(settings: BenchSettings, console: Console | None = None) -> dict[s
         record["notes"].append(report.GRAPH_NOTE)
     for plan in plans:
         record["runs"] += _run_arch(plan, modes, settings, device, console)
+    return _write_and_show(record, settings, console)
+
+
+def _write_and_show(record: dict[str, Any], settings: BenchSettings, console: Console) -> dict[str, Any]:
     paths = report.write(record, settings.output)
     for run in record["runs"]:
         console.print(report.table(run))
@@ -373,11 +377,7 @@ def run_pipeline_bench(settings: BenchSettings, console: Console, device: str) -
     with console.status(f"loading {settings.model} ({dtype})"):
         pipe = pipeline_timing.load_pipeline(settings.model, device, models.DTYPES[dtype])
     record = time_pipeline_variants(pipe, settings, device, console, family, dtype)
-    paths = report.write(record, settings.output)
-    for run in record["runs"]:
-        console.print(report.table(run))
-    console.print(f"results: {paths['json']}, {paths['markdown']}, {paths['plot']}")
-    return record
+    return _write_and_show(record, settings, console)
 
 
 def time_pipeline_variants(
