@@ -101,10 +101,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_proxies(args: argparse.Namespace) -> int:
+    from framework.quality.proxy.train import train_proxies
+
+    record = train_proxies(
+        Path(args.output),
+        parts=tuple(args.parts),
+        steps=args.steps,
+        feature_steps=args.feature_steps,
+        batch=args.batch,
+        seed=args.seed,
+        device=args.device,
+        console=console,
+    )
+    console.print_json(json.dumps({k: v for k, v in record.items() if k != "env"}))
+    console.print(f"weights and record.json -> {args.output}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from framework.bench.cli import run_bench_command
 
     return run_bench_command(args, console)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from framework.quality.cli import run_eval_command
+
+    return run_eval_command(args, console)
 
 
 # --------------------------------------------------------------------------- parser
@@ -136,12 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser(
-        "demo", help="ToMA on the embedded tiny models: timing, difference and a side-by-side PNG"
+        "demo", help="ToMA on the embedded proxy models: timing, fidelity and a side-by-side PNG"
     )
     p.add_argument(
         "-o", "--output", default="tokenreduce-demo", help="output folder (default tokenreduce-demo)"
     )
-    p.add_argument("--steps", type=int, default=6, help="denoising steps (default 6)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     p.add_argument("--ratio", type=float, default=0.5, help="merge ratio (default 0.5)")
     p.set_defaults(func=cmd_demo)
 
@@ -161,12 +185,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="store_true", help="also generate without token reduction")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser(
+        "train-proxies",
+        help="train the SDXL-shaped and Flux-shaped proxy models and their feature extractor (GPU: minutes)",
+    )
+    p.add_argument("-o", "--output", required=True, help="folder for the weights and record.json")
+    p.add_argument(
+        "--parts",
+        nargs="+",
+        choices=["features", "sdxl", "flux"],
+        default=["features", "sdxl", "flux"],
+        help="what to train (default: all three)",
+    )
+    p.add_argument("--steps", type=int, default=1500, help="optimiser steps per proxy (default 1500)")
+    p.add_argument("--feature-steps", type=int, default=1500, help="feature extractor steps (default 1500)")
+    p.add_argument("--batch", type=int, default=128, help="crops per step (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available")
+    p.set_defaults(func=cmd_train_proxies)
+
     try:
         from framework.bench.cli import add_bench_parser
     except ModuleNotFoundError:  # pragma: no cover - bench is optional at import time
         pass
     else:
         add_bench_parser(sub, cmd_bench)
+    try:
+        from framework.quality.cli import add_eval_parser
+    except ModuleNotFoundError:  # pragma: no cover - eval is optional at import time
+        pass
+    else:
+        add_eval_parser(sub, cmd_eval)
     return parser
 
 

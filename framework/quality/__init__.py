@@ -1,0 +1,1 @@
+"""Quality measurement: proxy fidelity benchmark and the paper's protocol."""

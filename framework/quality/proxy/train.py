@@ -1,0 +1,224 @@
+"""``tokenreduce train-proxies``: train the two proxy models and the feature extractor.
+
+Deterministic for a given machine and software: fixed seeds, fixed step counts, and PyTorch's
+deterministic algorithms enforced (an op without a deterministic implementation raises instead
+of warning; the cuBLAS workspace is fixed). Minutes on one GPU; a few steps run on a CPU in the
+tests.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch import nn
+
+from framework.quality.proxy.data import PhotoBank, photo_bank, sample_crops
+from framework.quality.proxy.features import ProxyFeatures, features_path
+from framework.quality.proxy.models import (
+    IMAGE_SIZE,
+    KINDS,
+    SDXL_SCHEDULE,
+    ProxyPipeline,
+    build_denoiser,
+    build_prompts,
+    pack,
+    predict,
+    save_proxy,
+    weights_path,
+)
+
+PARTS = ("features", *KINDS)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int
+    batch: int = 128
+    lr: float = 6e-4
+    warmup: int = 100
+    ema: float = 0.999
+    uncond: float = 0.1  # probability of the null prompt (classifier-free guidance)
+    seed: int = 0
+
+
+def deterministic(device: torch.device) -> None:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # Strict: with warn_only, fused attention backward keeps its non-deterministic algorithm.
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def _schedule(opt: torch.optim.Optimizer, settings: TrainSettings) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up, then cosine decay to a tenth of the rate."""
+    import math
+
+    def factor(step: int) -> float:
+        if step < settings.warmup:
+            return (step + 1) / settings.warmup
+        progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def train_denoiser(
+    kind: str, bank: PhotoBank, settings: TrainSettings, device: torch.device, console: Console | None = None
+) -> ProxyPipeline:
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(settings.seed)
+    net = nn.ModuleDict(
+        {"denoiser": build_denoiser(kind), "prompts": build_prompts(kind, len(bank.names))}
+    ).to(device)
+    # EMA with warm-up (decay 1 - (1 + step)^-3/4, capped): a fixed decay would keep a third of
+    # the initial weights after a thousand steps.
+    ema = EMAModel(net.parameters(), decay=settings.ema, use_ema_warmup=True, power=0.75, foreach=True)
+    opt = torch.optim.AdamW(net.parameters(), lr=settings.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    lr = _schedule(opt, settings)
+    ddpm = DDPMScheduler(**SDXL_SCHEDULE)
+    alphas = ddpm.alphas_cumprod.to(device)
+    gen = torch.Generator(device).manual_seed(settings.seed + 1)
+    losses: list[float] = []
+    start = time.perf_counter()
+    for step in range(settings.steps):
+        x0, labels = sample_crops(bank.train, settings.batch, IMAGE_SIZE, gen)
+        drop = torch.rand(settings.batch, generator=gen, device=device) < settings.uncond
+        labels = torch.where(drop, len(bank.names), labels)
+        noise = torch.randn(x0.shape, generator=gen, device=device)
+        if kind == "sdxl":
+            t = torch.randint(
+                0, ddpm.config.num_train_timesteps, (settings.batch,), generator=gen, device=device
+            )
+            a = alphas[t].view(-1, 1, 1, 1)
+            x_t, target, timestep = a.sqrt() * x0 + (1 - a).sqrt() * noise, noise, t
+        else:
+            sigma = torch.sigmoid(torch.randn(settings.batch, generator=gen, device=device))
+            s = sigma.view(-1, 1, 1, 1)
+            x_t, target, timestep = pack((1 - s) * x0 + s * noise), pack(noise - x0), sigma
+        with _autocast(device):
+            tokens, pooled = net["prompts"](labels)
+            out = predict(kind, net["denoiser"], x_t, timestep, tokens, pooled)
+        loss = F.mse_loss(out.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        lr.step()
+        ema.step(net.parameters())
+        if step % 10 == 0 or step == settings.steps - 1:
+            losses.append(loss.item())
+        if console and (step % 500 == 0 or step == settings.steps - 1):
+            console.print(f"{kind} step {step}/{settings.steps} loss {loss.item():.4f}")
+    seconds = time.perf_counter() - start
+    ema.copy_to(net.parameters())
+    trained = net
+    tail = losses[-10:]
+    record = {
+        "kind": kind,
+        "settings": asdict(settings),
+        "seconds": round(seconds, 1),
+        "loss_end": round(sum(tail) / len(tail), 5),
+        "params": sum(p.numel() for p in trained["denoiser"].parameters()),
+    }
+    return ProxyPipeline(
+        kind, trained["denoiser"].eval(), trained["prompts"], list(bank.names), record=record
+    )
+
+
+def train_features(
+    bank: PhotoBank, steps: int, device: torch.device, seed: int = 0, batch: int = 256
+) -> tuple[ProxyFeatures, dict[str, Any]]:
+    torch.manual_seed(seed)
+    model = ProxyFeatures(len(bank.names)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    gen = torch.Generator(device).manual_seed(seed + 1)
+    start = time.perf_counter()
+    for _ in range(steps):
+        crops, labels = sample_crops(bank.train, batch, IMAGE_SIZE, gen)
+        loss = F.cross_entropy(model.logits((crops + 1) / 2), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        crops, labels = sample_crops(bank.heldout, 1024, IMAGE_SIZE, gen)
+        accuracy = (model.logits((crops + 1) / 2).argmax(-1) == labels).float().mean().item()
+    record = {
+        "steps": steps,
+        "batch": batch,
+        "seconds": round(time.perf_counter() - start, 1),
+        "heldout_accuracy": round(accuracy, 4),
+    }
+    return model, record
+
+
+def train_proxies(
+    output: Path,
+    *,
+    parts: tuple[str, ...] = PARTS,
+    steps: int = 1500,
+    feature_steps: int = 1500,
+    batch: int = 128,
+    seed: int = 0,
+    device: str | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Train ``parts`` and write ``<kind>-proxy.safetensors``, ``features.safetensors`` and
+    ``record.json`` (updated in place, so parts may be trained separately)."""
+    from safetensors.torch import save_file
+
+    from framework.generate import environment
+
+    unknown = [k for k in parts if k not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    deterministic(dev)
+    bank = photo_bank().to(dev)
+    record: dict[str, Any] = {
+        "command": "tokenreduce train-proxies",
+        "date": datetime.date.today().isoformat(),
+        "env": environment(),
+        "data": {
+            "photos": "scikit-image bundled photographs, one class each",
+            "classes": bank.names,
+            "short_side": 224,
+            "heldout_band": 0.3,
+            "crop": IMAGE_SIZE,
+        },
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    if "features" in parts:
+        features, record["features"] = train_features(bank, feature_steps, dev, seed)
+        state = {k: v.detach().cpu().contiguous() for k, v in features.state_dict().items()}
+        save_file(state, str(features_path(output)))
+    for kind in (p for p in parts if p in KINDS):
+        settings = TrainSettings(steps=steps, batch=batch, seed=seed)
+        pipe = train_denoiser(kind, bank, settings, dev, console)
+        pipe.record.update(date=record["date"], env=record["env"], data=record["data"])
+        save_proxy(pipe, weights_path(kind, output))
+        record[kind] = {k: v for k, v in pipe.record.items() if k not in ("env", "data", "date")}
+    # Read just before writing: parts may be trained by separate processes into one folder.
+    record_file = output / "record.json"
+    if record_file.is_file():
+        record = json.loads(record_file.read_text(encoding="utf-8")) | record
+    record_file.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record
