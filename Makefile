@@ -32,4 +32,4 @@ schema: setup
 	$(BIN)/tokenreduce schema -o docs/config.schema.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis tokenreduce-demo
+	rm -rf $(VENV) .pytest_cache .hypothesis tokenreduce-demo eval-proxy eval-results
