@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import framework
@@ -45,59 +44,14 @@ def offline_cpu(monkeypatch):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
     """Saved tiny pipeline, CLIP and DINO-like ViT; a prompt file; a reference folder."""
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        ViTConfig,
-        ViTImageProcessor,
-        ViTModel,
-    )
-
-    from framework.testing.tiny_sdxl import tiny_clip_tokenizer, tiny_sdxl_pipeline
+    from framework.testing.tiny_eval import save_tiny_clip, save_tiny_dino
+    from framework.testing.tiny_sdxl import tiny_sdxl_pipeline
 
     root = tmp_path_factory.mktemp("assets")
     # 64x64-pixel images: token grids 16x16 and 8x8, large enough for toma-sdxl's 8x8 tiles.
     tiny_sdxl_pipeline(sample_size=32).save_pretrained(root / "pipe")
-
-    torch.manual_seed(0)
-    tokenizer = tiny_clip_tokenizer(max_length=32)
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=32,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    vision = dict(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-    )
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(
-        root / "clip"
-    )
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(root / "clip")
-
-    dino = ViTConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-    )
-    ViTModel(dino).save_pretrained(root / "dino")
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "dino")
+    save_tiny_clip(root / "clip")
+    save_tiny_dino(root / "dino")
 
     (root / "prompts.txt").write_text(PROMPTS, encoding="utf-8")
     rng = np.random.default_rng(0)
