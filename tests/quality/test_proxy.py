@@ -178,3 +178,44 @@ def test_train_proxies_command_writes_loadable_weights_and_a_record(tmp_path, ca
     assert main(["train-proxies", "-o", str(tmp_path), "--parts", "features", "--feature-steps", "1"]) == 0
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["features"]["steps"] == 1 and record["sdxl"]["settings"]["steps"] == 2
+
+
+class _IdealSDXL(torch.nn.Module):
+    """Predicts the exact noise that leads to ``target`` (Euler input scaling undone)."""
+
+    def __init__(self, target: torch.Tensor) -> None:
+        super().__init__()
+        from diffusers import DDPMScheduler
+
+        from framework.quality.proxy.models import SDXL_SCHEDULE
+
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.target = target
+        self.alphas = DDPMScheduler(**SDXL_SCHEDULE).alphas_cumprod
+
+    def forward(self, x, t, encoder_hidden_states=None, added_cond_kwargs=None, return_dict=False):
+        a = self.alphas[int(t)]
+        # The scaled Euler input is sqrt(a) times the DDPM sample.
+        return ((x - a.sqrt() * self.target) / (1 - a).sqrt(),)
+
+
+class _IdealFlux(torch.nn.Module):
+    """Predicts the exact velocity toward ``target`` (rectified flow)."""
+
+    def __init__(self, target: torch.Tensor) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.target = pack(target)
+
+    def forward(self, hidden_states, timestep, **_):
+        sigma = timestep.view(-1, 1, 1)
+        noise = (hidden_states - (1 - sigma) * self.target) / sigma
+        return (noise - self.target,)
+
+
+@pytest.mark.parametrize(("kind", "ideal"), [("sdxl", _IdealSDXL), ("flux", _IdealFlux)])
+def test_the_sampler_reaches_the_image_an_ideal_denoiser_points_to(kind, ideal):
+    target = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    pipe = ProxyPipeline(kind, ideal(target), build_prompts(kind, 2), ["a", "b"])
+    image = pipe([1], [7], steps=12, guidance=3.0)
+    torch.testing.assert_close(image * 2 - 1, target, atol=1e-5, rtol=0)
