@@ -53,7 +53,7 @@ class TrainSettings:
 
 def deterministic(device: torch.device) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    # Strict: with warn_only, fused attention backward keeps its non-deterministic algorithm.
+    # Strict: memory-efficient attention picks its deterministic backward only without warn_only.
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     if device.type == "cuda":
