@@ -176,16 +176,24 @@ def _mean_and_sem(values: torch.Tensor) -> tuple[float | None, float | None]:
 
 
 def score(
-    features: torch.nn.Module, images: torch.Tensor, unmodified: torch.Tensor, heldout: torch.Tensor
+    features: torch.nn.Module,
+    images: torch.Tensor,
+    unmodified: torch.Tensor,
+    unmodified_embeddings: torch.Tensor,
+    distance: metrics.FrechetDistance,
 ) -> dict[str, float | None]:
+    """Same-seed metrics against the unmodified images, and the distance to the held-out crops."""
+    similarity = torch.nn.functional.cosine_similarity(
+        metrics.embed(features, images), unmodified_embeddings, dim=-1
+    )
     out: dict[str, float | None] = {}
     for name, values in (
         ("psnr", metrics.psnr(images, unmodified)),
         ("ssim", metrics.ssim(images, unmodified)),
-        ("feature_similarity", metrics.feature_similarity(features, images, unmodified)),
+        ("feature_similarity", similarity),
     ):
         out[name], out[f"{name}_sem"] = _mean_and_sem(values)
-    out["fd_heldout"] = metrics.frechet_distance(features, images, heldout)
+    out["fd_heldout"] = distance(images)
     return out
 
 
@@ -208,7 +216,8 @@ def evaluate(
     """Generate and score every variant; returns the results record (also the sample images)."""
     from framework.generate import environment
 
-    heldout = heldout_crops(protocol.reference_crops)
+    # Held-out features are computed once; each unmodified set is embedded once per proxy.
+    distance = metrics.FrechetDistance(features, heldout_crops(protocol.reference_crops))
     rows: list[dict[str, Any]] = []
     samples: dict[str, torch.Tensor] = {}
     for kind, pipe in pipes.items():
@@ -218,8 +227,8 @@ def evaluate(
         # Same-seed metrics of the unmodified model against itself are exact: no PSNR (infinite).
         same = {"psnr": None, "psnr_sem": None, "ssim": 1.0, "ssim_sem": 0.0}
         same |= {"feature_similarity": 1.0, "feature_similarity_sem": 0.0}
-        fd = {"fd_heldout": metrics.frechet_distance(features, unmodified, heldout)}
-        rows.append(row | same | fd | {"seconds": round(seconds, 3)})
+        rows.append(row | same | {"fd_heldout": distance(unmodified), "seconds": round(seconds, 3)})
+        unmodified_embeddings = metrics.embed(features, unmodified)
         for variant in (v for v in variants if v.kind == kind):
             handle = apply(pipe, variant.config)
             try:
@@ -234,11 +243,13 @@ def evaluate(
                 "label": variant.label,
                 "ratio": variant.ratio,
             }
-            rows.append(row | score(features, images, unmodified, heldout) | {"seconds": round(seconds, 3)})
+            scores = score(features, images, unmodified, unmodified_embeddings, distance)
+            rows.append(row | scores | {"seconds": round(seconds, 3)})
             if console:
                 r = rows[-1]
+                psnr = "identical" if r["psnr"] is None else f"{r['psnr']:.2f} dB"
                 console.print(
-                    f"{variant.name}: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}, "
+                    f"{variant.name}: PSNR {psnr}, SSIM {r['ssim']:.3f}, "
                     f"feature sim {r['feature_similarity']:.4f}, FD {r['fd_heldout']:.3f}"
                 )
     record = {

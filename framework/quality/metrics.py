@@ -33,20 +33,32 @@ def embed(features: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.
     )
 
 
-def feature_similarity(features: nn.Module, images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """Per-image cosine similarity of the embeddings (the role DINO plays on real images)."""
-    return torch.nn.functional.cosine_similarity(embed(features, images), embed(features, references), dim=-1)
+class FrechetDistance:
+    """Frechet distance of feature distributions to a fixed reference set, whose features are
+    computed once (torchmetrics keeps them across resets)."""
+
+    def __init__(self, features: nn.Module, references: torch.Tensor) -> None:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        self.metric = FrechetInceptionDistance(
+            feature=features,
+            normalize=True,
+            input_img_size=tuple(references.shape[1:]),
+            reset_real_features=False,
+        ).to(next(features.parameters()).device)
+        self._update(references, real=True)
+
+    def _update(self, images: torch.Tensor, real: bool) -> None:
+        for i in range(0, len(images), 256):
+            self.metric.update(images[i : i + 256].to(self.metric.device), real=real)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> float:
+        self.metric.reset()
+        self._update(images, real=False)
+        return float(self.metric.compute())
 
 
-@torch.no_grad()
 def frechet_distance(features: nn.Module, images: torch.Tensor, references: torch.Tensor) -> float:
     """Frechet distance between the feature distributions of ``images`` and ``references``."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    size = tuple(images.shape[1:])
-    metric = FrechetInceptionDistance(feature=features, normalize=True, input_img_size=size)
-    metric = metric.to(next(features.parameters()).device)
-    for chunk, real in ((references, True), (images, False)):
-        for i in range(0, len(chunk), 256):
-            metric.update(chunk[i : i + 256].to(metric.device), real=real)
-    return float(metric.compute())
+    return FrechetDistance(features, references)(images)

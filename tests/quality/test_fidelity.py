@@ -126,3 +126,14 @@ def test_eval_proxy_refuses_bad_input_before_generating(tmp_path, capsys):
     assert main(["eval", "--proxy", "--seeds", "1", "2", "-o", str(out)]) == 2
     assert "--num-seeds" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_reused_frechet_distance_equals_a_fresh_one():
+    torch.manual_seed(0)
+    features = ProxyFeatures().eval()
+    g = torch.Generator().manual_seed(1)
+    reference, a, b = (torch.rand(48, 3, 32, 32, generator=g) for _ in range(3))
+    distance = metrics.FrechetDistance(features, reference)
+    first, second, again = distance(a), distance(b * 0.5), distance(a)
+    assert first == again == metrics.frechet_distance(features, a, reference)
+    assert second == metrics.frechet_distance(features, b * 0.5, reference)

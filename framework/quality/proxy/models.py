@@ -16,6 +16,7 @@ entry for classifier-free guidance: it stands where the text encoders would be.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,7 +131,9 @@ def sdxl_time_ids(batch: int, device: torch.device, dtype: torch.dtype) -> torch
     return torch.tensor([[size, size, 0.0, 0.0, size, size]], device=device, dtype=dtype).repeat(batch, 1)
 
 
+@functools.lru_cache(maxsize=8)
 def flux_ids(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image and text position ids (fixed for the proxy's size: built once per device and dtype)."""
     from framework.testing.tiny_flux import image_ids
 
     side = IMAGE_SIZE // 2

@@ -12,7 +12,8 @@ import datetime
 import json
 import os
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,14 +52,30 @@ class TrainSettings:
     seed: int = 0
 
 
-def deterministic(device: torch.device) -> None:
+@contextmanager
+def deterministic(device: torch.device) -> Iterator[None]:
+    """PyTorch's deterministic mode for the block; the previous global settings come back after."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
     # Strict: memory-efficient attention picks its deterministic backward only without warn_only.
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark = saved[2]
+        torch.backends.cuda.matmul.allow_tf32 = saved[3]
+        torch.backends.cudnn.allow_tf32 = saved[4]
 
 
 def _schedule(opt: torch.optim.Optimizer, settings: TrainSettings) -> torch.optim.lr_scheduler.LRScheduler:
@@ -191,7 +208,6 @@ def train_proxies(
     if unknown:
         raise ValueError(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    deterministic(dev)
     bank = photo_bank().to(dev)
     record: dict[str, Any] = {
         "command": "tokenreduce train-proxies",
@@ -206,16 +222,17 @@ def train_proxies(
         },
     }
     output.mkdir(parents=True, exist_ok=True)
-    if "features" in parts:
-        features, record["features"] = train_features(bank, feature_steps, dev, seed)
-        state = {k: v.detach().cpu().contiguous() for k, v in features.state_dict().items()}
-        save_file(state, str(features_path(output)))
-    for kind in (p for p in parts if p in KINDS):
-        settings = TrainSettings(steps=steps, batch=batch, seed=seed)
-        pipe = train_denoiser(kind, bank, settings, dev, console)
-        pipe.record.update(date=record["date"], env=record["env"], data=record["data"])
-        save_proxy(pipe, weights_path(kind, output))
-        record[kind] = {k: v for k, v in pipe.record.items() if k not in ("env", "data", "date")}
+    with deterministic(dev):
+        if "features" in parts:
+            features, record["features"] = train_features(bank, feature_steps, dev, seed)
+            state = {k: v.detach().cpu().contiguous() for k, v in features.state_dict().items()}
+            save_file(state, str(features_path(output)))
+        for kind in (p for p in parts if p in KINDS):
+            settings = TrainSettings(steps=steps, batch=batch, seed=seed)
+            pipe = train_denoiser(kind, bank, settings, dev, console)
+            pipe.record.update(date=record["date"], env=record["env"], data=record["data"])
+            save_proxy(pipe, weights_path(kind, output))
+            record[kind] = {k: v for k, v in pipe.record.items() if k not in ("env", "data", "date")}
     # Read just before writing: parts may be trained by separate processes into one folder.
     record_file = output / "record.json"
     if record_file.is_file():
