@@ -1,15 +1,15 @@
 """tokenreduce: plugin-based token reduction for diffusion models.
 
->>> import framework as tr
+>>> import tokenreduce as tr
 >>> handle = tr.apply(pipe, "toma-sdxl")   # or a path, a mapping, a Config
 >>> with handle.disabled(): ...             # the original model, temporarily
 >>> handle.remove()                         # exact original restored
 """
 
-from framework.api import TokenReduceHandle, UnsupportedModelError, apply, disabled, get_handle, remove
-from framework.config import ConfigError, config_model, json_schema, load_config
-from framework.hookspecs import hookimpl
-from framework.interfaces import (
+from tokenreduce.api import TokenReduceHandle, UnsupportedModelError, apply, disabled, get_handle, remove
+from tokenreduce.config import ConfigError, config_model, json_schema, load_config
+from tokenreduce.hookspecs import hookimpl
+from tokenreduce.interfaces import (
     Decision,
     MergePlan,
     Merger,
@@ -20,9 +20,9 @@ from framework.interfaces import (
     Selector,
     SiteSpec,
 )
-from framework.layout import Layout, Regions
-from framework.manager import get_registry, register_plugin, reset_manager
-from framework.params import StrictParams
+from tokenreduce.layout import Layout, Regions
+from tokenreduce.manager import get_registry, register_plugin, reset_manager
+from tokenreduce.params import StrictParams
 
 __version__ = "0.1.0"
 

@@ -13,10 +13,10 @@ from typing import Any
 
 from torch import nn
 
-from framework.config import ConfigBase, ConfigError, check_combination, instantiate, load_config, resolve
-from framework.engine import PatchSet, Runtime
-from framework.interfaces import ModelAdapter, SiteSpec
-from framework.manager import get_registry
+from tokenreduce.config import ConfigBase, ConfigError, check_combination, instantiate, load_config, resolve
+from tokenreduce.engine import PatchSet, Runtime
+from tokenreduce.interfaces import ModelAdapter, SiteSpec
+from tokenreduce.manager import get_registry
 
 HANDLE_ATTR = "_tokenreduce_handle"
 

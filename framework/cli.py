@@ -19,11 +19,11 @@ err_console = Console(stderr=True)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from framework.manager import get_registry
+    from tokenreduce.manager import get_registry
 
     registry = get_registry()
     if args.markdown:
-        from framework.reference import markdown_reference
+        from tokenreduce.reference import markdown_reference
 
         print(markdown_reference(registry), end="")
         return 0
@@ -45,7 +45,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from framework.config import json_schema
+    from tokenreduce.config import json_schema
 
     text = json.dumps(json_schema(), indent=2)
     if args.output:
@@ -56,7 +56,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from framework.config import load_config
+    from tokenreduce.config import load_config
 
     config = load_config(args.config)
     console.print(f"[green]valid[/green]: {args.config}")
@@ -65,7 +65,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from framework.explain import explain
+    from tokenreduce.explain import explain
 
     explain(args.config, arch=args.arch, height=args.height, width=args.width, console=console)
     return 0
@@ -75,14 +75,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from framework.demo import run_demo
+    from tokenreduce.demo import run_demo
 
     run_demo(output=Path(args.output), steps=args.steps, ratio=args.ratio, console=console)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from framework.generate import generate
+    from tokenreduce.generate import generate
 
     generate(
         model=args.model,
@@ -102,7 +102,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_train_proxies(args: argparse.Namespace) -> int:
-    from framework.quality.proxy.train import train_proxies
+    from tokenreduce.quality.proxy.train import train_proxies
 
     record = train_proxies(
         Path(args.output),
@@ -120,13 +120,13 @@ def cmd_train_proxies(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from framework.bench.cli import run_bench_command
+    from tokenreduce.bench.cli import run_bench_command
 
     return run_bench_command(args, console)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from framework.quality.cli import run_eval_command
+    from tokenreduce.quality.cli import run_eval_command
 
     return run_eval_command(args, console)
 
@@ -205,13 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_proxies)
 
     try:
-        from framework.bench.cli import add_bench_parser
+        from tokenreduce.bench.cli import add_bench_parser
     except ModuleNotFoundError:  # pragma: no cover - bench is optional at import time
         pass
     else:
         add_bench_parser(sub, cmd_bench)
     try:
-        from framework.quality.cli import add_eval_parser
+        from tokenreduce.quality.cli import add_eval_parser
     except ModuleNotFoundError:  # pragma: no cover - eval is optional at import time
         pass
     else:
@@ -220,9 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from framework.api import UnsupportedModelError
-    from framework.config import ConfigError
-    from framework.registry import UnknownComponentError
+    from tokenreduce.api import UnsupportedModelError
+    from tokenreduce.config import ConfigError
+    from tokenreduce.registry import UnknownComponentError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -23,10 +23,10 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from framework.interfaces import Component, Merger, ModelAdapter, Partitioner, ReusePolicy, Selector
-from framework.manager import get_registry
-from framework.params import StrictParams
-from framework.registry import Registry, UnknownComponentError
+from tokenreduce.interfaces import Component, Merger, ModelAdapter, Partitioner, ReusePolicy, Selector
+from tokenreduce.manager import get_registry
+from tokenreduce.params import StrictParams
+from tokenreduce.registry import Registry, UnknownComponentError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.table import Table
 
-from framework.api import apply
+from tokenreduce.api import apply
 
 DEMO_CLASSES = ("astronaut", "cat", "rocket", "coffee")
 
@@ -84,8 +84,8 @@ def side_by_side(rows: list[tuple[str, list[tuple[str, np.ndarray]]]], scale: in
 def run_demo(
     output: Path, steps: int = 20, ratio: float = 0.5, console: Console | None = None
 ) -> dict[str, Any]:
-    from framework.quality.metrics import psnr
-    from framework.quality.proxy.models import FLUX_PROXY_ADAPTER, load_proxy
+    from tokenreduce.quality.metrics import psnr
+    from tokenreduce.quality.proxy.models import FLUX_PROXY_ADAPTER, load_proxy
 
     console = console or Console()
     output.mkdir(parents=True, exist_ok=True)

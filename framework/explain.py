@@ -8,9 +8,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from framework import archs
-from framework.api import prepare
-from framework.config import load_config
+from tokenreduce import archs
+from tokenreduce.api import prepare
+from tokenreduce.config import load_config
 
 
 def explain(

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from framework.api import apply, prepare
+from tokenreduce.api import apply, prepare
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from framework.registry import Registry
+    from tokenreduce.registry import Registry
 
 PROJECT = "tokenreduce"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -20,7 +20,7 @@ def tokenreduce_register(registry: Registry) -> None:
 
     Implement it in a module named by an entry point of the ``tokenreduce`` group::
 
-        from framework import hookimpl
+        from tokenreduce import hookimpl
 
         @hookimpl
         def tokenreduce_register(registry):

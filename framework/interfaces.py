@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
-from framework.layout import Layout, Regions
-from framework.params import StrictParams
+from tokenreduce.layout import Layout, Regions
+from tokenreduce.params import StrictParams
 
 if TYPE_CHECKING:
     from torch import nn
@@ -211,10 +211,10 @@ class ModelAdapter(Component):
 
     @abstractmethod
     def install(self, model: nn.Module, runtime: Any, patches: Any) -> None:
-        """Install the wrappers through ``patches`` (a :class:`framework.engine.PatchSet`).
+        """Install the wrappers through ``patches`` (a :class:`tokenreduce.engine.PatchSet`).
 
         Wrap sub-modules' ``forward`` on the instance; never copy a block's forward. Call
-        :func:`framework.api.begin_call` at the top of the denoiser's forward. If this raises
+        :func:`tokenreduce.api.begin_call` at the top of the denoiser's forward. If this raises
         part-way, the caller undoes what ``patches`` holds.
         """
 

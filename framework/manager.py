@@ -9,21 +9,21 @@ from types import ModuleType
 
 import pluggy
 
-from framework import hookspecs
-from framework.registry import Registry
+from tokenreduce import hookspecs
+from tokenreduce.registry import Registry
 
 #: Set to any non-empty value (not "0") to skip loading third-party entry points.
 DISABLE_AUTOLOAD_ENV = "TOKENREDUCE_DISABLE_PLUGIN_AUTOLOAD"
 
 #: First-party plugin modules, always registered (they are also published as entry points).
 BUILTIN_MODULES = (
-    "framework.builtins",
-    "toma_plugin",
-    "plugins.sdxl",
-    "plugins.flux",
-    "baselines.tomesd",
-    "baselines.todo",
-    "baselines.tofu",
+    "tokenreduce.builtins",
+    "tokenreduce.toma_plugin",
+    "tokenreduce.plugins.sdxl",
+    "tokenreduce.plugins.flux",
+    "tokenreduce.baselines.tomesd",
+    "tokenreduce.baselines.todo",
+    "tokenreduce.baselines.tofu",
 )
 BUILTIN_SOURCE = "tokenreduce"
 

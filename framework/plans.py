@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from framework.interfaces import MergePlan
-from framework.layout import Layout
+from tokenreduce.interfaces import MergePlan
+from tokenreduce.layout import Layout
 
 
 class RegionLinearPlan(MergePlan):

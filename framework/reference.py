@@ -6,7 +6,7 @@ import types
 import typing
 from typing import Any
 
-from framework.registry import KINDS, Registry
+from tokenreduce.registry import KINDS, Registry
 
 TITLES = {
     "adapter": "Model adapters (`adapter:`)",

@@ -6,8 +6,8 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 
-from framework.interfaces import Component, Merger, ModelAdapter, Partitioner, ReusePolicy, Selector
-from framework.params import StrictParams
+from tokenreduce.interfaces import Component, Merger, ModelAdapter, Partitioner, ReusePolicy, Selector
+from tokenreduce.params import StrictParams
 
 KINDS: dict[str, type[Component]] = {
     "selector": Selector,
@@ -108,7 +108,7 @@ def _kind_of(cls: type) -> str:
 def _check_params(cls: type[Component], name: str) -> None:
     params = getattr(cls, "Params", None)
     if not (isinstance(params, type) and issubclass(params, StrictParams)):
-        raise RegistryError(f"{cls.__qualname__}.Params must subclass framework.StrictParams")
+        raise RegistryError(f"{cls.__qualname__}.Params must subclass tokenreduce.StrictParams")
     field_info = params.model_fields.get("name")
     if field_info is None or typing.get_origin(field_info.annotation) is not typing.Literal:
         raise RegistryError(f"{cls.__qualname__}.Params needs a field `name: Literal[{name!r}]`")

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from framework.api import begin_call
-from framework.engine.runtime import Group, Runtime
-from framework.interfaces import MergePlan
+from tokenreduce.api import begin_call
+from tokenreduce.engine.runtime import Group, Runtime
+from tokenreduce.interfaces import MergePlan
 
 Forward = Callable[..., Any]
 Factory = Callable[[Forward], Forward]

@@ -44,13 +44,13 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from framework.api import begin_call
-from framework.config import instantiate
-from framework.engine.runtime import Group, IdentityPlan, Runtime
-from framework.hookspecs import hookimpl
-from framework.interfaces import MergePlan, ModelAdapter, SiteSpec
-from framework.manager import get_registry
-from framework.params import StrictParams
+from tokenreduce.api import begin_call
+from tokenreduce.config import instantiate
+from tokenreduce.engine.runtime import Group, IdentityPlan, Runtime
+from tokenreduce.hookspecs import hookimpl
+from tokenreduce.interfaces import MergePlan, ModelAdapter, SiteSpec
+from tokenreduce.manager import get_registry
+from tokenreduce.params import StrictParams
 
 DOUBLE, SINGLE = "double", "single"
 
@@ -483,7 +483,7 @@ def tokenreduce_register(registry: Any) -> None:
     registry.add(FluxAdapter)
     registry.add_preset(
         "toma-flux",
-        "toma_plugin.presets",
+        "tokenreduce.toma_plugin.presets",
         "toma-flux.yaml",
         "ToMA on Flux: r=0.5, facility location on 4x4 tiles, attention merge, new plans every step",
     )

@@ -25,14 +25,14 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from torch import nn
 
-from framework.config import instantiate
-from framework.engine import PatchSet, Runtime
-from framework.hookspecs import hookimpl
-from framework.interfaces import ModelAdapter, SiteSpec
-from framework.manager import get_registry
-from framework.params import StrictParams
-from plugins import _unet_wrappers as w
-from plugins._unet_levels import UNetBlock, describe_levels, grid_at, latent_size, unet_blocks
+from tokenreduce.config import instantiate
+from tokenreduce.engine import PatchSet, Runtime
+from tokenreduce.hookspecs import hookimpl
+from tokenreduce.interfaces import ModelAdapter, SiteSpec
+from tokenreduce.manager import get_registry
+from tokenreduce.params import StrictParams
+from tokenreduce.plugins import _unet_wrappers as w
+from tokenreduce.plugins._unet_levels import UNetBlock, describe_levels, grid_at, latent_size, unet_blocks
 
 Site = Literal["attn1", "attn2", "ff", "block", "stack"]
 SITE_ORDER: tuple[Site, ...] = ("attn1", "attn2", "ff")  # execution order inside a block
@@ -238,19 +238,19 @@ def tokenreduce_register(registry: Any) -> None:
     registry.add(SDXLAdapter)
     registry.add_preset(
         "toma-sdxl",
-        "toma_plugin.presets",
+        "tokenreduce.toma_plugin.presets",
         "toma-sdxl.yaml",
         "ToMA on SDXL: r=0.5, facility location on 8x8 tiles, attention merge, shared per level over steps",
     )
     registry.add_preset(
         "toma-sdxl-block",
-        "toma_plugin.presets",
+        "tokenreduce.toma_plugin.presets",
         "toma-sdxl-block.yaml",
         "ToMA on SDXL merging each transformer block separately (placement 'block'), for comparison",
     )
     registry.add_preset(
         "toma",
-        "toma_plugin.presets",
+        "tokenreduce.toma_plugin.presets",
         "toma.yaml",
         "ToMA components with the adapter picked from the model (SDXL UNet or Flux transformer)",
     )

@@ -1,4 +1,4 @@
-"""The ``tokenreduce`` command line, run in-process through ``framework.cli.main``."""
+"""The ``tokenreduce`` command line, run in-process through ``tokenreduce.cli.main``."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-import framework
-from framework.cli import main
-from framework.testing.plugins import make_plugin_distribution
+import tokenreduce
+from tokenreduce.cli import main
+from tokenreduce.testing.plugins import make_plugin_distribution
 
 THIRD_PARTY = """
 from typing import Literal
 
-from framework import Selector, StrictParams, hookimpl
+from tokenreduce import Selector, StrictParams, hookimpl
 
 
 class EveryOther(Selector):
@@ -40,9 +40,9 @@ def tokenreduce_register(registry):
 
 @pytest.fixture(autouse=True)
 def fresh_registry():
-    framework.reset_manager()
+    tokenreduce.reset_manager()
     yield
-    framework.reset_manager()
+    tokenreduce.reset_manager()
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -62,7 +62,7 @@ def test_plugins_lists_every_kind_with_its_source(capsys) -> None:
 def test_third_party_plugin_is_listed_and_usable(capsys, tmp_path: Path, monkeypatch) -> None:
     dist = make_plugin_distribution(tmp_path, "tr-everyother", THIRD_PARTY, version="2.3.4")
     monkeypatch.syspath_prepend(str(dist.root))
-    framework.reset_manager()
+    tokenreduce.reset_manager()
     code, out, _ = run(capsys, "plugins")
     assert code == 0
     assert re.search(r"every_other\s.*selector.*tr-everyother 2\.3\.4", out)
@@ -72,7 +72,7 @@ def test_third_party_plugin_is_listed_and_usable(capsys, tmp_path: Path, monkeyp
     assert code == 0, err
 
     monkeypatch.setenv("TOKENREDUCE_DISABLE_PLUGIN_AUTOLOAD", "1")
-    framework.reset_manager()
+    tokenreduce.reset_manager()
     code, out, _ = run(capsys, "plugins")
     assert "every_other" not in out
     code, _, err = run(capsys, "validate", str(config))
@@ -137,7 +137,7 @@ def test_explain_flux(capsys) -> None:
 
 @pytest.mark.slow
 def test_generate_writes_image_and_record(capsys, tmp_path: Path) -> None:
-    from framework.testing.tiny_sdxl import tiny_sdxl_pipeline
+    from tokenreduce.testing.tiny_sdxl import tiny_sdxl_pipeline
 
     pipe = tiny_sdxl_pipeline()
     pipe.save_pretrained(tmp_path / "pipe")

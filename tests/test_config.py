@@ -11,13 +11,13 @@ import jsonschema
 import pytest
 import torch
 
-import framework
-from framework import hookimpl
-from framework.builtins import AlwaysPolicy, GlobalPartitioner, GridSelector, HardMeanMerger, RandomSelector
-from framework.config import ConfigBase, ConfigError, config_model, json_schema, load_config, resolve
-from framework.interfaces import SelectContext, Selector
-from framework.params import StrictParams
-from framework.registry import Registry
+import tokenreduce
+from tokenreduce import hookimpl
+from tokenreduce.builtins import AlwaysPolicy, GlobalPartitioner, GridSelector, HardMeanMerger, RandomSelector
+from tokenreduce.config import ConfigBase, ConfigError, config_model, json_schema, load_config, resolve
+from tokenreduce.interfaces import SelectContext, Selector
+from tokenreduce.params import StrictParams
+from tokenreduce.registry import Registry
 
 BUILTIN_CONFIG: dict[str, Any] = {
     "ratio": 0.25,
@@ -63,8 +63,8 @@ sharing = "block"
 
 @pytest.fixture(autouse=True)
 def registry() -> Iterator[Registry]:
-    yield framework.reset_manager(autoload=False).registry
-    framework.reset_manager()
+    yield tokenreduce.reset_manager(autoload=False).registry
+    tokenreduce.reset_manager()
 
 
 def _error(data: dict[str, Any]) -> str:
@@ -248,7 +248,7 @@ class _PickyPlugin:
 
 
 def test_component_checks_reject_incompatible_combinations() -> None:
-    framework.register_plugin(_PickyPlugin(), source="picky-dist")
+    tokenreduce.register_plugin(_PickyPlugin(), source="picky-dist")
     with pytest.raises(
         ConfigError, match="cannot combine:\n  - selector 'picky': needs merger 'identity', got 'hard_mean'"
     ):

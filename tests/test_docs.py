@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import framework
-from framework.testing.contracts import SelectorContract
+import tokenreduce
+from tokenreduce.testing.contracts import SelectorContract
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -34,17 +34,17 @@ def guide(tmp_path_factory):
     yield module
     sys.path.remove(str(Path(module.__file__).parent))
     sys.modules.pop(name, None)
-    framework.reset_manager()
+    tokenreduce.reset_manager()
 
 
 def test_guide_plugin_registers_and_runs(guide) -> None:
-    framework.reset_manager()
-    framework.register_plugin(guide, source="my-tokenreduce-plugin")
-    registry = framework.get_registry()
+    tokenreduce.reset_manager()
+    tokenreduce.register_plugin(guide, source="my-tokenreduce-plugin")
+    registry = tokenreduce.get_registry()
     assert "central" in registry.names("selector")
     assert registry.components["selector"]["central"].source == "my-tokenreduce-plugin"
 
-    from framework.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet
+    from tokenreduce.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet
 
     unet = tiny_sdxl_unet()
     inputs = tiny_sdxl_inputs(unet)
@@ -56,7 +56,7 @@ def test_guide_plugin_registers_and_runs(guide) -> None:
             "selector": {"name": "central", "noise": 0.01},
             "partitioner": {"name": "tile", "size": 4},
         }
-        handle = framework.apply(unet, config)
+        handle = tokenreduce.apply(unet, config)
         merged = unet(**inputs).sample
         handle.remove()
         restored = unet(**inputs).sample
@@ -73,8 +73,8 @@ class TestGuideSelectorContract(SelectorContract):
 
 
 def test_configuration_reference_is_current() -> None:
-    from framework.manager import PluginManager
-    from framework.reference import markdown_reference
+    from tokenreduce.manager import PluginManager
+    from tokenreduce.reference import markdown_reference
 
     text = (DOCS / "configuration.md").read_text(encoding="utf-8")
     committed = text.split("<!-- reference:start -->\n", 1)[1].split("<!-- reference:end -->", 1)[0]

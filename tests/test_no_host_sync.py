@@ -10,16 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-import framework
-from framework.config import load_config, resolve
-from framework.engine import Runtime
-from framework.interfaces import SelectContext
+import tokenreduce
+from tokenreduce.config import load_config, resolve
+from tokenreduce.engine import Runtime
+from tokenreduce.interfaces import SelectContext
 
 GRIDS = [(32, 32), (24, 40), (25, 37)]
 
 
 def _presets() -> list[str]:
-    return sorted(framework.reset_manager().registry.presets)
+    return sorted(tokenreduce.reset_manager().registry.presets)
 
 
 @pytest.mark.parametrize("preset", _presets())

@@ -12,14 +12,14 @@ import pytest
 import torch
 from pydantic import BaseModel
 
-import framework
-from framework import hookimpl, hookspecs
-from framework.config import ConfigError, load_config, resolve
-from framework.interfaces import SelectContext, Selector
-from framework.manager import BUILTIN_SOURCE, DISABLE_AUTOLOAD_ENV
-from framework.params import StrictParams
-from framework.registry import Registry, RegistryError, UnknownComponentError
-from framework.testing.plugins import PluginDistribution, make_plugin_distribution
+import tokenreduce
+from tokenreduce import hookimpl, hookspecs
+from tokenreduce.config import ConfigError, load_config, resolve
+from tokenreduce.interfaces import SelectContext, Selector
+from tokenreduce.manager import BUILTIN_SOURCE, DISABLE_AUTOLOAD_ENV
+from tokenreduce.params import StrictParams
+from tokenreduce.registry import Registry, RegistryError, UnknownComponentError
+from tokenreduce.testing.plugins import PluginDistribution, make_plugin_distribution
 
 #: every component named explicitly, from the built-ins, so no other plugin is needed
 BUILTIN_CONFIG = {
@@ -33,7 +33,7 @@ BUILTIN_CONFIG = {
 THIRD_PARTY_SOURCE = '''
 from typing import Literal
 
-from framework import Selector, StrictParams, hookimpl
+from tokenreduce import Selector, StrictParams, hookimpl
 
 
 class ThirdPartySelector(Selector):
@@ -59,7 +59,7 @@ def tokenreduce_register(registry):
 def _fresh_manager() -> Iterator[None]:
     """Tests rediscover plugins; leave a clean global manager behind (after env/sys.path are restored)."""
     yield
-    framework.reset_manager()
+    tokenreduce.reset_manager()
 
 
 @pytest.fixture
@@ -133,7 +133,7 @@ def test_a_valid_component_is_registered_with_its_source() -> None:
 
 
 def test_duplicate_names_are_rejected_naming_both_sources() -> None:
-    manager = framework.reset_manager(autoload=False)
+    manager = tokenreduce.reset_manager(autoload=False)
     manager.register(_Plugin(_selector("good", GoodParams)), source="first-dist 1.0", name="first")
     with pytest.raises(RegistryError) as info:
         manager.register(_Plugin(_selector("good", GoodParams)), source="second-dist 2.0", name="second")
@@ -142,7 +142,7 @@ def test_duplicate_names_are_rejected_naming_both_sources() -> None:
 
 
 def test_a_plugin_cannot_take_a_builtin_name() -> None:
-    manager = framework.reset_manager(autoload=False)
+    manager = tokenreduce.reset_manager(autoload=False)
 
     class RandomParams(StrictParams):
         name: Literal["random"] = "random"
@@ -157,7 +157,7 @@ def test_a_plugin_cannot_take_a_builtin_name() -> None:
         (_selector("plain", PlainStringName), r"needs a field `name: Literal\['plain'\]`"),
         (_selector("nameless", NoName), r"needs a field `name: Literal\['nameless'\]`"),
         (_selector("mine", OtherName), r"\('other',\), expected Literal\['mine'\]"),
-        (_selector("loose", NotStrict), "must subclass framework.StrictParams"),
+        (_selector("loose", NotStrict), "must subclass tokenreduce.StrictParams"),
         (_selector("", GoodParams), "has no string `name`"),
     ],
     ids=["str-name", "no-name-field", "mismatched-literal", "not-strict", "empty-name"],
@@ -179,7 +179,7 @@ def test_non_components_are_rejected(obj: object) -> None:
 
 
 def test_unknown_names_list_the_valid_ones() -> None:
-    registry = framework.reset_manager(autoload=False).registry
+    registry = tokenreduce.reset_manager(autoload=False).registry
     with pytest.raises(UnknownComponentError) as info:
         registry.get("selector", "no_such_selector")
     message = str(info.value)
@@ -189,7 +189,7 @@ def test_unknown_names_list_the_valid_ones() -> None:
 
 
 def test_builtins_are_registered_through_the_hook() -> None:
-    registry = framework.reset_manager(autoload=False).registry
+    registry = tokenreduce.reset_manager(autoload=False).registry
     expected = {
         "partitioner": {"global", "stripe"},
         "selector": {"random", "grid"},
@@ -202,10 +202,10 @@ def test_builtins_are_registered_through_the_hook() -> None:
 
 
 def test_explicit_registration_without_an_entry_point() -> None:
-    framework.reset_manager(autoload=False)
+    tokenreduce.reset_manager(autoload=False)
     cls = _selector("good", GoodParams)
-    framework.register_plugin(_Plugin(cls), source="notebook")
-    entry = framework.get_registry().components["selector"]["good"]
+    tokenreduce.register_plugin(_Plugin(cls), source="notebook")
+    entry = tokenreduce.get_registry().components["selector"]["good"]
     assert entry.cls is cls and entry.source == "notebook"
     config = load_config({**BUILTIN_CONFIG, "selector": {"name": "good"}})
     assert isinstance(resolve(config).selector, cls)
@@ -217,15 +217,15 @@ def test_explicit_registration_without_an_entry_point() -> None:
 def test_a_third_party_plugin_is_discovered_and_usable(install, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
     dist = install("tokenreduce-thirdparty", THIRD_PARTY_SOURCE, version="1.2.3")
-    manager = framework.reset_manager()
+    manager = tokenreduce.reset_manager()
     registry = manager.registry
     assert "thirdparty_select" in registry.names("selector")
     assert registry.components["selector"]["thirdparty_select"].source == "tokenreduce-thirdparty 1.2.3"
     assert manager.sources[dist.module] == "tokenreduce-thirdparty 1.2.3"
-    config = framework.load_config({**BUILTIN_CONFIG, "selector": {"name": "thirdparty_select"}})
+    config = tokenreduce.load_config({**BUILTIN_CONFIG, "selector": {"name": "thirdparty_select"}})
     selector = resolve(config).selector
     assert type(selector).__module__ == dist.module and selector.name == "thirdparty_select"
-    assert "thirdparty_select" in str(framework.json_schema())
+    assert "thirdparty_select" in str(tokenreduce.json_schema())
 
 
 @pytest.mark.parametrize("value", ["1", "yes"])
@@ -234,28 +234,28 @@ def test_disabling_autoload_skips_third_party_plugins(
 ) -> None:
     install("tokenreduce-thirdparty", THIRD_PARTY_SOURCE)
     monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, value)
-    registry = framework.reset_manager().registry
+    registry = tokenreduce.reset_manager().registry
     assert "thirdparty_select" not in registry.names("selector")
     assert {"random", "grid"} <= set(registry.names("selector"))  # built-ins stay
     with pytest.raises(ConfigError, match="unknown selector 'thirdparty_select'; valid selectors: .*random"):
-        framework.load_config({**BUILTIN_CONFIG, "selector": {"name": "thirdparty_select"}})
+        tokenreduce.load_config({**BUILTIN_CONFIG, "selector": {"name": "thirdparty_select"}})
 
 
 def test_autoload_value_zero_means_enabled(install, monkeypatch: pytest.MonkeyPatch) -> None:
     install("tokenreduce-thirdparty", THIRD_PARTY_SOURCE)
     monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "0")
-    assert "thirdparty_select" in framework.reset_manager().registry.names("selector")
+    assert "thirdparty_select" in tokenreduce.reset_manager().registry.names("selector")
 
 
 def test_a_plugin_that_fails_to_import_is_reported(install, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
     install("tokenreduce-broken", "raise ImportError('needs the frobnicate package')\n", entry_point="broken")
-    registry = framework.reset_manager().registry
+    registry = tokenreduce.reset_manager().registry
     assert any(
         "broken" in key and "needs the frobnicate package" in error for key, error in registry.failed.items()
     )
     with pytest.raises(ConfigError, match="failed to load.*needs the frobnicate package"):
-        framework.load_config({**BUILTIN_CONFIG, "selector": {"name": "broken_select"}})
+        tokenreduce.load_config({**BUILTIN_CONFIG, "selector": {"name": "broken_select"}})
 
 
 # --------------------------------------------------------------------------- hook specifications

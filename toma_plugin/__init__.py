@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from framework.hookspecs import hookimpl
-from toma_plugin.attention_merger import AttentionMerger
-from toma_plugin.facility_location import FacilityLocationSelector, facility_location_greedy
-from toma_plugin.step_sharing import StepSharingPolicy
-from toma_plugin.tile import TilePartitioner
+from tokenreduce.hookspecs import hookimpl
+from tokenreduce.toma_plugin.attention_merger import AttentionMerger
+from tokenreduce.toma_plugin.facility_location import FacilityLocationSelector, facility_location_greedy
+from tokenreduce.toma_plugin.step_sharing import StepSharingPolicy
+from tokenreduce.toma_plugin.tile import TilePartitioner
 
 if TYPE_CHECKING:
-    from framework.registry import Registry
+    from tokenreduce.registry import Registry
 
 __all__ = [
     "AttentionMerger",

@@ -13,10 +13,10 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from framework.interfaces import MergePlan, Merger
-from framework.layout import Layout
-from framework.params import StrictParams
-from framework.plans import RegionLinearPlan
+from tokenreduce.interfaces import MergePlan, Merger
+from tokenreduce.layout import Layout
+from tokenreduce.params import StrictParams
+from tokenreduce.plans import RegionLinearPlan
 
 #: Tikhonov term of the pseudo-inverse; ``M M^T`` has eigenvalues of the order of 1 / group size.
 PINV_EPS = 1e-6

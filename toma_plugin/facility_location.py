@@ -16,9 +16,9 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from framework.interfaces import SelectContext, Selector
-from framework.layout import Regions, destinations_for_fraction
-from framework.params import StrictParams
+from tokenreduce.interfaces import SelectContext, Selector
+from tokenreduce.layout import Regions, destinations_for_fraction
+from tokenreduce.params import StrictParams
 
 
 def facility_location_greedy(

@@ -12,9 +12,9 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from framework.interfaces import Partitioner
-from framework.layout import Regions
-from framework.params import StrictParams
+from tokenreduce.interfaces import Partitioner
+from tokenreduce.layout import Regions
+from tokenreduce.params import StrictParams
 
 
 class TilePartitioner(Partitioner):

@@ -6,8 +6,8 @@ values could be pooled (the merger's ``check`` says so at config validation).
 
 from __future__ import annotations
 
-from baselines.todo.downsample import DownsampleMerger, downsample_tokens
-from framework.hookspecs import hookimpl
+from tokenreduce.baselines.todo.downsample import DownsampleMerger, downsample_tokens
+from tokenreduce.hookspecs import hookimpl
 
 __all__ = ["DownsampleMerger", "downsample_tokens"]
 
@@ -17,7 +17,7 @@ def tokenreduce_register(registry) -> None:  # noqa: ANN001 - the typed registry
     registry.add(DownsampleMerger)
     registry.add_preset(
         "todo-sdxl",
-        "baselines.todo.presets",
+        "tokenreduce.baselines.todo.presets",
         "todo-sdxl.yaml",
         "ToDo on SDXL: self-attention keys/values from the 2x nearest-downsampled 64x64 level (75% fewer)",
     )

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from framework.interfaces import MergePlan, Merger
-from framework.layout import Layout
-from framework.params import StrictParams
+from tokenreduce.interfaces import MergePlan, Merger
+from tokenreduce.layout import Layout
+from tokenreduce.params import StrictParams
 
 RATIO_TOLERANCE = 1e-6
 

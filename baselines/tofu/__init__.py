@@ -5,12 +5,12 @@ Destinations come from any selector (the presets use ToMeSD's ``tomesd_grid``).
 
 from __future__ import annotations
 
-from baselines.tofu.merger import TofuMerger, mlerp
-from framework.hookspecs import hookimpl
+from tokenreduce.baselines.tofu.merger import TofuMerger, mlerp
+from tokenreduce.hookspecs import hookimpl
 
 __all__ = ["TofuMerger", "mlerp"]
 
-PRESETS = "baselines.tofu.presets"
+PRESETS = "tokenreduce.baselines.tofu.presets"
 
 
 @hookimpl

@@ -18,11 +18,16 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from baselines.tomesd.bipartite import MATCHING_FIELD, MatchedPlan, MatchingMode, check_matching_for_adapter
-from baselines.tomesd.matching import StaticPlanCache, bipartite_match, group_mean
-from framework.interfaces import MergePlan, Merger
-from framework.layout import Layout
-from framework.params import StrictParams
+from tokenreduce.baselines.tomesd.bipartite import (
+    MATCHING_FIELD,
+    MatchedPlan,
+    MatchingMode,
+    check_matching_for_adapter,
+)
+from tokenreduce.baselines.tomesd.matching import StaticPlanCache, bipartite_match, group_mean
+from tokenreduce.interfaces import MergePlan, Merger
+from tokenreduce.layout import Layout
+from tokenreduce.params import StrictParams
 
 
 def mlerp(xr: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-from baselines.tomesd.bipartite import BipartiteMerger, MatchedPlan
-from baselines.tomesd.grid import TomesdGridSelector
-from framework.hookspecs import hookimpl
+from tokenreduce.baselines.tomesd.bipartite import BipartiteMerger, MatchedPlan
+from tokenreduce.baselines.tomesd.grid import TomesdGridSelector
+from tokenreduce.hookspecs import hookimpl
 
 __all__ = ["BipartiteMerger", "MatchedPlan", "TomesdGridSelector"]
 
-PRESETS = "baselines.tomesd.presets"
+PRESETS = "tokenreduce.baselines.tomesd.presets"
 
 
 @hookimpl

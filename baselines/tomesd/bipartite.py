@@ -12,16 +12,16 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from baselines.tomesd.matching import (
+from tokenreduce.baselines.tomesd.matching import (
     Matching,
     StaticPlanCache,
     bipartite_match,
     gather_tokens,
     group_mean,
 )
-from framework.interfaces import MergePlan, Merger
-from framework.layout import Layout
-from framework.params import StrictParams
+from tokenreduce.interfaces import MergePlan, Merger
+from tokenreduce.layout import Layout
+from tokenreduce.params import StrictParams
 
 MatchingMode = Literal["per_sample", "shared"]
 

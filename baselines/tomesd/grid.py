@@ -18,9 +18,9 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from framework.interfaces import SelectContext, Selector
-from framework.layout import Regions
-from framework.params import StrictParams
+from tokenreduce.interfaces import SelectContext, Selector
+from tokenreduce.layout import Regions
+from tokenreduce.params import StrictParams
 
 
 def region_extents(regions: Regions) -> list[tuple[int, int]]:

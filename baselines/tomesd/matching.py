@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.layout import Layout, kept_per_region
+from tokenreduce.layout import Layout, kept_per_region
 
 
 @dataclass(frozen=True)

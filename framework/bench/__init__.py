@@ -1,10 +1,10 @@
 """Latency benchmark: every variant on the same model, interleaved, eager and CUDA-graph (PERFORMANCE.md).
 
->>> from framework.bench import BenchSettings, run_bench
+>>> from tokenreduce.bench import BenchSettings, run_bench
 >>> run_bench(BenchSettings(archs=["sdxl"], ratios=[0.5]))
 """
 
-from framework.bench.runner import BenchSettings, run_bench
-from framework.bench.variants import Variant, VariantSet, default_variants
+from tokenreduce.bench.runner import BenchSettings, run_bench
+from tokenreduce.bench.variants import Variant, VariantSet, default_variants
 
 __all__ = ["BenchSettings", "Variant", "VariantSet", "default_variants", "run_bench"]

@@ -9,9 +9,9 @@ from typing import Any
 
 from rich.console import Console
 
-from framework.bench.models import ARCHS, DTYPES
-from framework.bench.runner import MODES, BenchSettings, run_bench
-from framework.bench.variants import DEFAULT_RATIOS, METHODS
+from tokenreduce.bench.models import ARCHS, DTYPES
+from tokenreduce.bench.runner import MODES, BenchSettings, run_bench
+from tokenreduce.bench.variants import DEFAULT_RATIOS, METHODS
 
 
 def add_bench_parser(subparsers: Any, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
@@ -102,7 +102,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 def run_bench_command(args: argparse.Namespace, console: Console) -> int:
     if args.components:
-        from framework.bench.components import run_components
+        from tokenreduce.bench.components import run_components
 
         run_components(Path(args.output), console)
         return 0

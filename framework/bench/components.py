@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from framework.config import load_config, resolve
-from framework.engine import Runtime
-from framework.interfaces import SelectContext
+from tokenreduce.config import load_config, resolve
+from tokenreduce.engine import Runtime
+from tokenreduce.interfaces import SelectContext
 
 #: (label, preset, token grid, batch, channels, dtype) of one merged layer.
 CASES = (
@@ -79,7 +79,7 @@ def component_times(
 def run_components(output: Path, console: Any) -> dict[str, Any]:
     if not torch.cuda.is_available():
         raise ValueError("--components times CUDA kernels: it needs a GPU")
-    from framework.generate import environment
+    from tokenreduce.generate import environment
 
     results: dict[str, Any] = {
         "env": environment(),

@@ -1,7 +1,7 @@
 """Denoisers for timing: published architectures with random weights made on the device, and their inputs.
 
 Speed does not depend on the weight values, so the real SDXL-base UNet and Flux.1-dev transformer
-are built on the meta device from their configs (:mod:`framework.archs`), given uninitialised
+are built on the meta device from their configs (:mod:`tokenreduce.archs`), given uninitialised
 storage on the target device and initialised there in place with a seeded generator: no host
 copy of 12 B parameters is ever made. ``tiny-sdxl`` and ``tiny-flux`` are the test kit's toy
 models, for running the harness on a CPU.
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from framework import archs
+from tokenreduce import archs
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -58,12 +58,12 @@ def meta_model(arch: str) -> nn.Module:
         return archs.build(arch)
     # Tiny models: the test kit's configs, rebuilt on the meta device like the real ones.
     if family == "sdxl":
-        from framework.testing.tiny_sdxl import tiny_sdxl_unet
+        from tokenreduce.testing.tiny_sdxl import tiny_sdxl_unet
 
         # Adapters validate site grids at the config's sample size: make it the benchmark's latent.
         template = tiny_sdxl_unet(sample_size=ARCHS[arch].size // ARCHS[arch].pixels_per_latent)
     else:
-        from framework.testing.tiny_flux import tiny_flux_transformer
+        from tokenreduce.testing.tiny_flux import tiny_flux_transformer
 
         template = tiny_flux_transformer()
     with torch.device("meta"):

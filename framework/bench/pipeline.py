@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from framework.api import apply
-from framework.bench.timing import Stopwatch, Timings, describe_error
-from framework.bench.variants import Variant
+from tokenreduce.api import apply
+from tokenreduce.bench.timing import Stopwatch, Timings, describe_error
+from tokenreduce.bench.variants import Variant
 
 
 def pipeline_family(pipe: Any) -> str:
@@ -41,7 +41,7 @@ def denoiser_of(pipe: Any) -> torch.nn.Module:
 
 
 def load_pipeline(model: str, device: str, dtype: torch.dtype) -> Any:
-    from framework.generate import load_pipeline as load
+    from tokenreduce.generate import load_pipeline as load
 
     pipe = load(model, device, dtype)
     pipe.set_progress_bar_config(disable=True)  # ours counts generations

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from framework.bench.variants import METHODS, REFERENCES
+from tokenreduce.bench.variants import METHODS, REFERENCES
 
 EFFICIENCY_NOTE = (
     "speedup = unmodified median / variant median (same run); efficiency = (speedup - 1) / "

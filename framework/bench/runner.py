@@ -20,9 +20,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from framework import __version__
-from framework.bench import models, report, timing
-from framework.bench.variants import (
+from tokenreduce import __version__
+from tokenreduce.bench import models, report, timing
+from tokenreduce.bench.variants import (
     DEFAULT_RATIOS,
     METHODS,
     Variant,
@@ -30,7 +30,7 @@ from framework.bench.variants import (
     check_against,
     default_variants,
 )
-from framework.generate import environment
+from tokenreduce.generate import environment
 
 MODES = ("eager", "graph", "compile")
 
@@ -365,7 +365,7 @@ def _peak_memory(
 
 
 def run_pipeline_bench(settings: BenchSettings, console: Console, device: str) -> dict[str, Any]:
-    from framework.bench import pipeline as pipeline_timing
+    from tokenreduce.bench import pipeline as pipeline_timing
 
     if settings.model is None:
         raise ValueError("--pipeline needs --model (a diffusers pipeline folder or hub id)")
@@ -384,7 +384,7 @@ def time_pipeline_variants(
     pipe: Any, settings: BenchSettings, device: str, console: Console, family: str, dtype: str
 ) -> dict[str, Any]:
     """Validate the family's variants against ``pipe`` and time whole generations (no outputs written)."""
-    from framework.bench import pipeline as pipeline_timing
+    from tokenreduce.bench import pipeline as pipeline_timing
 
     variants = check_against(
         pipeline_timing.denoiser_of(pipe),

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from framework.api import TokenReduceHandle, apply
-from framework.bench.variants import Variant
-from framework.config import load_config, resolve
-from framework.interfaces import Decision, ReusePolicy
+from tokenreduce.api import TokenReduceHandle, apply
+from tokenreduce.bench.variants import Variant
+from tokenreduce.config import load_config, resolve
+from tokenreduce.interfaces import Decision, ReusePolicy
 
 #: A policy with no period up to this many steps is timed over this many (a 50-step generation).
 MAX_CYCLE = 50

@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from framework.api import prepare
-from framework.config import ConfigError, load_config
-from framework.manager import get_registry
+from tokenreduce.api import prepare
+from tokenreduce.config import ConfigError, load_config
+from tokenreduce.manager import get_registry
 
 METHODS = ("unmodified", "identity", "ideal", "toma", "tomesd", "todo", "tofu")
 BASELINES = ("tomesd", "tofu", "todo")
@@ -138,7 +138,7 @@ def default_variants(
 def check_against(model: nn.Module, variants: VariantSet) -> VariantSet:
     """Drop (and record) the variants that cannot be applied to ``model`` (sites, grids, adapter).
 
-    Runs the same validation as :func:`framework.apply` without modifying the model, so a meta
+    Runs the same validation as :func:`tokenreduce.apply` without modifying the model, so a meta
     device model is enough.
     """
     kept = VariantSet(skipped=list(variants.skipped))

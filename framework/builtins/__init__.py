@@ -10,20 +10,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from framework.builtins.merge_hard_mean import HardMeanMerger
-from framework.builtins.merge_ideal import IdealMerger
-from framework.builtins.merge_identity import IdentityMerger
-from framework.builtins.partition_global import GlobalPartitioner
-from framework.builtins.partition_stripe import StripePartitioner
-from framework.builtins.reuse_always import AlwaysPolicy
-from framework.builtins.reuse_every_k import EveryKPolicy
-from framework.builtins.reuse_never import NeverPolicy
-from framework.builtins.select_grid import GridSelector
-from framework.builtins.select_random import RandomSelector
-from framework.hookspecs import hookimpl
+from tokenreduce.builtins.merge_hard_mean import HardMeanMerger
+from tokenreduce.builtins.merge_ideal import IdealMerger
+from tokenreduce.builtins.merge_identity import IdentityMerger
+from tokenreduce.builtins.partition_global import GlobalPartitioner
+from tokenreduce.builtins.partition_stripe import StripePartitioner
+from tokenreduce.builtins.reuse_always import AlwaysPolicy
+from tokenreduce.builtins.reuse_every_k import EveryKPolicy
+from tokenreduce.builtins.reuse_never import NeverPolicy
+from tokenreduce.builtins.select_grid import GridSelector
+from tokenreduce.builtins.select_random import RandomSelector
+from tokenreduce.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from framework.registry import Registry
+    from tokenreduce.registry import Registry
 
 COMPONENTS = (
     GlobalPartitioner,

@@ -12,10 +12,10 @@ from typing import ClassVar, Literal
 
 import torch
 
-from framework.interfaces import MergePlan, Merger
-from framework.layout import Layout
-from framework.params import StrictParams
-from framework.plans import RegionLinearPlan
+from tokenreduce.interfaces import MergePlan, Merger
+from tokenreduce.layout import Layout
+from tokenreduce.params import StrictParams
+from tokenreduce.plans import RegionLinearPlan
 
 # Cosine similarity is at most 1: this bonus makes every destination choose itself.
 _SELF_BONUS = 4.0

@@ -11,9 +11,9 @@ from typing import Literal
 
 import torch
 
-from framework.interfaces import MergePlan, Merger
-from framework.layout import Layout
-from framework.params import StrictParams
+from tokenreduce.interfaces import MergePlan, Merger
+from tokenreduce.layout import Layout
+from tokenreduce.params import StrictParams
 
 
 class IdealPlan(MergePlan):

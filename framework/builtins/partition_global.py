@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from framework.builtins.partition_stripe import stripe_regions
-from framework.interfaces import Partitioner
-from framework.layout import Regions
-from framework.params import StrictParams
+from tokenreduce.builtins.partition_stripe import stripe_regions
+from tokenreduce.interfaces import Partitioner
+from tokenreduce.layout import Regions
+from tokenreduce.params import StrictParams
 
 
 class GlobalPartitioner(Partitioner):

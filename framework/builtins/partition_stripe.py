@@ -11,9 +11,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from framework.interfaces import Partitioner
-from framework.layout import Regions
-from framework.params import StrictParams
+from tokenreduce.interfaces import Partitioner
+from tokenreduce.layout import Regions
+from tokenreduce.params import StrictParams
 
 
 def stripe_regions(height: int, width: int, rows: int) -> Regions:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from framework.interfaces import Decision, ReusePolicy
-from framework.params import StrictParams
+from tokenreduce.interfaces import Decision, ReusePolicy
+from tokenreduce.params import StrictParams
 
 
 class AlwaysPolicy(ReusePolicy):

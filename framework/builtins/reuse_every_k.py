@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from framework.interfaces import Decision, ReusePolicy
-from framework.params import StrictParams
+from tokenreduce.interfaces import Decision, ReusePolicy
+from tokenreduce.params import StrictParams
 
 
 class EveryKPolicy(ReusePolicy):

@@ -14,9 +14,9 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from framework.interfaces import SelectContext, Selector
-from framework.layout import Regions
-from framework.params import StrictParams
+from tokenreduce.interfaces import SelectContext, Selector
+from tokenreduce.layout import Regions
+from tokenreduce.params import StrictParams
 
 
 def cell_corners(regions: Regions, stride: tuple[int, int]) -> torch.Tensor:

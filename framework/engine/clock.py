@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from framework.interfaces import Decision
+from tokenreduce.interfaces import Decision
 
 if TYPE_CHECKING:
-    from framework.engine.runtime import Runtime
+    from tokenreduce.engine.runtime import Runtime
 
 Driver = Literal["timestep", "scheduler", "manual"]
 

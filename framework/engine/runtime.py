@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from framework.engine.clock import Clock
-from framework.interfaces import Decision, MergePlan, Merger, SelectContext
-from framework.layout import Layout, build_layout, kept_per_region
+from tokenreduce.engine.clock import Clock
+from tokenreduce.interfaces import Decision, MergePlan, Merger, SelectContext
+from tokenreduce.layout import Layout, build_layout, kept_per_region
 
 if TYPE_CHECKING:
-    from framework.config import Resolved
+    from tokenreduce.config import Resolved
 
 
 class IdentityPlan(MergePlan):

@@ -8,15 +8,15 @@ from typing import Any
 
 from rich.console import Console
 
-from framework.generate import DTYPES
-from framework.quality.protocol import (
+from tokenreduce.generate import DTYPES
+from tokenreduce.quality.protocol import (
     DEFAULT_CLIP,
     DEFAULT_CONFIGS,
     DEFAULT_DINO,
     DEFAULT_OUTPUT,
     FID_FEATURES,
 )
-from framework.quality.proxy.models import KINDS
+from tokenreduce.quality.proxy.models import KINDS
 
 
 def add_eval_parser(subparsers: Any, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def add_eval_parser(subparsers: Any, func: Callable[[argparse.Namespace], int]) 
             "--model: generate every prompt and seed with the unmodified model and with each config, then "
             "measure CLIP-T (image vs prompt), DINO (similarity to the unmodified model's image) and FID "
             "(against --reference). Images are kept under OUTPUT/images and a rerun makes only the missing "
-            "ones; `accelerate launch -m framework.cli eval --model ...` spreads the images over GPUs. "
+            "ones; `accelerate launch -m tokenreduce.cli eval --model ...` spreads the images over GPUs. "
             "--proxy: the proxy fidelity benchmark."
         ),
     )
@@ -157,9 +157,9 @@ def add_eval_parser(subparsers: Any, func: Callable[[argparse.Namespace], int]) 
 
 def run_eval_command(args: argparse.Namespace, console: Console) -> int:
     if args.proxy:
-        from framework.quality.fidelity import run_proxy_eval
+        from tokenreduce.quality.fidelity import run_proxy_eval
 
         return run_proxy_eval(args, console)
-    from framework.quality.protocol import run_model_eval
+    from tokenreduce.quality.protocol import run_model_eval
 
     return run_model_eval(args, console)

@@ -25,10 +25,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from framework.api import apply
-from framework.config import load_config
-from framework.quality import metrics
-from framework.quality.proxy.models import FLUX_PROXY_ADAPTER, KINDS, ProxyPipeline
+from tokenreduce.api import apply
+from tokenreduce.config import load_config
+from tokenreduce.quality import metrics
+from tokenreduce.quality.proxy.models import FLUX_PROXY_ADAPTER, KINDS, ProxyPipeline
 
 METHODS = ("toma", "tomesd", "tofu", "todo")
 RATIOS = (0.25, 0.5, 0.75)
@@ -198,8 +198,8 @@ def score(
 
 
 def heldout_crops(count: int, seed: int = 1234) -> torch.Tensor:
-    from framework.quality.proxy.data import photo_bank, sample_crops
-    from framework.quality.proxy.models import IMAGE_SIZE
+    from tokenreduce.quality.proxy.data import photo_bank, sample_crops
+    from tokenreduce.quality.proxy.models import IMAGE_SIZE
 
     bank = photo_bank()
     crops, _ = sample_crops(bank.heldout, count, IMAGE_SIZE, torch.Generator().manual_seed(seed), flip=False)
@@ -214,7 +214,7 @@ def evaluate(
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Generate and score every variant; returns the results record (also the sample images)."""
-    from framework.generate import environment
+    from tokenreduce.generate import environment
 
     # Held-out features are computed once; each unmodified set is embedded once per proxy.
     distance = metrics.FrechetDistance(features, heldout_crops(protocol.reference_crops))
@@ -299,7 +299,7 @@ def markdown_table(record: dict[str, Any]) -> str:
 
 def image_grid(samples: dict[str, torch.Tensor], kinds: Sequence[str], columns: int = 8, ratio: float = 0.5):
     """Per proxy: the unmodified images and each method at ``ratio`` (ToDo at its 0.75)."""
-    from framework.demo import side_by_side
+    from tokenreduce.demo import side_by_side
 
     rows = []
     for kind in kinds:
@@ -400,8 +400,8 @@ def write_reports(
 
 
 def run_proxy_eval(args: Any, console: Console) -> int:
-    from framework.quality.proxy.features import load_features
-    from framework.quality.proxy.models import load_proxy
+    from tokenreduce.quality.proxy.features import load_features
+    from tokenreduce.quality.proxy.models import load_proxy
 
     kinds = list(args.kinds or KINDS)
     weights = Path(args.proxy_weights) if args.proxy_weights else None
@@ -421,7 +421,7 @@ def run_proxy_eval(args: Any, console: Console) -> int:
     # Everything is loaded and validated before the first image is generated.
     pipes = {kind: load_proxy(kind, weights, device) for kind in kinds}
     features = load_features(weights, device)
-    from framework.api import prepare
+    from tokenreduce.api import prepare
 
     for variant in variants:
         prepare(pipes[variant.kind], variant.config)

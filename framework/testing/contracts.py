@@ -2,7 +2,7 @@
 
 Subclass the matching mixin in a test module and name the component::
 
-    from framework.testing.contracts import SelectorContract
+    from tokenreduce.testing.contracts import SelectorContract
 
     class TestCentralSelector(SelectorContract):
         component = CentralSelector()        # an instance, or the class itself
@@ -17,8 +17,8 @@ or override the ``component`` fixture (it may be parametrised)::
 A class is built with its ``example_params()`` classmethod when it has one (components whose
 ``Params`` cannot be built from defaults must provide it), else with ``Params()``.
 
-The mixins drive components through the engine's own helpers (:class:`framework.layout.Layout`,
-:meth:`framework.engine.Runtime.layout`, :meth:`Runtime.features`, :meth:`Runtime.plan`), so
+The mixins drive components through the engine's own helpers (:class:`tokenreduce.layout.Layout`,
+:meth:`tokenreduce.engine.Runtime.layout`, :meth:`Runtime.features`, :meth:`Runtime.plan`), so
 they test what the engine actually calls. Optional class attributes a merger may declare:
 
 - ``hard = True``: exact hard assignments; ``unmerge(merge(x)) == x`` for ``x`` constant on
@@ -49,10 +49,16 @@ import torch
 from hypothesis import example, given, reject
 from hypothesis import strategies as st
 
-from framework.builtins import AlwaysPolicy, GlobalPartitioner, HardMeanMerger, IdentityMerger, RandomSelector
-from framework.config import ConfigBase, Resolved
-from framework.engine import Runtime
-from framework.interfaces import (
+from tokenreduce.builtins import (
+    AlwaysPolicy,
+    GlobalPartitioner,
+    HardMeanMerger,
+    IdentityMerger,
+    RandomSelector,
+)
+from tokenreduce.config import ConfigBase, Resolved
+from tokenreduce.engine import Runtime
+from tokenreduce.interfaces import (
     Component,
     Decision,
     MergePlan,
@@ -62,8 +68,8 @@ from framework.interfaces import (
     SelectContext,
     Selector,
 )
-from framework.layout import Layout, Regions, kept_per_region
-from framework.testing.strategies import (
+from tokenreduce.layout import Layout, Regions, kept_per_region
+from tokenreduce.testing.strategies import (
     EDGE_GRIDS,
     EDGE_SCENARIOS,
     SEEDS,

@@ -1,7 +1,7 @@
 """Write throwaway plugin distributions for tests: a module plus a ``*.dist-info`` folder.
 
 Put the folder on ``sys.path`` (``monkeypatch.syspath_prepend(tmp_path)``; it also clears the
-import caches) and rediscover (``framework.reset_manager()``): the plugin is then found through
+import caches) and rediscover (``tokenreduce.reset_manager()``): the plugin is then found through
 its ``tokenreduce`` entry point exactly like an installed one, without installing anything.
 """
 
@@ -11,7 +11,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from framework.hookspecs import PROJECT
+from tokenreduce.hookspecs import PROJECT
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Plugin authors reuse them in their own property tests::
 
     from hypothesis import given
-    from framework.testing.strategies import grids, ratios, token_batches
+    from tokenreduce.testing.strategies import grids, ratios, token_batches
 
     @given(grid=grids(max_side=8), ratio=ratios())
     def test_my_selector(grid, ratio): ...
@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from framework.builtins import GlobalPartitioner, StripePartitioner
-from framework.interfaces import Component, Partitioner
-from framework.layout import Regions
+from tokenreduce.builtins import GlobalPartitioner, StripePartitioner
+from tokenreduce.interfaces import Component, Partitioner
+from tokenreduce.layout import Regions
 
 T = TypeVar("T")
 

@@ -19,7 +19,7 @@ def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
     """A tiny random ``CLIPModel`` + ``CLIPProcessor`` (offline tokenizer) saved to ``folder``."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from framework.testing.tiny_sdxl import tiny_clip_tokenizer
+    from tokenreduce.testing.tiny_sdxl import tiny_clip_tokenizer
 
     tokenizer = tiny_clip_tokenizer(max_length=32)
     text = dict(

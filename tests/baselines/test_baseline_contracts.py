@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from baselines.todo import DownsampleMerger
-from baselines.tofu import TofuMerger
-from baselines.tomesd import BipartiteMerger, TomesdGridSelector
-from framework.testing.contracts import MergerContract, SelectorContract
+from tokenreduce.baselines.todo import DownsampleMerger
+from tokenreduce.baselines.tofu import TofuMerger
+from tokenreduce.baselines.tomesd import BipartiteMerger, TomesdGridSelector
+from tokenreduce.testing.contracts import MergerContract, SelectorContract
 
 
 class TestTopLeftGridSelector(SelectorContract):

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from baselines.todo import DownsampleMerger
-from baselines.tofu import TofuMerger
-from baselines.tomesd import BipartiteMerger, TomesdGridSelector
-from framework.manager import reset_manager
+from tokenreduce.baselines.todo import DownsampleMerger
+from tokenreduce.baselines.tofu import TofuMerger
+from tokenreduce.baselines.tomesd import BipartiteMerger, TomesdGridSelector
+from tokenreduce.manager import reset_manager
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "baselines.md"
 PRESETS = [

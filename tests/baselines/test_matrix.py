@@ -18,11 +18,11 @@ import re
 import pytest
 import torch
 
-import framework as tr
-from framework.config import ConfigError
-from framework.testing.strategies import example_params
-from framework.testing.tiny_flux import tiny_flux_inputs, tiny_flux_transformer
-from framework.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet
+import tokenreduce as tr
+from tokenreduce.config import ConfigError
+from tokenreduce.testing.strategies import example_params
+from tokenreduce.testing.tiny_flux import tiny_flux_inputs, tiny_flux_transformer
+from tokenreduce.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet
 
 RATIO = 0.75
 REGISTRY = tr.reset_manager().registry

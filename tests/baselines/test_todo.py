@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-import framework as tr
-from baselines.todo import DownsampleMerger, downsample_tokens
-from framework.builtins import GlobalPartitioner
-from framework.config import ConfigError, load_config
-from framework.testing.contracts import make_runtime
-from framework.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet
+import tokenreduce as tr
+from tokenreduce.baselines.todo import DownsampleMerger, downsample_tokens
+from tokenreduce.builtins import GlobalPartitioner
+from tokenreduce.config import ConfigError, load_config
+from tokenreduce.testing.contracts import make_runtime
+from tokenreduce.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet
 
 
 def reference_pool(x: torch.Tensor, grid: tuple[int, int], f: int, mode: str) -> torch.Tensor:

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-import framework as tr
-from baselines.tofu import TofuMerger, mlerp
-from baselines.tomesd import TomesdGridSelector
-from baselines.tomesd.matching import group_mean
-from framework.builtins import GlobalPartitioner
-from framework.config import ConfigError, load_config
-from framework.engine import Runtime
-from framework.interfaces import SelectContext
-from framework.testing.contracts import make_runtime
-from framework.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet
+import tokenreduce as tr
+from tokenreduce.baselines.tofu import TofuMerger, mlerp
+from tokenreduce.baselines.tomesd import TomesdGridSelector
+from tokenreduce.baselines.tomesd.matching import group_mean
+from tokenreduce.builtins import GlobalPartitioner
+from tokenreduce.config import ConfigError, load_config
+from tokenreduce.engine import Runtime
+from tokenreduce.interfaces import SelectContext
+from tokenreduce.testing.contracts import make_runtime
+from tokenreduce.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet
 
 
 def tofu_plan(policy: str, x: torch.Tensor, grid=(8, 8), ratio=0.5):

@@ -6,15 +6,15 @@ import pytest
 import torch
 from tomesd.merge import bipartite_soft_matching_random2d
 
-from baselines.tomesd import BipartiteMerger, TomesdGridSelector
-from framework.builtins import GlobalPartitioner, StripePartitioner
-from framework.config import ConfigError, load_config
-from framework.engine import Runtime
-from framework.interfaces import SelectContext
-from framework.layout import Layout
-from framework.manager import reset_manager
-from framework.testing.contracts import make_runtime
-from toma_plugin import TilePartitioner
+from tokenreduce.baselines.tomesd import BipartiteMerger, TomesdGridSelector
+from tokenreduce.builtins import GlobalPartitioner, StripePartitioner
+from tokenreduce.config import ConfigError, load_config
+from tokenreduce.engine import Runtime
+from tokenreduce.interfaces import SelectContext
+from tokenreduce.layout import Layout
+from tokenreduce.manager import reset_manager
+from tokenreduce.testing.contracts import make_runtime
+from tokenreduce.toma_plugin import TilePartitioner
 
 
 def grid_selector(stride=(2, 2), use_rand=False) -> TomesdGridSelector:

@@ -20,8 +20,8 @@ import torch
 
 tomesd = pytest.importorskip("tomesd")
 
-import framework as tr  # noqa: E402 - after the optional-dependency skip
-from framework.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_pipeline, tiny_sdxl_unet  # noqa: E402
+import tokenreduce as tr  # noqa: E402 - after the optional-dependency skip
+from tokenreduce.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_pipeline, tiny_sdxl_unet  # noqa: E402
 
 ATOL = 1e-5
 SITES = ("attn1", "attn2", "ff")

@@ -10,15 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-import framework as tr
-from framework.api import get_handle
-from framework.bench import models, report, timing
-from framework.bench.runner import BenchSettings, resolve_modes
-from framework.bench.variants import Variant, check_against, default_variants
-from framework.cli import main
-from framework.config import load_config
-from framework.interfaces import Decision
-from framework.manager import get_registry
+import tokenreduce as tr
+from tokenreduce.api import get_handle
+from tokenreduce.bench import models, report, timing
+from tokenreduce.bench.runner import BenchSettings, resolve_modes
+from tokenreduce.bench.variants import Variant, check_against, default_variants
+from tokenreduce.cli import main
+from tokenreduce.config import load_config
+from tokenreduce.interfaces import Decision
+from tokenreduce.manager import get_registry
 
 S, W, R = Decision.SELECT, Decision.WEIGHTS, Decision.REUSE
 
@@ -310,7 +310,7 @@ def test_bench_command_end_to_end(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_pipeline_mode_times_whole_generations(tmp_path: Path) -> None:
-    from framework.testing.tiny_sdxl import tiny_sdxl_pipeline
+    from tokenreduce.testing.tiny_sdxl import tiny_sdxl_pipeline
 
     # A 32x32 latent: the tiny UNet's attention grids are 16x16 and 8x8, enough for 8x8 tiles.
     tiny_sdxl_pipeline(sample_size=32).save_pretrained(tmp_path / "pipe")

@@ -12,11 +12,11 @@ from typing import Literal
 import pytest
 import torch
 
-import framework as tr
-from framework.hookspecs import hookimpl
-from framework.interfaces import MergePlan, Merger
-from framework.layout import Layout
-from framework.params import StrictParams
+import tokenreduce as tr
+from tokenreduce.hookspecs import hookimpl
+from tokenreduce.interfaces import MergePlan, Merger
+from tokenreduce.layout import Layout
+from tokenreduce.params import StrictParams
 
 
 class FixedPlan(MergePlan):

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from framework.interfaces import MergePlan
+from tokenreduce.interfaces import MergePlan
 
 #: (kind, block index, normalised image tokens (B, N, C)) -> plan for those tokens
 Planner = Callable[[str, int, torch.Tensor], MergePlan]

@@ -7,11 +7,16 @@ import copy
 import pytest
 import torch
 
-import framework as tr
-from framework.config import ConfigError
-from framework.testing.tiny_flux import image_ids, tiny_flux_inputs, tiny_flux_pipeline, tiny_flux_transformer
-from plugins import flux as flux_module
-from plugins.flux import FluxAdapter, merged_rope
+import tokenreduce as tr
+from tokenreduce.config import ConfigError
+from tokenreduce.plugins import flux as flux_module
+from tokenreduce.plugins.flux import FluxAdapter, merged_rope
+from tokenreduce.testing.tiny_flux import (
+    image_ids,
+    tiny_flux_inputs,
+    tiny_flux_pipeline,
+    tiny_flux_transformer,
+)
 
 ALL_BLOCKS = {"name": "flux", "skip_double": 0, "skip_single": 0}
 

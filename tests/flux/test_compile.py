@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch._dynamo
 
-import framework as tr
-from framework.testing.tiny_flux import tiny_flux_inputs, tiny_flux_transformer
+import tokenreduce as tr
+from tokenreduce.testing.tiny_flux import tiny_flux_inputs, tiny_flux_transformer
 
 pytestmark = pytest.mark.slow
 

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-import framework as tr
-from framework.config import resolve
-from framework.engine.runtime import Runtime
-from framework.interfaces import SelectContext
-from framework.testing.tiny_flux import tiny_flux_inputs, tiny_flux_transformer
+import tokenreduce as tr
+from tokenreduce.config import resolve
+from tokenreduce.engine.runtime import Runtime
+from tokenreduce.interfaces import SelectContext
+from tokenreduce.testing.tiny_flux import tiny_flux_inputs, tiny_flux_transformer
 
 from .reference import reference_forward
 

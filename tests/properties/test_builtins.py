@@ -7,7 +7,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from framework.builtins import (
+from tokenreduce.builtins import (
     AlwaysPolicy,
     EveryKPolicy,
     GlobalPartitioner,
@@ -19,11 +19,11 @@ from framework.builtins import (
     RandomSelector,
     StripePartitioner,
 )
-from framework.engine import Runtime
-from framework.interfaces import Decision, SelectContext
-from framework.layout import kept_per_region
-from framework.testing.contracts import make_layout, seeded
-from framework.testing.strategies import (
+from tokenreduce.engine import Runtime
+from tokenreduce.interfaces import Decision, SelectContext
+from tokenreduce.layout import kept_per_region
+from tokenreduce.testing.contracts import make_layout, seeded
+from tokenreduce.testing.strategies import (
     feasible_ratio,
     grids,
     make_tokens,

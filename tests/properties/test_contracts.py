@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import framework
-from framework.interfaces import Component, Decision
-from framework.testing.contracts import (
+import tokenreduce
+from tokenreduce.interfaces import Component, Decision
+from tokenreduce.testing.contracts import (
     MergerContract,
     PartitionerContract,
     ReusePolicyContract,
@@ -22,9 +22,9 @@ from framework.testing.contracts import (
     build_component,
     check_regions,
 )
-from framework.testing.strategies import component_params, grids
+from tokenreduce.testing.strategies import component_params, grids
 
-REGISTRY = framework.reset_manager().registry
+REGISTRY = tokenreduce.reset_manager().registry
 KINDS = ("partitioner", "selector", "merger", "reuse")
 
 

@@ -9,10 +9,10 @@ import torch
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from framework.builtins import GlobalPartitioner, StripePartitioner
-from framework.interfaces import Partitioner
-from framework.layout import Layout, Regions, build_layout, kept_per_region
-from framework.testing.strategies import (
+from tokenreduce.builtins import GlobalPartitioner, StripePartitioner
+from tokenreduce.interfaces import Partitioner
+from tokenreduce.layout import Layout, Regions, build_layout, kept_per_region
+from tokenreduce.testing.strategies import (
     EDGE_GRIDS,
     LARGEST_RATIO,
     arbitrary_regions,

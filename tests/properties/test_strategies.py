@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from framework.builtins import EveryKPolicy, GridSelector, RandomSelector, StripePartitioner
-from framework.layout import Regions
-from framework.testing.contracts import check_regions
-from framework.testing.strategies import (
+from tokenreduce.builtins import EveryKPolicy, GridSelector, RandomSelector, StripePartitioner
+from tokenreduce.layout import Regions
+from tokenreduce.testing.contracts import check_regions
+from tokenreduce.testing.strategies import (
     TOKEN_MODES,
     arbitrary_regions,
     clustered_tokens,

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from framework.api import prepare
-from framework.cli import main
-from framework.quality import fidelity, metrics
-from framework.quality.proxy.features import ProxyFeatures
-from framework.quality.proxy.models import KINDS, ProxyPipeline, build_denoiser, build_prompts
+from tokenreduce.api import prepare
+from tokenreduce.cli import main
+from tokenreduce.quality import fidelity, metrics
+from tokenreduce.quality.proxy.features import ProxyFeatures
+from tokenreduce.quality.proxy.models import KINDS, ProxyPipeline, build_denoiser, build_prompts
 
 pytest.importorskip("torchmetrics")
 ROOT = Path(__file__).resolve().parents[2]

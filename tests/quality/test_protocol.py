@@ -21,17 +21,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import framework
-from framework.cli import main
+import tokenreduce
+from tokenreduce.cli import main
 
 PROMPTS = "# two prompts\nred cube\n\nblue ball\n"
 
 
 @pytest.fixture(autouse=True)
 def fresh_registry():
-    framework.reset_manager()
+    tokenreduce.reset_manager()
     yield
-    framework.reset_manager()
+    tokenreduce.reset_manager()
 
 
 @pytest.fixture(autouse=True)
@@ -44,8 +44,8 @@ def offline_cpu(monkeypatch):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
     """Saved tiny pipeline, CLIP and DINO-like ViT; a prompt file; a reference folder."""
-    from framework.testing.tiny_eval import save_tiny_clip, save_tiny_dino
-    from framework.testing.tiny_sdxl import tiny_sdxl_pipeline
+    from tokenreduce.testing.tiny_eval import save_tiny_clip, save_tiny_dino
+    from tokenreduce.testing.tiny_sdxl import tiny_sdxl_pipeline
 
     root = tmp_path_factory.mktemp("assets")
     # 64x64-pixel images: token grids 16x16 and 8x8, large enough for toma-sdxl's 8x8 tiles.
@@ -268,7 +268,7 @@ def test_two_processes_make_the_same_images_as_one(capsys, assets, tmp_path: Pat
     # processes talk through gloo.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(port), "-m", "framework.cli"]
+    launch += ["--main_process_port", str(port), "-m", "tokenreduce.cli"]
     done = subprocess.run(
         [*launch, *eval_args(assets, two)], env=env, capture_output=True, text=True, timeout=600
     )

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from framework.api import apply
-from framework.quality.proxy.data import PHOTOS, photo_bank, sample_crops
-from framework.quality.proxy.features import features_path, load_features
-from framework.quality.proxy.models import (
+from tokenreduce.api import apply
+from tokenreduce.quality.proxy.data import PHOTOS, photo_bank, sample_crops
+from tokenreduce.quality.proxy.features import features_path, load_features
+from tokenreduce.quality.proxy.models import (
     IMAGE_SIZE,
     KINDS,
     ProxyPipeline,
@@ -22,7 +22,7 @@ from framework.quality.proxy.models import (
     unpack,
     weights_path,
 )
-from framework.quality.proxy.train import TrainSettings, train_denoiser, train_features
+from tokenreduce.quality.proxy.train import TrainSettings, train_denoiser, train_features
 
 pytest.importorskip("skimage")
 
@@ -162,7 +162,7 @@ def test_committed_weights_load_with_their_record():
 
 @pytest.mark.slow
 def test_train_proxies_command_writes_loadable_weights_and_a_record(tmp_path, capsys):
-    from framework.cli import main
+    from tokenreduce.cli import main
 
     code = main(
         ["train-proxies", "-o", str(tmp_path), "--steps", "2", "--feature-steps", "2", "--batch", "2"]
@@ -187,7 +187,7 @@ class _IdealSDXL(torch.nn.Module):
         super().__init__()
         from diffusers import DDPMScheduler
 
-        from framework.quality.proxy.models import SDXL_SCHEDULE
+        from tokenreduce.quality.proxy.models import SDXL_SCHEDULE
 
         self.anchor = torch.nn.Parameter(torch.zeros(1))
         self.target = target

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-import framework as tr
-from framework.testing.tiny_sdxl import tiny_sdxl_unet
+import tokenreduce as tr
+from tokenreduce.testing.tiny_sdxl import tiny_sdxl_unet
 
 
 @pytest.fixture(scope="module", autouse=True)

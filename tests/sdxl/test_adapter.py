@@ -9,9 +9,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 
-import framework as tr
-from framework.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet
-from plugins.sdxl import SDXLAdapter
+import tokenreduce as tr
+from tokenreduce.plugins.sdxl import SDXLAdapter
+from tokenreduce.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet
 
 from .conftest import config, relative_error, run, wrapped
 
@@ -259,8 +259,8 @@ def test_presets_on_an_sdxl_shaped_unet(preset):
 
 def test_toma_sdxl_fits_the_real_sdxl_architecture():
     """The published SDXL-base UNet on the meta device: 70 blocks on 64x64 and 32x32 grids at 1024x1024."""
-    from framework import archs
-    from framework.api import prepare
+    from tokenreduce import archs
+    from tokenreduce.api import prepare
 
     model = archs.build("sdxl")
     _, _, adapter, runtime, sites = prepare(model, "toma-sdxl")

@@ -9,8 +9,8 @@ import torch
 import torch._dynamo
 import torch._dynamo.utils
 
-import framework as tr
-from framework.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet
+import tokenreduce as tr
+from tokenreduce.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet
 
 from .conftest import config, relative_error, run
 from .test_reuse import at

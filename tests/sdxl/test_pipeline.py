@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-import framework as tr
-from framework.testing.tiny_sdxl import tiny_sdxl_pipeline
+import tokenreduce as tr
+from tokenreduce.testing.tiny_sdxl import tiny_sdxl_pipeline
 
 from .conftest import config, relative_error, wrapped
 from .test_reuse import GROUPS, SHARED, count_calls

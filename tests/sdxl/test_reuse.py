@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import torch
 
-import framework as tr
-from framework.engine import Runtime
-from framework.testing.tiny_sdxl import tiny_sdxl_inputs
+import tokenreduce as tr
+from tokenreduce.engine import Runtime
+from tokenreduce.testing.tiny_sdxl import tiny_sdxl_inputs
 
 from .conftest import config, run
 

@@ -11,15 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import framework
-from framework.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet
+import tokenreduce
+from tokenreduce.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet
 
 BASE = {"ratio": 0.5, "partitioner": {"name": "tile", "size": 4}, "reuse": {"name": "step_sharing"}}
 
 
 @pytest.fixture(scope="module")
 def unet():
-    framework.reset_manager()
+    tokenreduce.reset_manager()
     # Three blocks per Transformer2DModel at the lower levels, so stacks have first, middle and last blocks.
     return tiny_sdxl_unet(transformer_layers_per_block=(1, 3, 3), dtype=torch.float64)
 
@@ -29,7 +29,7 @@ def run(unet, config=None) -> torch.Tensor:
     with torch.no_grad():
         if config is None:
             return unet(**inputs).sample
-        handle = framework.apply(unet, config)
+        handle = tokenreduce.apply(unet, config)
         try:
             return unet(**inputs).sample
         finally:
@@ -63,7 +63,7 @@ def test_stack_ratio_zero_and_remove_are_exact(unet) -> None:
 
 
 def test_stack_wraps_two_blocks_per_transformer(unet) -> None:
-    handle = framework.apply(unet, {**BASE, "adapter": {"name": "sdxl", "sites": ["stack"]}})
+    handle = tokenreduce.apply(unet, {**BASE, "adapter": {"name": "sdxl", "sites": ["stack"]}})
     try:
         blocks = [name for name, m in unet.named_modules() if type(m).__name__ == "BasicTransformerBlock"]
         wrapped = [name for name in blocks if "forward" in unet.get_submodule(name).__dict__]

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-import framework as tr
-from framework.testing.tiny_sdxl import tiny_sdxl_inputs
-from plugins.sdxl import SDXLAdapter
+import tokenreduce as tr
+from tokenreduce.plugins.sdxl import SDXLAdapter
+from tokenreduce.testing.tiny_sdxl import tiny_sdxl_inputs
 
 from .conftest import config, run, wrapped
 

@@ -9,12 +9,12 @@ from hypothesis import given, reject
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from framework.engine.runtime import Runtime
-from framework.interfaces import SelectContext
-from framework.layout import Layout, build_layout, kept_per_region
-from toma_plugin.attention_merger import AttentionMerger
-from toma_plugin.facility_location import FacilityLocationSelector
-from toma_plugin.tile import TilePartitioner
+from tokenreduce.engine.runtime import Runtime
+from tokenreduce.interfaces import SelectContext
+from tokenreduce.layout import Layout, build_layout, kept_per_region
+from tokenreduce.toma_plugin.attention_merger import AttentionMerger
+from tokenreduce.toma_plugin.facility_location import FacilityLocationSelector
+from tokenreduce.toma_plugin.tile import TilePartitioner
 
 
 def make_layout(h: int, w: int, tile: list[int], ratio: float) -> Layout:

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from framework.interfaces import SelectContext
-from framework.layout import build_layout, kept_per_region
-from toma_plugin.facility_location import FacilityLocationSelector, facility_location_greedy
-from toma_plugin.tile import TilePartitioner
+from tokenreduce.interfaces import SelectContext
+from tokenreduce.layout import build_layout, kept_per_region
+from tokenreduce.toma_plugin.facility_location import FacilityLocationSelector, facility_location_greedy
+from tokenreduce.toma_plugin.tile import TilePartitioner
 
 #: Smallest objective gap between the best and second-best candidate for a case to count as tie-free.
 TIE_GAP = 1e-3

@@ -8,12 +8,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-import toma_plugin
-from framework.config import load_config, resolve
-from framework.engine.runtime import Runtime
-from framework.interfaces import Decision
-from framework.registry import Registry
-from toma_plugin.step_sharing import StepSharingPolicy
+import tokenreduce.toma_plugin
+from tokenreduce.config import load_config, resolve
+from tokenreduce.engine.runtime import Runtime
+from tokenreduce.interfaces import Decision
+from tokenreduce.registry import Registry
+from tokenreduce.toma_plugin.step_sharing import StepSharingPolicy
 
 S, W, R = Decision.SELECT, Decision.WEIGHTS, Decision.REUSE
 
@@ -85,7 +85,7 @@ def test_invalid_params_are_rejected(params: dict) -> None:
 
 def toma_runtime(**reuse: object) -> Runtime:
     registry = Registry()
-    toma_plugin.tokenreduce_register(registry=registry)
+    tokenreduce.toma_plugin.tokenreduce_register(registry=registry)
     config = load_config(
         {
             "adapter": {"name": "auto"},

@@ -8,7 +8,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from toma_plugin.tile import TilePartitioner
+from tokenreduce.toma_plugin.tile import TilePartitioner
 
 
 def tiler(size: int | list[int]) -> TilePartitioner:

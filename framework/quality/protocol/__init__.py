@@ -11,8 +11,8 @@ images), ``inputs`` (checks and the pipeline), ``generation``, ``scoring``, ``re
 ``run`` (all of them end to end).
 """
 
-from framework.quality.protocol.run import evaluate, run_model_eval
-from framework.quality.protocol.settings import (
+from tokenreduce.quality.protocol.run import evaluate, run_model_eval
+from tokenreduce.quality.protocol.settings import (
     DEFAULT_CLIP,
     DEFAULT_CONFIGS,
     DEFAULT_DINO,

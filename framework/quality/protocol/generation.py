@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from framework.quality.protocol.plan import Item, Run, image_path
-from framework.quality.protocol.settings import EvalSettings, ProtocolError
+from tokenreduce.quality.protocol.plan import Item, Run, image_path
+from tokenreduce.quality.protocol.settings import EvalSettings, ProtocolError
 
 MANIFEST = "manifest.json"  # under OUTPUT/images: the settings the stored images were made with
 
@@ -97,7 +97,7 @@ def generate_batches(
     """Make this process's images; one timing line per image in ``OUTPUT/timings``."""
     from tqdm.auto import tqdm
 
-    from framework.api import apply
+    from tokenreduce.api import apply
 
     stats: dict[str, Any] = {"index": process, "device": str(device), "generated": 0, "seconds": 0.0}
     if not batches:

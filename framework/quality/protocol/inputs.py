@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from framework.api import UnsupportedModelError
-from framework.config import ConfigError
-from framework.generate import DTYPES
-from framework.quality.protocol.plan import Run
-from framework.quality.protocol.settings import EvalSettings, ProtocolError
+from tokenreduce.api import UnsupportedModelError
+from tokenreduce.config import ConfigError
+from tokenreduce.generate import DTYPES
+from tokenreduce.quality.protocol.plan import Run
+from tokenreduce.quality.protocol.settings import EvalSettings, ProtocolError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -135,7 +135,7 @@ def default_dtype(index: dict[str, Any], device: torch.device) -> str:
 
 def load_eval_pipeline(model: str, dtype: str) -> Any:
     """The pipeline on the CPU (moved to a process's device only if it has images to make)."""
-    from framework.generate import load_pipeline
+    from tokenreduce.generate import load_pipeline
 
     try:
         pipe = load_pipeline(model, "cpu", DTYPES[dtype])
@@ -165,7 +165,7 @@ def resolved_size(pipe: Any, height: int | None, width: int | None) -> tuple[int
 def validate_runs(pipe: Any, runs: Sequence[Run], size: tuple[int, int] | None) -> dict[str, Any]:
     """Each run's resolved config (``None`` for the baseline), checked against the pipeline without
     modifying it; with ``size`` (pixels, given by the user) also the token grids at that size."""
-    from framework.api import find_denoiser, prepare
+    from tokenreduce.api import find_denoiser, prepare
 
     find_denoiser(pipe)  # UnsupportedModelError for a pipeline without a supported denoiser
     dumps: dict[str, Any] = {}

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from framework.config import ConfigError, load_config
-from framework.quality.protocol.settings import ProtocolError
+from tokenreduce.config import ConfigError, load_config
+from tokenreduce.quality.protocol.settings import ProtocolError
 
 BASELINE = "baseline"
 

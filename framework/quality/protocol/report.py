@@ -12,9 +12,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from framework.quality.protocol.generation import seconds_per_image, write_atomic
-from framework.quality.protocol.plan import Run
-from framework.quality.protocol.settings import EvalSettings
+from tokenreduce.quality.protocol.generation import seconds_per_image, write_atomic
+from tokenreduce.quality.protocol.plan import Run
+from tokenreduce.quality.protocol.settings import EvalSettings
 
 
 def run_results(
@@ -64,7 +64,7 @@ def results_record(
     import torchmetrics
     import transformers
 
-    from framework.generate import environment
+    from tokenreduce.generate import environment
 
     inputs = (
         settings.record() | resolved | {"prompt_count": prompt_count, "reference_images": reference_images}

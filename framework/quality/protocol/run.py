@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from framework.quality.protocol.generation import (
+from tokenreduce.quality.protocol.generation import (
     MANIFEST,
     check_manifest,
     generate_batches,
@@ -21,7 +21,7 @@ from framework.quality.protocol.generation import (
     read_timings,
     write_atomic,
 )
-from framework.quality.protocol.inputs import (
+from tokenreduce.quality.protocol.inputs import (
     call_default,
     check_feature_models,
     default_dtype,
@@ -33,10 +33,10 @@ from framework.quality.protocol.inputs import (
     resolved_size,
     validate_runs,
 )
-from framework.quality.protocol.plan import image_path, plan_batches, plan_runs
-from framework.quality.protocol.report import results_record, run_results, write_results
-from framework.quality.protocol.scoring import measure
-from framework.quality.protocol.settings import EvalSettings, ProtocolError
+from tokenreduce.quality.protocol.plan import image_path, plan_batches, plan_runs
+from tokenreduce.quality.protocol.report import results_record, run_results, write_results
+from tokenreduce.quality.protocol.scoring import measure
+from tokenreduce.quality.protocol.settings import EvalSettings, ProtocolError
 
 
 def require_packages() -> None:

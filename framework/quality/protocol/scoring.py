@@ -13,8 +13,8 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from framework.quality.protocol.plan import Item, Run, image_path
-from framework.quality.protocol.settings import EvalSettings, ProtocolError
+from tokenreduce.quality.protocol.plan import Item, Run, image_path
+from tokenreduce.quality.protocol.settings import EvalSettings, ProtocolError
 
 METRIC_BATCH = 32  # images per feature-model call when measuring
 

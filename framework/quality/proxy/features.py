@@ -35,7 +35,7 @@ class ProxyFeatures(nn.Module):
 
 
 def features_path(folder: Path | None = None) -> Path:
-    from framework.quality.proxy.models import WEIGHTS_DIR
+    from tokenreduce.quality.proxy.models import WEIGHTS_DIR
 
     return (folder or WEIGHTS_DIR) / "features.safetensors"
 

@@ -134,7 +134,7 @@ def sdxl_time_ids(batch: int, device: torch.device, dtype: torch.dtype) -> torch
 @functools.lru_cache(maxsize=8)
 def flux_ids(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Image and text position ids (fixed for the proxy's size: built once per device and dtype)."""
-    from framework.testing.tiny_flux import image_ids
+    from tokenreduce.testing.tiny_flux import image_ids
 
     side = IMAGE_SIZE // 2
     return image_ids(side, side, device, dtype), torch.zeros(TEXT_TOKENS, 3, device=device, dtype=dtype)

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from framework.quality.proxy.data import PhotoBank, photo_bank, sample_crops
-from framework.quality.proxy.features import ProxyFeatures, features_path
-from framework.quality.proxy.models import (
+from tokenreduce.quality.proxy.data import PhotoBank, photo_bank, sample_crops
+from tokenreduce.quality.proxy.features import ProxyFeatures, features_path
+from tokenreduce.quality.proxy.models import (
     IMAGE_SIZE,
     KINDS,
     SDXL_SCHEDULE,
@@ -202,7 +202,7 @@ def train_proxies(
     ``record.json`` (updated in place, so parts may be trained separately)."""
     from safetensors.torch import save_file
 
-    from framework.generate import environment
+    from tokenreduce.generate import environment
 
     unknown = [k for k in parts if k not in PARTS]
     if unknown:
