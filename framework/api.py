@@ -72,10 +72,10 @@ class TokenReduceHandle:
         finally:
             self.runtime.enabled = previous
 
-    def prepare(self, height: int, width: int) -> None:
+    def prepare(self, height: int, width: int, **size: int) -> None:
         """Build the layouts for images of ``height x width`` pixels now (before a compiled call at
-        a new resolution; eager calls build them on first use)."""
-        self.adapter.prepare(self.model, self.runtime, height, width)
+        a new resolution; eager calls build them on first use). Video adapters also take ``frames``."""
+        self.adapter.prepare(self.model, self.runtime, height, width, **size)
 
     def reset(self) -> None:
         """Forget cached plans and restart the step clock."""
@@ -138,6 +138,7 @@ def prepare(
     resolved = resolve(config, adapter=adapter)
     runtime = Runtime(resolved)
     try:
+        runtime.check_rank(adapter.grid_rank)
         adapter.validate(model, config)
         sites = adapter.sites(model, config)
         for grid in {s.grid for s in sites if s.grid is not None}:

@@ -11,6 +11,7 @@ from rich.table import Table
 from tokenreduce import archs
 from tokenreduce.api import prepare
 from tokenreduce.config import load_config
+from tokenreduce.layout import grid_text
 
 
 def explain(
@@ -56,7 +57,7 @@ def explain(
             group,
             kinds,
             str(blocks),
-            f"{grid[0]}x{grid[1]}",
+            grid_text(grid),
             str(n),
             f"{layout.keep} ({layout.keep / n:.0%})",
             f"{layout.regions.num_regions} x {layout.regions.slots}",

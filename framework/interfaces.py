@@ -28,6 +28,10 @@ class Component(ABC):
     name: ClassVar[str]
     Params: ClassVar[type[StrictParams]]
 
+    #: Token-grid ranks this component works on (2: rows x cols, 3: frames x rows x cols);
+    #: ``None``: any rank. Validation refuses a component on a model whose grid has another rank.
+    grid_ranks: ClassVar[tuple[int, ...] | None] = None
+
     def __init__(self, params: StrictParams | None = None) -> None:
         self.params = params if params is not None else self.Params()
 
@@ -45,16 +49,17 @@ class Component(ABC):
 
 
 class Partitioner(Component):
-    """Token grid ``(H, W)`` -> regions that are processed as one batch row each."""
+    """Token grid (``(H, W)``, ``(T, H, W)``, any rank) -> regions processed as one batch row each."""
 
     kind = "partitioner"
 
     @abstractmethod
-    def partition(self, height: int, width: int) -> Regions:
-        """Regions of an ``height x width`` raster grid (host tensors, built once per grid)."""
+    def partition(self, grid: tuple[int, ...]) -> Regions:
+        """Regions of a raster grid, outermost axis first (host tensors, built once per grid)."""
 
-    def min_grid(self) -> tuple[int, int]:
-        """The smallest grid this partitioner accepts (validated before patching)."""
+    def min_grid(self) -> tuple[int, ...]:
+        """The smallest grid this partitioner accepts, on the grid's trailing axes (validated before
+        patching): a grid needs at least this rank, and leading axes beyond it are unconstrained."""
         return (1, 1)
 
 
@@ -183,13 +188,15 @@ class SiteSpec:
     path: str  # dotted module path
     site: str  # e.g. "attn1", "block", "double", "single"
     group: str  # sharing group (block kind)
-    grid: tuple[int, int] | None  # token grid at the reference resolution, if known
+    grid: tuple[int, ...] | None  # token grid at the reference resolution, if known
 
 
 class ModelAdapter(Component):
     """Finds the sites in one model family, installs and removes the wrappers."""
 
     kind = "adapter"
+    #: Rank of the token grids this adapter's sites see (2: images; 3: video frames x rows x cols).
+    grid_rank: ClassVar[int] = 2
 
     @classmethod
     @abstractmethod
@@ -221,11 +228,11 @@ class ModelAdapter(Component):
     def validate(self, model: nn.Module, config: Any) -> None:  # noqa: B027 - optional hook
         """Raise ``ValueError`` for a model/config combination this adapter cannot serve."""
 
-    def grids_for(self, model: nn.Module, height: int, width: int) -> dict[str, tuple[int, int]]:
+    def grids_for(self, model: nn.Module, height: int, width: int) -> dict[str, tuple[int, ...]]:
         """Token grid per sharing group for an image of ``height x width`` pixels."""
         raise NotImplementedError(f"adapter {self.name!r} cannot predict token grids from an image size")
 
-    def prepare(self, model: nn.Module, runtime: Any, height: int, width: int) -> None:
+    def prepare(self, model: nn.Module, runtime: Any, height: int, width: int, **size: int) -> None:
         """Build, on the model's device, everything a call at this image size builds lazily.
 
         A model compiled with ``fullgraph=True`` cannot run that set-up inside its graph: call this
@@ -233,5 +240,5 @@ class ModelAdapter(Component):
         """
         device = next(model.parameters()).device
         runtime.generator(device)
-        for grid in set(self.grids_for(model, height, width).values()):
+        for grid in set(self.grids_for(model, height, width, **size).values()):
             runtime.layout(grid).to(device)

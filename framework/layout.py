@@ -7,6 +7,7 @@ fixed index tensors and fixed shapes (what CUDA graphs and ``torch.compile`` nee
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -14,19 +15,22 @@ import torch
 
 @dataclass(frozen=True)
 class Regions:
-    """A partition of an ``H x W`` raster grid into ``R`` regions of at most ``S`` tokens.
+    """A partition of a raster grid of any rank into ``R`` regions of at most ``S`` tokens.
 
-    ``index[r, s]`` is the raster index of slot ``s`` of region ``r``; padding slots (ragged
-    border tiles) point at token 0 and are ``False`` in ``valid``. ``shape`` is the 2-D extent
-    of a full region (rows, cols) when regions are rectangles, for grid-aware selectors.
+    ``grid`` is the token grid, outermost axis first: ``(rows, cols)`` for images, ``(frames,
+    rows, cols)`` for video; tokens are numbered in raster (C) order over it. ``index[r, s]`` is
+    the raster index of slot ``s`` of region ``r``; padding slots (ragged border tiles) point at
+    token 0 and are ``False`` in ``valid``. ``shape`` is the extent of a full region along every
+    grid axis when regions are boxes, for grid-aware selectors.
     """
 
-    grid: tuple[int, int]
+    grid: tuple[int, ...]
     index: torch.Tensor  # (R, S) int64
     valid: torch.Tensor  # (R, S) bool
     sizes: tuple[int, ...]  # valid tokens per region
-    shape: tuple[int, int] | None = None
-    # (R, S) row/col of each slot inside its region's rectangle (grid-aware selectors)
+    shape: tuple[int, ...] | None = None
+    # (R, S, rank) position of each slot inside its region's box, one column per grid axis
+    # (for rank 2: row, col), for grid-aware selectors
     local_rc: torch.Tensor | None = None
     # One full region listing the tokens in raster order; decided once on the host when not given.
     raster_order: bool | None = field(default=None, compare=False, repr=False)
@@ -40,6 +44,14 @@ class Regions:
                 and torch.equal(self.index[0].cpu(), torch.arange(s))
             )
             object.__setattr__(self, "raster_order", raster)
+
+    @property
+    def rank(self) -> int:
+        return len(self.grid)
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.grid)
 
     @property
     def num_regions(self) -> int:
@@ -60,11 +72,53 @@ class Regions:
 
     def check_cover(self) -> None:
         """Raise if the valid slots do not cover every token of the grid exactly once."""
-        n = self.grid[0] * self.grid[1]
+        n = self.num_tokens
         taken = self.index[self.valid]
         counts = torch.bincount(taken, minlength=n)
         if taken.numel() != n or bool((counts != 1).any()):
             raise ValueError(f"regions do not cover the {self.grid} grid exactly once")
+
+
+def grid_text(grid: Sequence[int]) -> str:
+    """``"21x45x80"``: a grid as users write it."""
+    return "x".join(str(n) for n in grid)
+
+
+def grid_fits(grid: Sequence[int], minimum: Sequence[int]) -> bool:
+    """Whether ``grid`` has at least ``minimum``'s rank and is at least as large on its trailing axes."""
+    if len(grid) < len(minimum):
+        return False
+    return all(g >= m for g, m in zip(grid[len(grid) - len(minimum) :], minimum, strict=True))
+
+
+def raster_positions(shape: Sequence[int]) -> torch.Tensor:
+    """``(prod(shape), rank)`` coordinates of every position of a box, in raster order."""
+    axes = [torch.arange(n) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
+
+
+def raster_index(positions: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """Raster index of ``(..., rank)`` coordinates on ``grid``."""
+    strides = [math.prod(grid[i + 1 :]) for i in range(len(grid))]
+    return (positions * torch.tensor(strides, dtype=positions.dtype)).sum(dim=-1)
+
+
+def box_regions(grid: tuple[int, ...], box: tuple[int, ...]) -> Regions:
+    """Regions of ``box``-sized tiles of ``grid`` (same rank), tiles and slots in raster order."""
+    counts = tuple(-(-g // b) for g, b in zip(grid, box, strict=True))
+    local = raster_positions(box)  # (S, rank): slot s of a tile, in raster order inside the box
+    origin = raster_positions(counts) * torch.tensor(box)  # (R, rank): first position of each tile
+    pos = origin[:, None, :] + local[None, :, :]  # (R, S, rank)
+    valid = (pos < torch.tensor(grid)).all(dim=-1)
+    index = torch.where(valid, raster_index(pos, grid), torch.zeros_like(valid, dtype=torch.long))
+    return Regions(
+        grid=grid,
+        index=index,
+        valid=valid,
+        sizes=tuple(int(n) for n in valid.sum(dim=1).tolist()),
+        shape=box,
+        local_rc=local.expand(index.shape[0], -1, -1).contiguous(),
+    )
 
 
 def kept_per_region(sizes: tuple[int, ...], ratio: float) -> tuple[int, ...]:
@@ -141,7 +195,7 @@ class Layout:
 
     @property
     def num_tokens(self) -> int:
-        return self.regions.grid[0] * self.regions.grid[1]
+        return self.regions.num_tokens
 
     @property
     def num_destinations(self) -> int:

@@ -1,19 +1,20 @@
-"""Tile partitioner: non-overlapping rectangular tiles of the token grid, in raster order.
+"""Tile partitioner: non-overlapping boxes of the token grid, in raster order, for grids of any rank.
 
-Each tile is one region (one batch row for selection and merging). Grids that are not a
-multiple of the tile keep smaller border tiles; they are padded to the full ``th * tw`` slots
-and the padding is marked invalid, so every region has the same static shape.
+Each tile is one region (one batch row for selection and merging). ``size`` gives the tile's
+extent on the grid's trailing axes: ``[rows, cols]`` tiles a video grid (frames x rows x cols)
+frame by frame (one frame deep), ``[frames, rows, cols]`` spans several frames. Grids that are
+not a multiple of the tile keep smaller border tiles; they are padded to the full tile's slot
+count and the padding is marked invalid, so every region has the same static shape.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field, field_validator
 
 from tokenreduce.interfaces import Partitioner
-from tokenreduce.layout import Regions
+from tokenreduce.layout import Regions, box_regions, grid_fits, grid_text
 from tokenreduce.params import StrictParams
 
 
@@ -24,56 +25,42 @@ class TilePartitioner(Partitioner):
         name: Literal["tile"] = "tile"
         size: int | list[int] = Field(
             default_factory=lambda: [8, 8],
-            description="Tile extent in tokens: one side for square tiles, or [rows, cols].",
+            description=(
+                "Tile extent in tokens on the grid's trailing axes: one side for square tiles, [rows, cols] "
+                "(on video grids: within one frame), or [frames, rows, cols]."
+            ),
         )
 
         @field_validator("size")
         @classmethod
         def _normalise_size(cls, value: int | list[int]) -> list[int]:
             sides = [value, value] if isinstance(value, int) else value
-            if len(sides) != 2:
-                raise ValueError(f"tile size must be an int or [rows, cols], got {value!r}")
+            if len(sides) not in (2, 3):
+                raise ValueError(
+                    f"tile size must be an int, [rows, cols] or [frames, rows, cols], got {value!r}"
+                )
             if min(sides) < 1:
                 raise ValueError(f"tile sides must be positive, got {value!r}")
             return list(sides)
 
     def __init__(self, params: StrictParams | None = None) -> None:
         super().__init__(params)
-        rows, cols = self.params.size  # normalised to [rows, cols] by the validator
-        self.tile: tuple[int, int] = (rows, cols)
-        self._cache: dict[tuple[int, int], Regions] = {}
+        self.tile: tuple[int, ...] = tuple(self.params.size)  # normalised by the validator
+        self._cache: dict[tuple[int, ...], Regions] = {}
 
-    def min_grid(self) -> tuple[int, int]:
+    def min_grid(self) -> tuple[int, ...]:
         return self.tile
 
-    def partition(self, height: int, width: int) -> Regions:
-        key = (height, width)
+    def partition(self, grid: tuple[int, ...]) -> Regions:
+        key = tuple(grid)
         regions = self._cache.get(key)
         if regions is None:
-            regions = self._cache[key] = self._build(height, width)
+            regions = self._cache[key] = self._build(key)
         return regions
 
-    def _build(self, height: int, width: int) -> Regions:
-        th, tw = self.tile
-        if height < th or width < tw:
-            raise ValueError(f"token grid {height}x{width} is smaller than one {th}x{tw} tile")
-        tiles_h = -(-height // th)
-        tiles_w = -(-width // tw)
-        # Slot s of a tile is (s // tw, s % tw) inside the rectangle; tiles are numbered in raster order.
-        local_r = torch.arange(th).repeat_interleave(tw)  # (S,)
-        local_c = torch.arange(tw).repeat(th)  # (S,)
-        tile_r = torch.arange(tiles_h).repeat_interleave(tiles_w)  # (R,)
-        tile_c = torch.arange(tiles_w).repeat(tiles_h)  # (R,)
-        rows = tile_r[:, None] * th + local_r[None, :]  # (R, S)
-        cols = tile_c[:, None] * tw + local_c[None, :]
-        valid = (rows < height) & (cols < width)
-        index = torch.where(valid, rows * width + cols, torch.zeros_like(rows))
-        local_rc = torch.stack([local_r, local_c], dim=-1).expand(index.shape[0], -1, -1).contiguous()
-        return Regions(
-            grid=(height, width),
-            index=index,
-            valid=valid,
-            sizes=tuple(int(n) for n in valid.sum(dim=1).tolist()),
-            shape=(th, tw),
-            local_rc=local_rc,
-        )
+    def _build(self, grid: tuple[int, ...]) -> Regions:
+        if not grid_fits(grid, self.tile):
+            raise ValueError(f"token grid {grid_text(grid)} is smaller than one {grid_text(self.tile)} tile")
+        # Leading axes the tile does not name are one position deep (e.g. one frame).
+        box = (1,) * (len(grid) - len(self.tile)) + self.tile
+        return box_regions(grid, box)

@@ -64,6 +64,7 @@ class DownsampleMerger(Merger):
     """ToDo: K/V from a pooled token grid (``kv_only``; self-attention only)."""
 
     name = "downsample"
+    grid_ranks = (2,)  # pools a rows x cols image grid
     output = "keep"
     kv_only = True
     needs_destinations = False

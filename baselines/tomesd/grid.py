@@ -97,6 +97,7 @@ class TomesdGridSelector(Selector):
     """One destination per stride cell of each region (ToMeSD's ``bipartite_soft_matching_random2d`` split)."""
 
     name = "tomesd_grid"
+    grid_ranks = (2,)  # cells of rows x cols; video grids are not supported
 
     class Params(StrictParams):
         name: Literal["tomesd_grid"] = "tomesd_grid"

@@ -9,6 +9,7 @@ published models at 1024x1024.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ def component_times(
 ) -> dict[str, float]:
     runtime = Runtime(resolve(load_config(preset)))
     layout = runtime.layout(grid).to("cuda")
-    x = torch.randn(batch, grid[0] * grid[1], channels, device="cuda", dtype=dtype)
+    x = torch.randn(batch, math.prod(grid), channels, device="cuda", dtype=dtype)
     ctx = SelectContext(layout=layout, generator=torch.Generator(device="cuda"))
     features = runtime.features(x, layout)
     destinations = runtime.selector.select(features, ctx)

@@ -4,10 +4,26 @@ from __future__ import annotations
 
 from typing import Literal
 
-from tokenreduce.builtins.partition_stripe import stripe_regions
+import torch
+
 from tokenreduce.interfaces import Partitioner
-from tokenreduce.layout import Regions
+from tokenreduce.layout import Regions, raster_positions
 from tokenreduce.params import StrictParams
+
+
+def whole_grid(grid: tuple[int, ...]) -> Regions:
+    """One region holding every token of ``grid`` in raster order; ``local_rc`` = grid coordinates."""
+    n = 1
+    for side in grid:
+        n *= side
+    return Regions(
+        grid=tuple(grid),
+        index=torch.arange(n).unsqueeze(0),
+        valid=torch.ones(1, n, dtype=torch.bool),
+        sizes=(n,),
+        shape=tuple(grid),
+        local_rc=raster_positions(grid).unsqueeze(0),
+    )
 
 
 class GlobalPartitioner(Partitioner):
@@ -16,6 +32,5 @@ class GlobalPartitioner(Partitioner):
     class Params(StrictParams):
         name: Literal["global"] = "global"
 
-    def partition(self, height: int, width: int) -> Regions:
-        # One stripe as tall as the grid: shape (h, w), local_rc = raster row/col.
-        return stripe_regions(height, width, height)
+    def partition(self, grid: tuple[int, ...]) -> Regions:
+        return whole_grid(tuple(grid))

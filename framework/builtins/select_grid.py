@@ -2,8 +2,9 @@
 
 The destination count is intrinsic (cells per region, whatever the ratio); border rows and
 columns that do not fill a cell are never destinations, and a region without a full cell is an
-error (reported when the layout is built). Needs regions with ``local_rc`` (rectangular
-regions, e.g. ``global``, ``stripe``, ``tile``).
+error (reported when the layout is built). Needs regions with ``local_rc`` (box regions, e.g.
+``global``, ``stripe``, ``tile``). On grids of rank 3 (frames x rows x cols) the stride applies to
+rows and columns and cells are one frame deep (a stride of three values also strides frames).
 """
 
 from __future__ import annotations
@@ -15,23 +16,28 @@ import torch
 from pydantic import Field
 
 from tokenreduce.interfaces import SelectContext, Selector
-from tokenreduce.layout import Regions
+from tokenreduce.layout import Regions, grid_text
 from tokenreduce.params import StrictParams
 
 
-def cell_corners(regions: Regions, stride: tuple[int, int]) -> torch.Tensor:
-    """``(R, S)`` bool: slots at the top-left corner of a full cell (device ops only, no host sync)."""
+def full_stride(stride: tuple[int, ...], rank: int) -> tuple[int, ...]:
+    """``stride`` on a grid's trailing axes, one position on the leading ones."""
+    if len(stride) > rank:
+        raise ValueError(f"the grid selector's stride {list(stride)} has more axes than the rank-{rank} grid")
+    return (1,) * (rank - len(stride)) + tuple(stride)
+
+
+def cell_corners(regions: Regions, stride: tuple[int, ...]) -> torch.Tensor:
+    """``(R, S)`` bool: slots at the first corner of a full cell (device ops only, no host sync)."""
     if regions.local_rc is None:
         raise ValueError("the grid selector needs rectangular regions (a partitioner that sets local_rc)")
-    sy, sx = stride
     rc = regions.local_rc
+    step = torch.tensor(full_stride(stride, rc.shape[-1]), device=rc.device)
     valid = regions.valid
-    # Extent of each region's valid rectangle (ragged border regions are smaller).
-    extent = torch.where(valid.unsqueeze(-1), rc, torch.full_like(rc, -1)).amax(dim=1) + 1  # (R, 2)
-    row, col = rc[..., 0], rc[..., 1]
-    return (
-        valid & (row % sy == 0) & (col % sx == 0) & (row + sy <= extent[:, :1]) & (col + sx <= extent[:, 1:])
-    )
+    # Extent of each region's valid box (ragged border regions are smaller).
+    extent = torch.where(valid.unsqueeze(-1), rc, torch.full_like(rc, -1)).amax(dim=1) + 1  # (R, rank)
+    corner = (rc % step == 0) & (rc + step <= extent.unsqueeze(1))
+    return valid & corner.all(dim=-1)
 
 
 class GridSelector(Selector):
@@ -42,23 +48,24 @@ class GridSelector(Selector):
         stride: list[Annotated[int, Field(ge=1)]] = Field(
             default_factory=lambda: [2, 2],
             min_length=2,
-            max_length=2,
-            description="Cell size [rows, cols]; one destination (the top-left token) per full cell.",
+            max_length=3,
+            description=(
+                "Cell size [rows, cols] (or [frames, rows, cols]); one destination (the first token) per full cell."
+            ),
         )
 
     @property
-    def stride(self) -> tuple[int, int]:
-        return (self.params.stride[0], self.params.stride[1])
+    def stride(self) -> tuple[int, ...]:
+        return tuple(self.params.stride)
 
     def count(self, regions: Regions, keep: Sequence[int]) -> tuple[int, ...]:
         counts = tuple(int(n) for n in cell_corners(regions, self.stride).sum(dim=1).tolist())
         for cells, size in zip(counts, regions.sizes, strict=True):
             if size and not cells:
                 # Its tokens would have no destination to merge into (or be represented by).
-                sy, sx = self.stride
                 raise ValueError(
-                    f"a region of {size} tokens on the {regions.grid[0]}x{regions.grid[1]} grid has no full "
-                    f"{sy}x{sx} cell, so no destination; use a smaller stride or larger regions"
+                    f"a region of {size} tokens on the {grid_text(regions.grid)} grid has no full "
+                    f"{grid_text(self.stride)} cell, so no destination; use a smaller stride or larger regions"
                 )
         return counts
 

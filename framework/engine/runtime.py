@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from tokenreduce.engine.clock import Clock
 from tokenreduce.interfaces import Decision, MergePlan, Merger, SelectContext
-from tokenreduce.layout import Layout, build_layout, kept_per_region
+from tokenreduce.layout import Layout, build_layout, grid_fits, grid_text, kept_per_region
 
 if TYPE_CHECKING:
     from tokenreduce.config import Resolved
@@ -67,7 +67,7 @@ class Runtime:
         self.enabled = True
         self.groups: dict[str, Group] = {}
         self.clock = Clock(self)
-        self._layouts: dict[tuple[int, int], Layout] = {}
+        self._layouts: dict[tuple[int, ...], Layout] = {}
         self._generators: dict[str, torch.Generator] = {}
 
     # ------------------------------------------------------------------ set-up (host)
@@ -84,45 +84,51 @@ class Runtime:
             group = self.groups[name] = Group(name, self.merger.for_site(position))
         return group
 
-    def layout(self, grid: tuple[int, int]) -> Layout:
+    def check_rank(self, rank: int) -> None:
+        """Raise ``ValueError`` if a component cannot work on token grids of ``rank`` axes."""
+        check_grid_rank(self.resolved, rank)
+
+    def layout(self, grid: tuple[int, ...]) -> Layout:
         """The static layout of a grid (built once; raises ``ValueError`` on impossible combinations)."""
         layout = self._layouts.get(grid)
         if layout is None:
             layout = self._layouts[grid] = self._build_layout(grid)
         return layout
 
-    def _build_layout(self, grid: tuple[int, int]) -> Layout:
-        h, w = grid
-        min_h, min_w = self.partitioner.min_grid()
-        if h < min_h or w < min_w:
+    def _build_layout(self, grid: tuple[int, ...]) -> Layout:
+        self.check_rank(len(grid))
+        g = grid_text(grid)
+        minimum = self.partitioner.min_grid()
+        if not grid_fits(grid, minimum):
             raise ValueError(
-                f"token grid {h}x{w} is smaller than partitioner {self.partitioner.name!r} needs ({min_h}x{min_w})"
+                f"token grid {g} is smaller than partitioner {self.partitioner.name!r} needs "
+                f"({grid_text(minimum)} on its last {len(minimum)} axes)"
             )
-        regions = self.partitioner.partition(h, w)
+        regions = self.partitioner.partition(tuple(grid))
         keep = kept_per_region(regions.sizes, self.ratio)
         dests = self.selector.count(regions, keep)
         total_keep = sum(keep)
         if self.merger.needs_destinations:
             if any(d > s for d, s in zip(dests, regions.sizes, strict=True)):
                 raise ValueError(
-                    f"selector {self.selector.name!r} asks for more destinations than tokens on {h}x{w}"
+                    f"selector {self.selector.name!r} asks for more destinations than tokens on {g}"
                 )
             empty = [i for i, (d, s) in enumerate(zip(dests, regions.sizes, strict=True)) if s and not d]
             if empty:
                 raise ValueError(
                     f"selector {self.selector.name!r} gives no destination to {len(empty)} region(s) of the "
-                    f"{h}x{w} grid (partitioner {self.partitioner.name!r}); their tokens could not be merged anywhere"
+                    f"{g} grid (partitioner {self.partitioner.name!r}); their tokens could not be merged anywhere"
                 )
             if self.merger.output == "destinations" and sum(dests) != total_keep:
                 raise ValueError(
-                    f"selector {self.selector.name!r} gives {sum(dests)} destinations on the {h}x{w} grid but "
+                    f"selector {self.selector.name!r} gives {sum(dests)} destinations on the {g} grid but "
                     f"merger {self.merger.name!r} makes one token per destination and ratio {self.ratio} keeps "
                     f"{total_keep}; change the ratio to match the selector or use a selector that picks the kept count"
                 )
             if self.merger.output == "keep" and any(d > k for d, k in zip(dests, keep, strict=True)):
                 raise ValueError(
                     f"selector {self.selector.name!r} gives more destinations than merger {self.merger.name!r} "
-                    f"keeps at ratio {self.ratio} on the {h}x{w} grid; lower the ratio"
+                    f"keeps at ratio {self.ratio} on the {g} grid; lower the ratio"
                 )
         return build_layout(regions, self.ratio, dests, total_keep)
 
@@ -156,7 +162,7 @@ class Runtime:
         self,
         group: Group,
         x: torch.Tensor,
-        grid: tuple[int, int],
+        grid: tuple[int, ...],
         source: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> MergePlan:
         """The plan for ``x`` (``(B, N, C)``, raster order on ``grid``) in this group.
@@ -195,3 +201,22 @@ class Runtime:
         if layout.regions.ragged:
             feats = feats * layout.regions.valid.unsqueeze(-1).unsqueeze(0)
         return feats
+
+
+def check_grid_rank(resolved: Resolved, rank: int) -> None:
+    """Raise ``ValueError`` naming every component that does not work on grids of ``rank`` axes."""
+    refused = []
+    for kind in ("partitioner", "selector", "merger", "reuse"):
+        component = getattr(resolved, kind)
+        ranks = component.grid_ranks
+        if ranks is not None and rank not in ranks:
+            allowed = " or ".join(str(r) for r in ranks)
+            refused.append(f"{kind} {component.name!r} works on grids of rank {allowed}")
+    minimum = resolved.partitioner.min_grid()
+    if len(minimum) > rank:
+        refused.append(
+            f"partitioner {resolved.partitioner.name!r} needs grids of rank >= {len(minimum)} "
+            f"(min_grid {grid_text(minimum)})"
+        )
+    if refused:
+        raise ValueError(f"the model's token grids have rank {rank}, but " + "; ".join(refused))

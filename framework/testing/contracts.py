@@ -41,6 +41,7 @@ torch calls are slow), as this project's ``tests/conftest.py`` does.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -142,7 +143,7 @@ def make_runtime(
 def make_layout(
     partitioner: Partitioner,
     selector: Selector,
-    grid: tuple[int, int],
+    grid: tuple[int, ...],
     ratio: float,
     *,
     merger: Merger | None = None,
@@ -161,6 +162,12 @@ def layout_or_reject(build: Callable[[], T]) -> T:
         reject()
 
 
+def assume_rank(component: Component, grid: tuple[int, ...]) -> None:
+    """Skip the example when ``component`` declares it does not work on grids of this rank."""
+    if component.grid_ranks is not None and len(grid) not in component.grid_ranks:
+        reject()
+
+
 def seeded(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator seeded like the runtime's dedicated one."""
     gen = torch.Generator(device=device)
@@ -168,11 +175,11 @@ def seeded(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     return gen
 
 
-def check_regions(regions: Regions, grid: tuple[int, int]) -> None:
-    """Assert that ``regions`` is a well-formed partition of ``grid`` covering every token exactly once."""
-    h, w = grid
-    n = h * w
-    assert regions.grid == (h, w)
+def check_regions(regions: Regions, grid: tuple[int, ...]) -> None:
+    """Assert that ``regions`` is a well-formed partition of ``grid`` (any rank) covering every token once."""
+    grid = tuple(grid)
+    n = math.prod(grid)
+    assert regions.grid == grid
     assert regions.index.dtype == torch.long and regions.valid.dtype == torch.bool
     assert regions.index.dim() == 2 and regions.index.shape == regions.valid.shape
     r, s = regions.index.shape
@@ -184,20 +191,24 @@ def check_regions(regions: Regions, grid: tuple[int, int]) -> None:
     if regions.is_raster:
         assert torch.equal(regions.index[0], torch.arange(n))
     if regions.local_rc is not None:
-        assert regions.shape is not None, "local_rc needs the full region shape"
-        assert regions.local_rc.shape == (r, s, 2)
+        assert regions.shape is not None and len(regions.shape) == len(grid), (
+            "local_rc needs the full box shape"
+        )
+        assert regions.local_rc.shape == (r, s, len(grid))
         rc = regions.local_rc
+        box = torch.tensor(regions.shape)
+        # Grid coordinates of every token, one column per axis.
+        strides = torch.tensor([math.prod(grid[i + 1 :]) for i in range(len(grid))])
         for region in range(r):
             mask = regions.valid[region]
             if not bool(mask.any()):
                 continue
-            rows, cols = rc[region, mask, 0], rc[region, mask, 1]
-            assert bool((rows >= 0).all() and (rows < regions.shape[0]).all())
-            assert bool((cols >= 0).all() and (cols < regions.shape[1]).all())
+            local = rc[region, mask]
+            assert bool((local >= 0).all() and (local < box).all())
             tokens = regions.index[region, mask]
-            # A rectangle: grid position minus local position is the same for every slot.
-            assert len(set((tokens // w - rows).tolist())) == 1
-            assert len(set((tokens % w - cols).tolist())) == 1
+            coords = (tokens.unsqueeze(-1) // strides) % torch.tensor(grid)
+            # A box: grid position minus local position is the same for every slot.
+            assert len({tuple(v) for v in (coords - local).tolist()}) == 1
 
 
 def probe_matrix(
@@ -304,47 +315,61 @@ class ComponentContract:
 # --------------------------------------------------------------------------- partitioner
 
 
-def _grid_at_least(component: Partitioner, offset: tuple[int, int]) -> tuple[int, int]:
-    min_h, min_w = component.min_grid()
-    return (min_h - 1 + offset[0], min_w - 1 + offset[1])
+def _grid_at_least(component: Partitioner, offset: tuple[int, ...]) -> tuple[int, ...]:
+    """``min_grid - 1 + offset`` on the trailing axes (the higher rank of the two; missing axes are 1)."""
+    minimum = component.min_grid()
+    rank = max(len(offset), len(minimum))
+    offset = (1,) * (rank - len(offset)) + tuple(offset)
+    minimum = (1,) * (rank - len(minimum)) + tuple(minimum)
+    return tuple(m - 1 + o for m, o in zip(minimum, offset, strict=True))
+
+
+def _offsets() -> st.SearchStrategy[tuple[int, ...]]:
+    """Grid offsets of rank 2 (images) and rank 3 (frames x rows x cols)."""
+    return st.one_of(grids(), grids(rank=3, max_side=8))
 
 
 class PartitionerContract(ComponentContract):
     """Partitions cover every token exactly once, for any grid at or above ``min_grid``; they are static.
 
-    Grids are drawn as ``min_grid - 1 + offset`` with offsets in ``1..12`` on each side.
+    Grids are drawn as ``min_grid - 1 + offset`` with offsets in ``1..12`` on each side, of rank 2
+    and rank 3 (up to 4 frames); a partitioner declaring ``grid_ranks`` gets only those ranks.
     """
 
     interface = Partitioner
 
-    @given(offset=grids())
+    @given(offset=_offsets())
     @_with_examples("offset", EDGE_GRIDS)
-    def test_covers_every_token_once(self, component: Partitioner, offset: tuple[int, int]) -> None:
+    def test_covers_every_token_once(self, component: Partitioner, offset: tuple[int, ...]) -> None:
         grid = _grid_at_least(component, offset)
-        check_regions(component.partition(*grid), grid)
+        assume_rank(component, grid)
+        check_regions(component.partition(grid), grid)
 
-    @given(offset=grids())
-    def test_same_grid_same_regions(self, component: Partitioner, offset: tuple[int, int]) -> None:
+    @given(offset=_offsets())
+    def test_same_grid_same_regions(self, component: Partitioner, offset: tuple[int, ...]) -> None:
         grid = _grid_at_least(component, offset)
-        first, second = component.partition(*grid), component.partition(*grid)
+        assume_rank(component, grid)
+        first, second = component.partition(grid), component.partition(grid)
         assert torch.equal(first.index, second.index) and torch.equal(first.valid, second.valid)
         assert first.sizes == second.sizes and first.shape == second.shape
-        fresh = type(component)(component.params).partition(*grid)
+        fresh = type(component)(component.params).partition(grid)
         assert torch.equal(first.index, fresh.index) and torch.equal(first.valid, fresh.valid)
 
-    @given(offset=grids(), ratio=ratios(), batch=st.integers(1, 3), seed=SEEDS)
+    @given(offset=_offsets(), ratio=ratios(), batch=st.integers(1, 3), seed=SEEDS)
     @example(offset=(1, 1), ratio=0.9, batch=1, seed=0)
+    @example(offset=(3, 5, 7), ratio=0.5, batch=2, seed=0)
     def test_runs_through_the_runtime(
-        self, component: Partitioner, offset: tuple[int, int], ratio: float, batch: int, seed: int
+        self, component: Partitioner, offset: tuple[int, ...], ratio: float, batch: int, seed: int
     ) -> None:
         grid = _grid_at_least(component, offset)
-        regions = component.partition(*grid)
+        assume_rank(component, grid)
+        regions = component.partition(grid)
         ratio = feasible_ratio(regions, ratio)
         runtime = make_runtime(
             partitioner=component, selector=RandomSelector(), merger=HardMeanMerger(), ratio=ratio
         )
         layout = runtime.layout(grid)
-        n = grid[0] * grid[1]
+        n = math.prod(grid)
         assert layout.keep == n - int(ratio * n)
         x = make_tokens((batch, n, 3), seed=seed)
         assert torch.equal(layout.from_regions(layout.to_regions(x)), x)

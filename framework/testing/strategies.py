@@ -15,6 +15,7 @@ exact in float64 by default; other dtypes are for tolerance checks.
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ from pydantic.fields import FieldInfo
 
 from tokenreduce.builtins import GlobalPartitioner, StripePartitioner
 from tokenreduce.interfaces import Component, Partitioner
-from tokenreduce.layout import Regions
+from tokenreduce.layout import Regions, grid_fits
 
 T = TypeVar("T")
 
@@ -50,10 +51,17 @@ def _strategy(value: T | st.SearchStrategy[T]) -> st.SearchStrategy[T]:
 # --------------------------------------------------------------------------- shapes and ratios
 
 
-def grids(*, min_side: int = 1, max_side: int = 12) -> st.SearchStrategy[tuple[int, int]]:
-    """Token grids ``(h, w)``: square or not, divisible by anything or not."""
+def grids(
+    *, min_side: int = 1, max_side: int = 12, rank: int = 2, max_frames: int = 4
+) -> st.SearchStrategy[tuple[int, ...]]:
+    """Token grids ``(h, w)`` (rank 2) or ``(t, h, w)`` (rank 3, at most ``max_frames`` frames):
+    square or not, divisible by anything or not."""
     side = st.integers(min_value=min_side, max_value=max_side)
-    return st.tuples(side, side)
+    if rank == 2:
+        return st.tuples(side, side)
+    if rank == 3:
+        return st.tuples(st.integers(min_value=1, max_value=max_frames), side, side)
+    raise ValueError(f"grids of rank 2 or 3 only, got {rank}")
 
 
 def ratios(*, max_ratio: float = LARGEST_RATIO) -> st.SearchStrategy[float]:
@@ -81,10 +89,9 @@ def regions_for(
 ) -> Regions:
     """The regions ``partitioner`` makes on ``grid`` (grids below its ``min_grid`` are rejected)."""
     part = draw(_strategy(partitioner))
-    h, w = draw(_strategy(grid))
-    min_h, min_w = part.min_grid()
-    assume(h >= min_h and w >= min_w)
-    return part.partition(h, w)
+    g = tuple(draw(_strategy(grid)))
+    assume(grid_fits(g, part.min_grid()))
+    return part.partition(g)
 
 
 @st.composite
@@ -259,10 +266,10 @@ class Scenario:
 
     @property
     def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return math.prod(self.grid)
 
     def regions(self) -> Regions:
-        return self.partitioner.partition(*self.grid)
+        return self.partitioner.partition(self.grid)
 
     def tokens(self, *, seed_offset: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
         shape = (self.batch_size, self.num_tokens, self.channels)

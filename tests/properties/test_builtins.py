@@ -40,7 +40,7 @@ rows_per_stripe = st.integers(min_value=1, max_value=14)
 @example(grid=(4, 4), rows=8)
 def test_stripes_are_runs_of_whole_rows(grid: tuple[int, int], rows: int) -> None:
     h, w = grid
-    regions = StripePartitioner(StripePartitioner.Params(rows=rows)).partition(h, w)
+    regions = StripePartitioner(StripePartitioner.Params(rows=rows)).partition((h, w))
     full = min(rows, h)
     assert regions.num_regions == -(-h // full) and regions.shape == (full, w)
     for r in range(regions.num_regions):
@@ -54,7 +54,7 @@ def test_stripes_are_runs_of_whole_rows(grid: tuple[int, int], rows: int) -> Non
 
 @given(grid=grids())
 def test_global_is_one_raster_region(grid: tuple[int, int]) -> None:
-    regions = GlobalPartitioner().partition(*grid)
+    regions = GlobalPartitioner().partition(grid)
     assert regions.is_raster and regions.shape == grid and regions.sizes == (grid[0] * grid[1],)
 
 
@@ -103,7 +103,7 @@ def test_grid_selects_the_top_left_token_of_every_full_cell(
 def test_random_selector_counts(
     grid: tuple[int, int], partitioner, fraction: float | None, ratio: float
 ) -> None:  # noqa: ANN001
-    regions = partitioner.partition(*grid)
+    regions = partitioner.partition(grid)
     keep = kept_per_region(regions.sizes, feasible_ratio(regions, ratio))
     counts = RandomSelector(RandomSelector.Params(fraction=fraction)).count(regions, keep)
     if fraction is None:
@@ -141,7 +141,7 @@ def test_hard_mean_groups_tokens_by_most_similar_destination(
 ) -> None:
     merger, selector = HardMeanMerger(), RandomSelector()
     layout = make_layout(
-        partitioner, selector, grid, merging_ratio(partitioner.partition(*grid), ratio), merger=merger
+        partitioner, selector, grid, merging_ratio(partitioner.partition(grid), ratio), merger=merger
     )
     x = make_tokens((batch, layout.num_tokens, 5), seed=seed)
     features = Runtime.features(x, layout)

@@ -65,10 +65,12 @@ def test_drawn_params_build_a_working_component(kind: str, name: str, data: st.D
     component = cls(params)
     assert component.params == params and component.name == name
     if kind == "partitioner":
-        min_h, min_w = component.min_grid()
-        dh, dw = data.draw(grids(max_side=8), label="offset")
-        grid = (min_h - 1 + dh, min_w - 1 + dw)
-        check_regions(component.partition(*grid), grid)
+        rank = data.draw(st.sampled_from([2, 3]), label="rank")
+        minimum = component.min_grid()
+        offset = data.draw(grids(max_side=8, rank=max(rank, len(minimum))), label="offset")
+        minimum = (1,) * (len(offset) - len(minimum)) + tuple(minimum)
+        grid = tuple(m - 1 + o for m, o in zip(minimum, offset, strict=True))
+        check_regions(component.partition(grid), grid)
     elif kind == "reuse":
         assert component.sharing in ("kind", "block")
         assert component.decide(0) is Decision.SELECT

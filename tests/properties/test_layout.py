@@ -132,7 +132,7 @@ def test_global_destinations_follow_compact_order(layout: Layout, seed: int) -> 
 @example(grid=EDGE_GRIDS[0], partitioner=GlobalPartitioner(), ratio=LARGEST_RATIO)
 @example(grid=(5, 3), partitioner=StripePartitioner(StripePartitioner.Params(rows=2)), ratio=0.5)
 def test_layout_keeps_the_layer_total(grid: tuple[int, int], partitioner: Partitioner, ratio: float) -> None:
-    regions = partitioner.partition(*grid)
+    regions = partitioner.partition(grid)
     layout = _layout(regions, ratio)
     n = grid[0] * grid[1]
     assert layout.num_tokens == n

@@ -18,7 +18,7 @@ from tokenreduce.toma_plugin.tile import TilePartitioner
 
 
 def make_layout(h: int, w: int, tile: list[int], ratio: float) -> Layout:
-    regions = TilePartitioner(TilePartitioner.Params(size=tile)).partition(h, w)
+    regions = TilePartitioner(TilePartitioner.Params(size=tile)).partition((h, w))
     keep = kept_per_region(regions.sizes, ratio)
     return build_layout(regions, ratio, keep, sum(keep))
 

@@ -208,7 +208,7 @@ def test_prefix_consistent() -> None:
 
 
 def test_selector_on_a_ragged_tile_layout() -> None:
-    regions = TilePartitioner(TilePartitioner.Params(size=[4, 4])).partition(10, 7)
+    regions = TilePartitioner(TilePartitioner.Params(size=[4, 4])).partition((10, 7))
     keep = kept_per_region(regions.sizes, 0.6)
     layout = build_layout(regions, 0.6, keep, sum(keep))
     feats = F.normalize(torch.randn(2, regions.num_regions, regions.slots, 8), dim=-1)
