@@ -6,6 +6,7 @@ UNet and Flux.1-dev transformer from these configs instead of fetching checkpoin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -56,6 +57,22 @@ FLUX_DEV_TRANSFORMER: dict[str, Any] = {
 
 ARCHITECTURES = {"sdxl": SDXL_BASE_UNET, "flux": FLUX_DEV_TRANSFORMER}
 
+#: Architectures that adapter plugins add (name -> builder on the meta device), see ``register``.
+BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {}
+
+
+def register(name: str, builder: Callable[[], torch.nn.Module]) -> None:
+    """Add an architecture (an adapter plugin's published config); ``builder`` builds it on the meta device."""
+    BUILDERS[name] = builder
+
+
+def names() -> list[str]:
+    """Every architecture ``build`` knows, plugins' included."""
+    from tokenreduce.manager import get_registry
+
+    get_registry()  # loads the plugins, which register their architectures
+    return [*ARCHITECTURES, *BUILDERS]
+
 
 def build(
     arch: str, *, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32
@@ -63,8 +80,12 @@ def build(
     """The denoiser of ``arch`` ("sdxl" or "flux"); on the meta device it holds no memory."""
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
+    known = names()
+    if arch in BUILDERS:
+        model = BUILDERS[arch]()
+        return model if str(device) == "meta" else model.to_empty(device=device).to(dtype=dtype).eval()
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(known)}")
     cls = UNet2DConditionModel if arch == "sdxl" else FluxTransformer2DModel
     context = torch.device("meta") if str(device) == "meta" else nullcontext()
     with context:

@@ -67,7 +67,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from tokenreduce.explain import explain
 
-    explain(args.config, arch=args.arch, height=args.height, width=args.width, console=console)
+    explain(
+        args.config, arch=args.arch, height=args.height, width=args.width, frames=args.frames, console=console
+    )
     return 0
 
 
@@ -153,10 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="show what a config merges where, with token counts per level")
     p.add_argument("config", help="config file or preset name")
     p.add_argument(
-        "--arch", choices=["sdxl", "flux"], help="architecture (default: from the config's adapter)"
+        "--arch", help="architecture: sdxl, flux, wan-1.3b, wan-14b (default: from the config's adapter)"
     )
     p.add_argument("--height", type=int, default=1024, help="image height in pixels (default 1024)")
     p.add_argument("--width", type=int, default=1024, help="image width in pixels (default 1024)")
+    p.add_argument(
+        "--frames", type=int, default=None, help="video frames in pixels (video models; default 81)"
+    )
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser(

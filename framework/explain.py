@@ -14,24 +14,42 @@ from tokenreduce.config import load_config
 from tokenreduce.layout import grid_text
 
 
+def default_arch(adapter: str) -> str:
+    """The architecture ``explain`` shows for an adapter: its own name, else the first one it provides."""
+    known = archs.names()
+    if adapter in known:
+        return adapter
+    return next((a for a in reversed(known) if a.startswith(f"{adapter}-")), "sdxl")
+
+
 def explain(
-    config: Any, *, arch: str | None = None, height: int = 1024, width: int = 1024, console: Console
+    config: Any,
+    *,
+    arch: str | None = None,
+    height: int = 1024,
+    width: int = 1024,
+    frames: int | None = None,
+    console: Console,
 ) -> None:
     cfg = load_config(config)
     if arch is None:
-        arch = cfg.adapter.name if cfg.adapter.name in archs.ARCHITECTURES else "sdxl"
+        arch = default_arch(cfg.adapter.name)
     model = archs.build(arch)
     model, _, adapter, runtime, sites = prepare(model, cfg, **({} if cfg.adapter.name != "auto" else {}))
-    grids = adapter.grids_for(model, height, width) if hasattr(adapter, "grids_for") else {}
+    size = {} if frames is None else {"frames": frames}
+    grids = adapter.grids_for(model, height, width, **size) if hasattr(adapter, "grids_for") else {}
+    video = "" if frames is None else f" x {frames} frames"
     console.print(
-        f"[bold]{arch}[/bold] at {height}x{width}: adapter [cyan]{adapter.name}[/cyan], ratio {cfg.ratio}, "
+        f"[bold]{arch}[/bold] at {height}x{width}{video}: adapter [cyan]{adapter.name}[/cyan], ratio {cfg.ratio}, "
         f"selector {cfg.selector.name}, merger {cfg.merger.name}, partitioner {cfg.partitioner.name}, "
         f"reuse {cfg.reuse.name}"
     )
     by_group: dict[str, list] = defaultdict(list)
     for site in sites:
         by_group[site.group].append(site)
-    table = Table(title="merged sites by group (one shared plan per group and guidance pass)")
+    table = Table(
+        title="merged sites by group (one shared plan per group and guidance pass; tokens and kept per block)"
+    )
     for column in (
         "group",
         "sites",
@@ -43,6 +61,7 @@ def explain(
         "destinations/region",
     ):
         table.add_column(column)
+    frames: list[str] = []
     for group, members in by_group.items():
         grid = grids.get(group, members[0].grid)
         kinds = ", ".join(sorted({s.site for s in members}))
@@ -53,6 +72,11 @@ def explain(
         layout = runtime.layout(tuple(grid))
         n = layout.num_tokens
         dests = sorted(set(layout.dests))
+        if len(grid) == 3:  # video (frames x rows x cols): what one frame has and keeps on average
+            frames.append(
+                f"{group}: {grid[0]} frames x {grid[1] * grid[2]} tokens per frame = {n} tokens per block "
+                f"({grid_text(grid)}); keeps {layout.keep} per block, {layout.keep / grid[0]:.0f} per frame"
+            )
         table.add_row(
             group,
             kinds,
@@ -64,4 +88,6 @@ def explain(
             ", ".join(map(str, dests[:4])) + (" ..." if len(dests) > 4 else ""),
         )
     console.print(table)
+    for line in frames:
+        console.print(line)
     console.print(f"{len(sites)} merged sites in {len(by_group)} groups.")

@@ -21,6 +21,7 @@ BUILTIN_MODULES = (
     "tokenreduce.toma_plugin",
     "tokenreduce.plugins.sdxl",
     "tokenreduce.plugins.flux",
+    "tokenreduce.plugins.wan",
     "tokenreduce.baselines.tomesd",
     "tokenreduce.baselines.todo",
     "tokenreduce.baselines.tofu",

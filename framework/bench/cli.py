@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
-from tokenreduce.bench.models import ARCHS, DTYPES
+from tokenreduce.bench.models import DTYPES, names
 from tokenreduce.bench.runner import MODES, BenchSettings, run_bench
 from tokenreduce.bench.variants import DEFAULT_RATIOS, METHODS
 
@@ -24,9 +24,7 @@ def add_bench_parser(subparsers: Any, func: Callable[[argparse.Namespace], int])
             "default (speed does not depend on them). Exit code 1 if a variant failed (outputs are still written)."
         ),
     )
-    p.add_argument(
-        "--arch", nargs="+", choices=list(ARCHS), default=["sdxl", "flux"], help="default: sdxl flux"
-    )
+    p.add_argument("--arch", nargs="+", choices=names(), default=["sdxl", "flux"], help="default: sdxl flux")
     p.add_argument(
         "--components",
         action="store_true",

@@ -9,6 +9,7 @@ models, for running the harness on a CPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,17 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class ArchSpec:
     """Defaults of one architecture: what a generation with it looks like."""
 
-    family: str  # "sdxl" (UNet, epsilon) or "flux" (transformer, flow)
+    family: str  # "sdxl" (UNet, epsilon), "flux" (transformer, flow) or "wan" (video transformer, flow)
     batch: int  # SDXL: 2 = classifier-free guidance in one batch; Flux: guidance is embedded
     dtype: str  # on CUDA; every architecture runs in fp32 on a CPU
     size: int  # image height and width in pixels
     text_tokens: int  # encoder sequence length (CLIP 77, T5 512)
     pixels_per_latent: int  # VAE downsampling (the tiny pipelines' VAEs differ; see their docs)
+    width: int | None = None  # default width when not ``size`` (video: 1280x720, 832x480)
+    frames: int | None = None  # video frames in pixel space (Wan: 81 -> 21 latent frames)
+    frames_per_latent: int = 4  # video VAE's temporal downsampling (after the first frame)
+    # Recomputes the model's constant buffers (e.g. RoPE tables) on their device after ``to_empty``.
+    restore_buffers: Callable[[nn.Module], None] | None = field(default=None, compare=False, repr=False)
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -42,7 +48,20 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 
+def register(name: str, arch_spec: ArchSpec) -> None:
+    """Add an architecture an adapter plugin provides (with ``tokenreduce.archs.register``)."""
+    ARCHS[name] = arch_spec
+
+
+def names() -> list[str]:
+    """Every benchmarkable architecture, plugins' included."""
+    archs.names()  # loads the plugins
+    return list(ARCHS)
+
+
 def spec(arch: str) -> ArchSpec:
+    if arch not in ARCHS:
+        archs.names()  # a plugin may add it
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
     return ARCHS[arch]
@@ -54,7 +73,7 @@ def spec(arch: str) -> ArchSpec:
 def meta_model(arch: str) -> nn.Module:
     """The architecture with no storage (config validation and ``explain`` need nothing more)."""
     family = spec(arch).family
-    if arch in archs.ARCHITECTURES:
+    if arch in archs.ARCHITECTURES or arch in archs.BUILDERS:
         return archs.build(arch)
     # Tiny models: the test kit's configs, rebuilt on the meta device like the real ones.
     if family == "sdxl":
@@ -83,8 +102,9 @@ def build_model(
     ``meta``: an already built meta-device instance to materialise (saves building it twice).
     """
     model = meta if meta is not None else meta_model(arch)
+    restore = spec(arch).restore_buffers
     buffers = [name for name, _ in model.named_buffers()]
-    if buffers:  # to_empty leaves buffers uninitialised and we cannot know their values
+    if buffers and restore is None:  # to_empty leaves buffers uninitialised and we cannot know their values
         raise ValueError(
             f"{arch}: cannot initialise buffers {buffers[:3]} on the device; load weights instead"
         )
@@ -93,6 +113,8 @@ def build_model(
     model = nn.Module.to(model, dtype=dtype)
     model = model.to_empty(device=device)
     init_weights_(model, seed)
+    if restore is not None:
+        restore(model)
     return model.eval().requires_grad_(False)
 
 
@@ -155,6 +177,8 @@ def make_inputs(
     s = spec(arch)
     cfg = model.config
     scale = s.pixels_per_latent
+    if s.family == "wan":
+        return _video_inputs(s, model, batch, height, width, dtype, device, seed)
     if height % (2 * scale) or width % (2 * scale):
         raise ValueError(f"height and width must be multiples of {2 * scale} pixels, got {height}x{width}")
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -193,3 +217,38 @@ def make_inputs(
     if cfg.guidance_embeds:
         kwargs["guidance"] = torch.full((batch,), 3.5, device=device, dtype=dtype)
     return DenoiserCall(args=(), kwargs=kwargs, tokens=h * w)
+
+
+def _video_inputs(
+    s: ArchSpec,
+    model: nn.Module,
+    batch: int,
+    height: int,
+    width: int,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    seed: int,
+) -> DenoiserCall:
+    """Wan: a ``(B, C, frames', H/8, W/8)`` latent, timesteps and the T5 context (one guidance pass
+    per call, as the Wan pipelines call the transformer)."""
+    cfg = model.config
+    scale, patch = s.pixels_per_latent, tuple(cfg.patch_size)
+    if height % (scale * patch[1]) or width % (scale * patch[2]):
+        raise ValueError(
+            f"height and width must be multiples of {scale * patch[1]} pixels, got {height}x{width}"
+        )
+    frames = (s.frames or 1) - 1
+    latent_frames = frames // s.frames_per_latent + 1
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
+
+    h, w = height // scale, width // scale
+    kwargs = {
+        "hidden_states": randn(batch, cfg.in_channels, latent_frames, h, w),
+        "timestep": torch.full((batch,), 500.0, device=device, dtype=dtype),
+        "encoder_hidden_states": randn(batch, s.text_tokens, cfg.text_dim),
+    }
+    tokens = (latent_frames // patch[0]) * (h // patch[1]) * (w // patch[2])
+    return DenoiserCall(args=(), kwargs=kwargs, tokens=tokens)

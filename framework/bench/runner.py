@@ -131,7 +131,7 @@ def plan_arch(arch: str, settings: BenchSettings, device: str) -> ArchPlan:
         family=spec.family,
         batch=settings.batch or spec.batch,
         height=settings.height or spec.size,
-        width=settings.width or spec.size,
+        width=settings.width or spec.width or spec.size,
         dtype=dtype_name(settings, spec, device),
         variants=variants,
         cycles={name: len(c) for name, c in cycles.items()},

@@ -1,0 +1,156 @@
+"""The Wan adapter on a tiny ``WanTransformer3DModel``: 3 frames x 7 x 5 tokens (not a multiple of the 4x4 tiles)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenreduce as tr
+from tokenreduce.config import ConfigError
+from tokenreduce.plugins.wan import WanAdapter, latent_grid
+from tokenreduce.testing.tiny_wan import tiny_wan_inputs, tiny_wan_transformer
+
+GRID = (3, 7, 5)  # frames x rows x cols after 1x2x2 patches of a 3 x 14 x 10 latent
+
+
+def call(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+@pytest.fixture(name="t2v", scope="module")
+def t2v_fixture():
+    return tiny_wan_transformer()
+
+
+@pytest.fixture(name="i2v", scope="module")
+def i2v_fixture():
+    return tiny_wan_transformer(image_dim=8)
+
+
+@pytest.mark.parametrize("variant", ["t2v", "i2v"])
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_ratio_zero_is_bit_exact_and_remove_restores(request, variant: str, batch: int) -> None:
+    model = request.getfixturevalue(variant)
+    inputs = tiny_wan_inputs(model, batch=batch)
+    plain = call(model, inputs)
+    with tr.apply(model, "toma-wan", ratio=0.0):
+        assert torch.equal(call(model, inputs), plain)
+    with tr.apply(model, "toma-wan") as handle:
+        merged = call(model, inputs)
+        assert handle.runtime.layout(GRID).keep == 105 - 52
+    assert torch.equal(call(model, inputs), plain)
+    assert merged.shape == plain.shape and torch.isfinite(merged).all() and not torch.equal(merged, plain)
+
+
+@pytest.mark.parametrize("variant", ["t2v", "i2v"])
+def test_cfg_halves_get_their_own_outputs(request, variant: str) -> None:
+    """A CFG-shaped batch of two equal halves gives equal outputs (the merge is per sample)."""
+    model = request.getfixturevalue(variant)
+    one = tiny_wan_inputs(model, batch=1)
+    doubled = {k: torch.cat([v, v]) for k, v in one.items()}
+    with tr.apply(model, "toma-wan"):
+        out = call(model, doubled)
+    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+def test_every_part_runs_on_merged_tokens_with_destination_rope(t2v) -> None:
+    """Inside attn1 the tokens are merged and the RoPE rows are those of the merged tokens' positions."""
+    inputs = tiny_wan_inputs(t2v, batch=2)
+    block = t2v.blocks[1]
+    seen: dict[str, object] = {}
+    processor = block.attn1.processor
+
+    def recording(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        seen["tokens"], seen["rope"] = hidden_states.shape[1], rotary_emb
+        return processor(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+
+    lengths: dict[str, int] = {}
+    hooks = [
+        getattr(block, part).register_forward_hook(
+            lambda _m, args, _out, part=part: lengths.__setitem__(part, args[0].shape[1])
+        )
+        for part in ("attn2", "ffn")
+    ]
+    block.attn1.processor = recording
+    try:
+        with tr.apply(t2v, "toma-wan") as handle:
+            call(t2v, inputs)
+            plan = handle.runtime.groups["blocks"].slots[0].plan
+    finally:
+        block.attn1.processor = processor
+        for hook in hooks:
+            hook.remove()
+    keep = 105 - 52
+    assert seen["tokens"] == keep
+    # Hooks see the sub-module's own arguments: the wrapped forward merges them inside.
+    assert lengths == {"attn2": 105, "ffn": 105}
+    cos, sin = t2v.rope(inputs["hidden_states"])
+    got_cos, got_sin = seen["rope"]
+    assert torch.equal(got_cos, cos.index_select(1, plan.positions))
+    assert torch.equal(got_sin, sin.index_select(1, plan.positions))
+
+
+def test_sites_groups_and_filters(t2v) -> None:
+    handle = tr.apply(t2v, "toma-wan", adapter={"name": "wan", "skip": 1, "parts": ["attn1", "ffn"]})
+    try:
+        assert [s.path for s in handle.sites] == [
+            f"blocks.{i}.{p}" for i in (1, 2, 3) for p in ("attn1", "ffn")
+        ]
+        assert {s.group for s in handle.sites} == {"blocks"}
+        call(t2v, tiny_wan_inputs(t2v))
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"adapter": {"name": "wan", "blocks": [9]}}, "out of range"),
+        ({"adapter": {"name": "wan", "skip": 4}}, "selects none"),
+        ({"selector": {"name": "tomesd_grid"}}, "rank 3.*tomesd_grid"),
+        ({"merger": {"name": "downsample"}, "partitioner": {"name": "global"}}, "kv_only|rank"),
+    ],
+)
+def test_bad_input_fails_before_patching(t2v, overrides: dict, message: str) -> None:
+    forward = t2v.forward
+    with pytest.raises(ConfigError, match=message):
+        tr.apply(t2v, "toma-wan", **overrides)
+    assert t2v.forward == forward and tr.api.get_handle(t2v) is None
+
+
+def test_latent_grid_of_published_sizes() -> None:
+    assert latent_grid(81, 720, 1280, (1, 2, 2)) == (21, 45, 80)
+    assert latent_grid(81, 480, 832, (1, 2, 2)) == (21, 30, 52)
+
+
+def test_meta_wan_14b_at_720p_has_75600_tokens_per_block() -> None:
+    from tokenreduce import archs
+
+    model = archs.build("wan-14b")
+    assert next(model.parameters()).device.type == "meta"
+    assert (
+        len(model.blocks) == 40 and model.config.num_attention_heads * model.config.attention_head_dim == 5120
+    )
+    grids = WanAdapter().grids_for(model, 720, 1280, frames=81)
+    assert grids["blocks"] == (21, 45, 80) and 21 * 45 * 80 == 75600
+    _, _, _, runtime, _ = tr.api.prepare(model, "toma-wan")
+    layout = runtime.layout(grids["blocks"])
+    assert layout.num_tokens == 75600 and layout.keep == 37800
+    # 4x4 tiles within each frame: 21 frames x 12 x 20 tiles (45 rows: the last tile row is ragged).
+    assert layout.regions.num_regions == 21 * 12 * 20
+
+
+def test_explain_prints_tokens_per_frame_and_block(capsys) -> None:
+    from tokenreduce.cli import main
+
+    code = main(
+        ["explain", "toma-wan", "--arch", "wan-1.3b", "--height", "480", "--width", "832", "--frames", "81"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "wan-1.3b" in out and "21x30x52" in out
+    text = " ".join(out.split())
+    assert "21 frames x 1560 tokens per frame = 32760 tokens per block" in text
+    assert "keeps 16380 per block, 780 per frame" in text
