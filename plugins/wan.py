@@ -222,10 +222,21 @@ def _bench_specs() -> dict[str, Any]:
     # 81 frames; T5 context of 512 tokens. 1.3B is published for 480p, 14B for 720p (both run 480p).
     common = {"family": "wan", "batch": 1, "dtype": "bf16", "text_tokens": 512, "pixels_per_latent": 8}
     video = {"frames": 81, "frames_per_latent": 4, "restore_buffers": restore_rope}
+    tiny = common | {"dtype": "fp32", "text_tokens": 8}
     return {
         "wan-1.3b": ArchSpec(size=480, width=832, **common, **video),
         "wan-14b": ArchSpec(size=720, width=1280, **common, **video),
+        # The test kit's tiny model, for running the harness on a CPU: 9 frames -> 3 x 7 x 5 tokens.
+        "tiny-wan": ArchSpec(size=112, width=80, **tiny, **(video | {"frames": 9})),
     }
+
+
+def _tiny_architecture() -> nn.Module:
+    from tokenreduce.testing.tiny_wan import tiny_wan_transformer
+
+    template = tiny_wan_transformer()
+    with torch.device("meta"):
+        return type(template).from_config(template.config).eval()
 
 
 @hookimpl
@@ -235,7 +246,8 @@ def tokenreduce_register(registry: Any) -> None:
 
     registry.add(WanAdapter)
     for name, arch_spec in _bench_specs().items():
-        archs.register(name, functools.partial(build_architecture, name))
+        builder = _tiny_architecture if name == "tiny-wan" else functools.partial(build_architecture, name)
+        archs.register(name, builder)
         models.register(name, arch_spec)
     registry.add_preset(
         "toma-wan",

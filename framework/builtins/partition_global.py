@@ -32,5 +32,8 @@ class GlobalPartitioner(Partitioner):
     class Params(StrictParams):
         name: Literal["global"] = "global"
 
+    def min_grid(self) -> tuple[int, ...]:
+        return (1,)  # any grid of any rank, a plain token sequence included
+
     def partition(self, grid: tuple[int, ...]) -> Regions:
         return whole_grid(tuple(grid))

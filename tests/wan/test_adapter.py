@@ -154,3 +154,19 @@ def test_explain_prints_tokens_per_frame_and_block(capsys) -> None:
     text = " ".join(out.split())
     assert "21 frames x 1560 tokens per frame = 32760 tokens per block" in text
     assert "keeps 16380 per block, 780 per frame" in text
+
+
+def test_bench_builds_and_runs_the_tiny_wan_architecture() -> None:
+    from tokenreduce.bench import models
+
+    spec = models.spec("tiny-wan")
+    model = models.build_model("tiny-wan", "cpu", torch.float32)
+    bench_call = models.make_inputs(
+        "tiny-wan", model, spec.batch, spec.size, spec.width, torch.float32, "cpu"
+    )
+    assert bench_call.tokens == 3 * 7 * 5
+    plain = bench_call(model)
+    with tr.apply(model, "toma-wan"):
+        merged = bench_call(model)
+    assert torch.isfinite(plain).all() and torch.isfinite(merged).all() and not torch.equal(merged, plain)
+    assert {"wan-1.3b", "wan-14b"} <= set(models.names())
