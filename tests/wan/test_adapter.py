@@ -170,3 +170,9 @@ def test_bench_builds_and_runs_the_tiny_wan_architecture() -> None:
         merged = bench_call(model)
     assert torch.isfinite(plain).all() and torch.isfinite(merged).all() and not torch.equal(merged, plain)
     assert {"wan-1.3b", "wan-14b"} <= set(models.names())
+
+
+def test_prepare_builds_the_layout_of_a_pixel_size(t2v) -> None:
+    with tr.apply(t2v, "toma-wan") as handle:
+        handle.prepare(112, 80, frames=9)  # 9 frames -> 3 latent frames; 112x80 px -> 14x10 latent
+        assert GRID in handle.runtime._layouts
