@@ -16,6 +16,7 @@ from torch import nn
 from tokenreduce.config import ConfigBase, ConfigError, check_combination, instantiate, load_config, resolve
 from tokenreduce.engine import PatchSet, Runtime
 from tokenreduce.interfaces import ModelAdapter, SiteSpec
+from tokenreduce.layout import grid_fits, grid_text
 from tokenreduce.manager import get_registry
 
 HANDLE_ATTR = "_tokenreduce_handle"
@@ -141,11 +142,29 @@ def prepare(
         runtime.check_rank(adapter.grid_rank)
         adapter.validate(model, config)
         sites = adapter.sites(model, config)
+        check_grids_fit(sites, runtime)
         for grid in {s.grid for s in sites if s.grid is not None}:
             runtime.layout(grid)
     except ValueError as exc:
         raise ConfigError(f"{adapter.name}: {exc}") from None
     return model, pipeline, adapter, runtime, sites
+
+
+def check_grids_fit(sites: list[SiteSpec], runtime: Runtime) -> None:
+    """Refuse grids the partitioner cannot tile at the model's default size (other sizes, seen only
+    at run time, leave such a level unmerged with a warning)."""
+    minimum = runtime.partitioner.min_grid()
+    small: dict[str, tuple[int, ...]] = {}
+    for site in sites:
+        if site.grid is not None and not grid_fits(site.grid, minimum):
+            small.setdefault(site.group, site.grid)
+    if small:
+        where = ", ".join(f"{group} ({grid_text(grid)})" for group, grid in small.items())
+        raise ValueError(
+            f"at the model's default size, the token grid of {where} is smaller than partitioner "
+            f"{runtime.partitioner.name!r} needs ({grid_text(minimum)} on its last {len(minimum)} axes); "
+            "use a smaller partitioner size or leave those sites out of the adapter's selection"
+        )
 
 
 def apply(pipe_or_model: Any, config: Any = "toma", **overrides: Any) -> TokenReduceHandle:

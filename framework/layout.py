@@ -281,3 +281,17 @@ def build_layout(regions: Regions, ratio: float, dests: tuple[int, ...], keep: i
     return Layout(
         regions=regions, ratio=ratio, k=k, dests=dests, keep=keep, slot_valid=slot_valid, compact=compact
     )
+
+
+def unmerged_layout(grid: tuple[int, ...]) -> Layout:
+    """The layout of a grid that keeps every token: one raster region, every token its own destination."""
+    n = math.prod(grid)
+    regions = Regions(
+        grid=tuple(grid),
+        index=torch.arange(n).unsqueeze(0),
+        valid=torch.ones(1, n, dtype=torch.bool),
+        sizes=(n,),
+        shape=tuple(grid),
+        local_rc=raster_positions(grid).unsqueeze(0),
+    )
+    return build_layout(regions, 0.0, (n,), n)

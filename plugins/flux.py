@@ -54,6 +54,9 @@ from tokenreduce.params import StrictParams
 
 DOUBLE, SINGLE = "double", "single"
 
+#: Image-token grid at FluxPipeline's default 1024x1024 (8x VAE, 2x2 patches): what apply checks.
+DEFAULT_GRID = (64, 64)
+
 
 # --------------------------------------------------------------------------- per-call state
 
@@ -416,7 +419,7 @@ class FluxAdapter(ModelAdapter):
 
     def sites(self, model: nn.Module, config: Any) -> list[SiteSpec]:
         per_block = instantiate("reuse", config.reuse).sharing == "block"
-        grid = None if self.params.grid is None else (self.params.grid[0], self.params.grid[1])
+        grid = DEFAULT_GRID if self.params.grid is None else (self.params.grid[0], self.params.grid[1])
         double, single = self.selected(model)
         specs = []
         for kind, paths in (

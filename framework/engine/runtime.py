@@ -7,6 +7,7 @@ synchronisation, static shapes.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from tokenreduce.engine.clock import Clock
 from tokenreduce.interfaces import Decision, MergePlan, Merger, SelectContext
-from tokenreduce.layout import Layout, build_layout, grid_fits, grid_text, kept_per_region
+from tokenreduce.layout import Layout, build_layout, grid_fits, grid_text, kept_per_region, unmerged_layout
 
 if TYPE_CHECKING:
     from tokenreduce.config import Resolved
@@ -69,6 +70,7 @@ class Runtime:
         self.clock = Clock(self)
         self._layouts: dict[tuple[int, ...], Layout] = {}
         self._generators: dict[str, torch.Generator] = {}
+        self.unmerged: set[tuple[int, ...]] = set()  # grids too small for the partitioner
 
     # ------------------------------------------------------------------ set-up (host)
 
@@ -100,10 +102,15 @@ class Runtime:
         g = grid_text(grid)
         minimum = self.partitioner.min_grid()
         if not grid_fits(grid, minimum):
-            raise ValueError(
+            # A small image makes the low levels smaller than a tile: run them unmerged rather than
+            # fail mid-generation (built once per grid, so this warns once per grid).
+            warnings.warn(
                 f"token grid {g} is smaller than partitioner {self.partitioner.name!r} needs "
-                f"({grid_text(minimum)} on its last {len(minimum)} axes)"
+                f"({grid_text(minimum)} on its last {len(minimum)} axes): layers on this grid run unmerged",
+                stacklevel=2,
             )
+            self.unmerged.add(grid)
+            return unmerged_layout(grid)
         regions = self.partitioner.partition(tuple(grid))
         keep = kept_per_region(regions.sizes, self.ratio)
         dests = self.selector.count(regions, keep)
@@ -179,7 +186,7 @@ class Runtime:
             return slot.plan
         layout = self.layout(grid)
         merger = group.merger
-        if layout.keep == layout.num_tokens and not merger.kv_only:
+        if layout.keep == layout.num_tokens and (not merger.kv_only or grid in self.unmerged):
             plan: MergePlan = IdentityPlan(layout.num_tokens, x.device)
         else:
             if source is not None:
