@@ -20,6 +20,8 @@ from tokenreduce.layout import grid_fits, grid_text
 from tokenreduce.manager import get_registry
 
 HANDLE_ATTR = "_tokenreduce_handle"
+#: The config of ``apply(model)`` when the model's adapter names no default preset.
+FALLBACK_PRESET = "toma"
 
 
 class UnsupportedModelError(TypeError):
@@ -113,10 +115,24 @@ def find_denoiser(pipe_or_model: Any) -> tuple[nn.Module, Any, type[ModelAdapter
     )
 
 
+def default_preset(pipe_or_model: Any) -> str:
+    """The preset the adapter of this pipeline or denoiser names as its default."""
+    model, _, detected = find_denoiser(pipe_or_model)
+    if detected is None:
+        names = ", ".join(get_registry().names("adapter"))
+        raise UnsupportedModelError(
+            f"no adapter supports {type(model).__name__}; registered adapters: {names}"
+        )
+    return detected.default_preset or FALLBACK_PRESET
+
+
 def prepare(
-    pipe_or_model: Any, config: Any, **overrides: Any
+    pipe_or_model: Any, config: Any = None, **overrides: Any
 ) -> tuple[nn.Module, Any, ModelAdapter, Runtime, list[SiteSpec]]:
-    """Validate everything against the model without modifying it."""
+    """Validate everything against the model without modifying it (``config=None``: the preset
+    the model's adapter names as its default)."""
+    if config is None:
+        config = default_preset(pipe_or_model)
     config = load_config(config, **overrides)
     model, pipeline, detected = find_denoiser(pipe_or_model)
     registry = get_registry()
@@ -167,8 +183,10 @@ def check_grids_fit(sites: list[SiteSpec], runtime: Runtime) -> None:
         )
 
 
-def apply(pipe_or_model: Any, config: Any = "toma", **overrides: Any) -> TokenReduceHandle:
-    """Apply a config (preset name, file, mapping or Config) to a pipeline or denoiser.
+def apply(pipe_or_model: Any, config: Any = None, **overrides: Any) -> TokenReduceHandle:
+    """Apply a config (preset name, file, mapping or Config) to a pipeline or denoiser; without
+    one, the preset the model's adapter names as its default (SDXL: ``toma-sdxl``, Flux:
+    ``toma-flux``). Keyword overrides are merged into the config (see :func:`load_config`).
 
     Re-applying replaces the previous application. Returns the handle.
     """

@@ -56,11 +56,16 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from tokenreduce.config import load_config
+    from tokenreduce.explain import check_on_architecture
 
-    config = load_config(args.config)
-    console.print(f"[green]valid[/green]: {args.config}")
-    console.print_json(json.dumps(config.model_dump(mode="json")))
+    checked = check_on_architecture(
+        args.config, arch=args.arch, height=args.height, width=args.width, frames=args.frames
+    )
+    console.print(
+        f"[green]valid[/green]: {args.config} (on {checked.arch} at {args.height}x{args.width}: "
+        f"{len(checked.sites)} merged sites)"
+    )
+    console.print_json(json.dumps(checked.config.model_dump(mode="json")))
     return 0
 
 
@@ -136,6 +141,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def add_architecture_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--arch",
+        help="architecture: sdxl, flux, wan-1.3b, wan-14b (default: from the config's adapter, sdxl for 'auto')",
+    )
+    p.add_argument("--height", type=int, default=1024, help="image height in pixels (default 1024)")
+    p.add_argument("--width", type=int, default=1024, help="image width in pixels (default 1024)")
+    p.add_argument(
+        "--frames", type=int, default=None, help="video frames in pixels (video models; default 81)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenreduce", description="Token reduction for diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -148,20 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_schema)
 
-    p = sub.add_parser("validate", help="validate a config file or preset")
+    p = sub.add_parser(
+        "validate", help="check a config file or preset on its architecture (every check `explain` runs)"
+    )
     p.add_argument("config", help="config file (.yaml/.toml/.json) or preset name")
+    add_architecture_arguments(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("explain", help="show what a config merges where, with token counts per level")
     p.add_argument("config", help="config file or preset name")
-    p.add_argument(
-        "--arch", help="architecture: sdxl, flux, wan-1.3b, wan-14b (default: from the config's adapter)"
-    )
-    p.add_argument("--height", type=int, default=1024, help="image height in pixels (default 1024)")
-    p.add_argument("--width", type=int, default=1024, help="image width in pixels (default 1024)")
-    p.add_argument(
-        "--frames", type=int, default=None, help="video frames in pixels (video models; default 81)"
-    )
+    add_architecture_arguments(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser(
@@ -176,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate an image with a diffusers pipeline and a config")
     p.add_argument("--model", required=True, help="model id (hub cache) or local pipeline folder")
-    p.add_argument("--config", default="toma", help="config file or preset (default: toma)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="config file or preset (default: the model's own, toma-sdxl for SDXL, toma-flux for Flux)",
+    )
     p.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)

@@ -13,6 +13,7 @@ A config names one adapter, one ratio and one entry per component kind, each ``{
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 import weakref
@@ -21,11 +22,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from tokenreduce.interfaces import Component, Merger, ModelAdapter, Partitioner, ReusePolicy, Selector
 from tokenreduce.manager import get_registry
-from tokenreduce.params import StrictParams
+from tokenreduce.params import StrictParams, plain_numbers
 from tokenreduce.registry import Registry, UnknownComponentError
 
 if sys.version_info >= (3, 11):
@@ -52,6 +61,11 @@ class ConfigBase(BaseModel):
     ratio: float = Field(0.5, description="Fraction of image tokens removed per merged layer, in [0, 1).")
     seed: int = Field(0, description="Seed of the dedicated generator used by random selectors.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_numbers(cls, data: Any) -> Any:
+        return plain_numbers(data) if isinstance(data, dict) else data
+
     @field_validator("ratio", mode="before")
     @classmethod
     def _check_ratio(cls, value: Any) -> Any:
@@ -73,6 +87,12 @@ _DEFAULTS = {
 # id(registry) -> (weak reference to it, component count, model). The reference guards against a
 # new registry that reuses the id of a collected one.
 _model_cache: dict[int, tuple[weakref.ref, int, type[ConfigBase]]] = {}
+
+
+def did_you_mean(word: Any, choices: Any) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``choices``, or ``""``."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _union(registry: Registry, kind: str, extra: tuple[type[StrictParams], ...] = ()) -> Any:
@@ -144,7 +164,9 @@ def parse_config_text(text: str, suffix: str, origin: str = "<config>") -> dict[
 def load_config(source: Any, registry: Registry | None = None, **overrides: Any) -> ConfigBase:
     """A validated config from a config object, a mapping, a file path or a preset name.
 
-    ``overrides`` replace top-level fields (e.g. ``ratio=0.25``).
+    ``overrides`` set top-level fields (e.g. ``ratio=0.25``); a mapping for a component entry is
+    merged into it (``merger={"temperature": 0.01}`` keeps the merger's name and other parameters)
+    unless it names a different component, which replaces the entry.
     """
     registry = registry or get_registry()
     model = config_model(registry)
@@ -163,18 +185,35 @@ def load_config(source: Any, registry: Registry | None = None, **overrides: Any)
             data = read_config_file(text)
         else:
             presets = ", ".join(sorted(registry.presets)) or "(none)"
-            raise ConfigError(f"{text!r} is neither a config file nor a preset; presets: {presets}")
+            raise ConfigError(
+                f"{text!r} is neither a config file nor a preset{did_you_mean(text, registry.presets)}; "
+                f"presets: {presets}"
+            )
     else:
         raise ConfigError(
             f"a config must be a preset name, a path, a mapping or a Config, got {type(source).__name__}"
         )
-    data.update(overrides)
+    for key, value in overrides.items():
+        data[key] = merge_entry(data.get(key, _DEFAULTS.get(key)), value)
     try:
         config = model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(render_validation_error(exc, registry)) from None
     check_combination(config, registry)
     return config
+
+
+def merge_entry(base: Any, override: Any) -> Any:
+    """``override`` merged into ``base`` when both are mappings for the same component (a missing
+    ``name`` counts as the same); otherwise ``override``."""
+    if not (isinstance(base, dict) and isinstance(override, dict)):
+        return override
+    if "name" in override and "name" in base and override["name"] != base["name"]:
+        return override
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = merge_entry(merged.get(key), value) if key != "name" else value
+    return merged
 
 
 def render_validation_error(exc: ValidationError, registry: Registry) -> str:
@@ -185,13 +224,18 @@ def render_validation_error(exc: ValidationError, registry: Registry) -> str:
         if err["type"] == "union_tag_invalid" and loc:
             kind = loc[0]
             names = registry.names(kind) + (["auto"] if kind == "adapter" else [])
-            msg = f"unknown {kind} {err['input'].get('name')!r}; valid {kind}s: {', '.join(sorted(names))}"
+            name = err["input"].get("name")
+            msg = f"unknown {kind} {name!r}{did_you_mean(name, names)}; valid {kind}s: {', '.join(sorted(names))}"
             if registry.failed:
                 msg += "; plugins that failed to load: " + "; ".join(
                     f"{k}: {v}" for k, v in registry.failed.items()
                 )
         elif err["type"] == "union_tag_not_found":
             msg = f"missing `name`; valid: {', '.join(registry.names(loc[0]))}" if loc else msg
+        elif err["type"] == "extra_forbidden" and loc:
+            allowed = _allowed_fields(loc, registry)
+            if allowed:
+                msg += f"{did_you_mean(loc[-1], allowed)}; allowed: {', '.join(allowed)}"
         # Drop the discriminator tag pydantic inserts into the location.
         path = ".".join(
             p
@@ -200,6 +244,24 @@ def render_validation_error(exc: ValidationError, registry: Registry) -> str:
         )
         lines.append(f"  - {path or '<root>'}: {msg}")
     return "\n".join(lines)
+
+
+def _allowed_fields(loc: list[str], registry: Registry) -> list[str]:
+    """The fields of the model that holds the unknown field at ``loc`` (top level or one component)."""
+    if len(loc) == 1:
+        return list(config_model(registry).model_fields)
+    kind = loc[0]
+    if kind not in _DEFAULTS:
+        return []
+    names = _names(registry, kind)
+    if len(loc) == 3 and loc[1] in names:
+        name = loc[1]
+    elif len(loc) == 2 and len(names) == 1:  # a union of one: pydantic adds no tag
+        (name,) = names
+    else:
+        return []
+    params = AutoAdapterParams if name == "auto" else registry.get(kind, name).Params
+    return list(params.model_fields)
 
 
 def _names(registry: Registry, kind: str) -> set[str]:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
 from tokenreduce import archs
 from tokenreduce.api import prepare
-from tokenreduce.config import load_config
+from tokenreduce.config import ConfigBase, load_config
+from tokenreduce.engine import Runtime
+from tokenreduce.interfaces import ModelAdapter, SiteSpec
 from tokenreduce.layout import grid_text
 
 
@@ -22,6 +26,45 @@ def default_arch(adapter: str) -> str:
     return next((a for a in reversed(known) if a.startswith(f"{adapter}-")), "sdxl")
 
 
+@dataclass(frozen=True)
+class Checked:
+    """A config prepared on an architecture, with the layouts of every merged group at one size."""
+
+    config: ConfigBase
+    arch: str
+    model: nn.Module
+    adapter: ModelAdapter
+    runtime: Runtime
+    sites: list[SiteSpec]
+    grids: dict[str, tuple[int, ...]]
+
+
+def check_on_architecture(
+    config: Any,
+    *,
+    arch: str | None = None,
+    height: int = 1024,
+    width: int = 1024,
+    frames: int | None = None,
+) -> Checked:
+    """Every check ``apply`` runs, on the published architecture (meta device, nothing
+    downloaded), plus the layouts at this size; raises ``ConfigError`` / ``ValueError``."""
+    cfg = load_config(config)
+    if arch is None:
+        arch = default_arch(cfg.adapter.name)
+    model = archs.build(arch)
+    model, _, adapter, runtime, sites = prepare(model, cfg)
+    size = {} if frames is None else {"frames": frames}
+    known = adapter.grids_for(model, height, width, **size) if hasattr(adapter, "grids_for") else {}
+    grids = {}
+    for site in sites:
+        grid = known.get(site.group, site.grid)
+        if grid is not None:
+            grids[site.group] = tuple(grid)
+            runtime.layout(grids[site.group])
+    return Checked(cfg, arch, model, adapter, runtime, sites, grids)
+
+
 def explain(
     config: Any,
     *,
@@ -31,13 +74,15 @@ def explain(
     frames: int | None = None,
     console: Console,
 ) -> None:
-    cfg = load_config(config)
-    if arch is None:
-        arch = default_arch(cfg.adapter.name)
-    model = archs.build(arch)
-    model, _, adapter, runtime, sites = prepare(model, cfg, **({} if cfg.adapter.name != "auto" else {}))
-    size = {} if frames is None else {"frames": frames}
-    grids = adapter.grids_for(model, height, width, **size) if hasattr(adapter, "grids_for") else {}
+    checked = check_on_architecture(config, arch=arch, height=height, width=width, frames=frames)
+    cfg, adapter, runtime, sites, grids = (
+        checked.config,
+        checked.adapter,
+        checked.runtime,
+        checked.sites,
+        checked.grids,
+    )
+    arch = checked.arch
     video = "" if frames is None else f" x {frames} frames"
     console.print(
         f"[bold]{arch}[/bold] at {height}x{width}{video}: adapter [cyan]{adapter.name}[/cyan], ratio {cfg.ratio}, "
@@ -63,14 +108,17 @@ def explain(
         table.add_column(column)
     frames: list[str] = []
     for group, members in by_group.items():
-        grid = grids.get(group, members[0].grid)
+        grid = grids.get(group)
         kinds = ", ".join(sorted({s.site for s in members}))
         blocks = len({s.path.removesuffix(f".{s.site}").removesuffix(".attn") for s in members})
         if grid is None:
             table.add_row(group, kinds, str(blocks), "?", "?", "?", "?", "?")
             continue
-        layout = runtime.layout(tuple(grid))
+        layout = runtime.layout(grid)
         n = layout.num_tokens
+        if grid in runtime.unmerged:
+            table.add_row(group, kinds, str(blocks), grid_text(grid), str(n), "all (unmerged)", "", "")
+            continue
         dests = sorted(set(layout.dests))
         if len(grid) == 3:  # video (frames x rows x cols): what one frame has and keeps on average
             frames.append(

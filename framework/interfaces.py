@@ -197,6 +197,8 @@ class ModelAdapter(Component):
     kind = "adapter"
     #: Rank of the token grids this adapter's sites see (2: images; 3: video frames x rows x cols).
     grid_rank: ClassVar[int] = 2
+    #: The preset ``apply(pipe)`` uses when no config is given (``None``: the generic ``toma``).
+    default_preset: ClassVar[str | None] = None
 
     @classmethod
     @abstractmethod

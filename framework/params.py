@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, model_validator
+
+
+def plain_numbers(value: Any) -> Any:
+    """``value`` with numpy scalars and 0-d numpy arrays or tensors turned into Python numbers
+    (recursively through dicts, lists and tuples), so strict validation accepts them."""
+    if isinstance(value, dict):
+        return {k: plain_numbers(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(plain_numbers(v) for v in value) if type(value) in (list, tuple) else value
+    if isinstance(value, np.generic | np.ndarray | torch.Tensor) and value.ndim == 0:
+        return value.item()
+    return value
 
 
 class StrictParams(BaseModel):
@@ -13,3 +29,8 @@ class StrictParams(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_numbers(cls, data: Any) -> Any:
+        return plain_numbers(data) if isinstance(data, dict) else data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -86,7 +87,9 @@ class Registry:
                 hint = "; plugins that failed to load: " + "; ".join(
                     f"{k}: {v}" for k, v in self.failed.items()
                 )
-            raise UnknownComponentError(f"unknown {kind} {name!r}; valid {kind}s: {valid}{hint}")
+            close = difflib.get_close_matches(str(name), list(table), n=1)
+            guess = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UnknownComponentError(f"unknown {kind} {name!r}{guess}; valid {kind}s: {valid}{hint}")
         return table[name].cls
 
     def names(self, kind: str) -> list[str]:

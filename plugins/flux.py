@@ -334,6 +334,7 @@ class FluxAdapter(ModelAdapter):
     """Flux transformer (``FluxTransformer2DModel``): double- and single-stream blocks."""
 
     name = "flux"
+    default_preset = "toma-flux"
 
     class Params(StrictParams):
         name: Literal["flux"] = "flux"

@@ -48,6 +48,7 @@ def level_kind(level: int) -> str:
 
 class SDXLAdapter(ModelAdapter):
     name = "sdxl"
+    default_preset = "toma-sdxl"
 
     class Params(StrictParams):
         name: Literal["sdxl"] = "sdxl"

@@ -104,6 +104,7 @@ class WanAdapter(ModelAdapter):
 
     name = "wan"
     grid_rank = 3
+    default_preset = "toma-wan"
 
     class Params(StrictParams):
         name: Literal["wan"] = "wan"

@@ -158,7 +158,10 @@ def test_a_missing_file_or_preset_is_a_config_error(tmp_path: Path) -> None:
 
 def test_unknown_component_lists_the_valid_names(registry: Registry) -> None:
     message = _error(_with(selector={"name": "facility_locaton"}))
-    assert "selector: unknown selector 'facility_locaton'; valid selectors:" in message
+    assert (
+        "selector: unknown selector 'facility_locaton' (did you mean 'facility_location'?); valid selectors:"
+        in message
+    )
     for name in registry.names("selector"):
         assert name in message
     message = _error(_with(merger={"name": "nope"}))
