@@ -10,10 +10,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from diffusers.models.attention import BasicTransformerBlock
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
+
+if TYPE_CHECKING:  # imported where a model is inspected: plugin discovery loads no model module
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ def _stages(unet: nn.Module) -> Iterator[tuple[str, nn.Module, int]]:
 
 def unet_blocks(unet: nn.Module) -> list[UNetBlock]:
     """Every ``BasicTransformerBlock`` of the UNet, in execution order, with its level."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
     found: list[tuple[str, BasicTransformerBlock, Transformer2DModel, int]] = []
     for stage_path, stage, factor in _stages(unet):
         for j, transformer in enumerate(getattr(stage, "attentions", None) or ()):

@@ -195,11 +195,24 @@ def table(run: dict[str, Any]) -> Any:
     return out
 
 
-def write(record: dict[str, Any], output: Path) -> dict[str, Path]:
-    """``bench.json``, ``bench.md`` and ``bench.png`` in ``output``."""
+PLOT_SKIPPED = "plot skipped: matplotlib is not installed (pip install 'tokenreduce[plots]')"
+
+
+def write(record: dict[str, Any], output: Path) -> dict[str, Path | None]:
+    """``bench.json``, ``bench.md`` and ``bench.png`` in ``output``; the plot is ``None`` without
+    matplotlib (an optional extra)."""
     output.mkdir(parents=True, exist_ok=True)
-    paths = {"json": output / "bench.json", "markdown": output / "bench.md", "plot": output / "bench.png"}
+    paths: dict[str, Path | None] = {
+        "json": output / "bench.json",
+        "markdown": output / "bench.md",
+        "plot": output / "bench.png",
+    }
     paths["json"].write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
     paths["markdown"].write_text(markdown(record), encoding="utf-8")
-    plot(record, paths["plot"])
+    try:
+        plot(record, output / "bench.png")
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("matplotlib"):
+            raise
+        paths["plot"] = None
     return paths

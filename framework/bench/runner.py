@@ -278,7 +278,9 @@ def _write_and_show(record: dict[str, Any], settings: BenchSettings, console: Co
     paths = report.write(record, settings.output)
     for run in record["runs"]:
         console.print(report.table(run))
-    console.print(f"results: {paths['json']}, {paths['markdown']}, {paths['plot']}")
+    console.print(f"results: {', '.join(str(p) for p in paths.values() if p is not None)}")
+    if paths["plot"] is None:
+        console.print(report.PLOT_SKIPPED, markup=False)
     return record
 
 

@@ -1,4 +1,4 @@
-"""Fidelity metrics on images in [0, 1], through torchmetrics.
+"""Fidelity metrics on images in [0, 1] (SSIM and the Frechet distance through torchmetrics).
 
 Same-seed comparisons (reduced image vs the unmodified model's image): PSNR, SSIM and the cosine
 similarity of a feature extractor's embeddings. Distribution distance: the Frechet distance of
@@ -12,10 +12,10 @@ from torch import nn
 
 
 def psnr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB, ``(N,)``."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio
-
-    return peak_signal_noise_ratio(images, references, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    """Per-image PSNR in dB, ``(N,)`` (plain torch, so the demo needs no metrics library; equal to
+    torchmetrics' ``peak_signal_noise_ratio(..., data_range=1.0, reduction="none", dim=(1, 2, 3))``)."""
+    mse = (images.float() - references.float()).square().mean(dim=(1, 2, 3))
+    return 10.0 * torch.log10(1.0 / mse)
 
 
 def ssim(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
