@@ -172,10 +172,16 @@ def latent_batch(
 
 
 def train_autoencoder(
-    bank: PhotoBank, steps: int, batch: int, device: torch.device, seed: int = 0, lr: float = 1e-3
+    bank: PhotoBank,
+    steps: int,
+    batch: int,
+    device: torch.device,
+    seed: int = 0,
+    lr: float = 1e-3,
+    eval_crops: int = 256,
 ) -> tuple[ProxyAutoencoder, dict[str, Any]]:
-    """Train, round to float16, measure the latent normalisation and the held-out PSNR (on 16
-    batches' worth of crops, at most 256)."""
+    """Train, round to float16, then measure the latent normalisation on ``eval_crops`` training
+    crops and the reconstruction PSNR on as many held-out crops."""
     import time
 
     from tokenreduce.quality.proxy.train import TrainSettings, _autocast, _schedule
@@ -204,7 +210,7 @@ def train_autoencoder(
     seconds = time.perf_counter() - start
     ae.eval()
     round_to_half(ae)
-    count = min(256, 16 * batch)
+    count = eval_crops
     with torch.no_grad():
         images, _ = sample_crops(bank.train, count, CROP, gen)
         z = torch.cat([ae.encode(images[i : i + 64]) for i in range(0, count, 64)])

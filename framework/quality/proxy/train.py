@@ -302,7 +302,12 @@ def train_proxies(
             big = latent.latent_bank().to(dev)
         if "ae" in parts:
             ae, entry = latent.train_autoencoder(
-                big, steps or DEFAULT_STEPS["ae"], batch or DEFAULT_BATCH["ae"], dev, seed
+                big,
+                steps or DEFAULT_STEPS["ae"],
+                batch or DEFAULT_BATCH["ae"],
+                dev,
+                seed,
+                eval_crops=min(256, 16 * (batch or DEFAULT_BATCH["ae"])),
             )
             latent.save_autoencoder(ae, entry, latent.ae_path(output))
             done("ae", entry)
