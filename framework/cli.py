@@ -79,7 +79,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from tokenreduce.demo import run_demo
 
-    run_demo(output=Path(args.output), steps=args.steps, ratio=args.ratio, console=console)
+    run_demo(
+        output=Path(args.output),
+        steps=args.steps,
+        ratio=args.ratio,
+        console=console,
+        latent=args.latent,
+        weights=Path(args.weights) if args.weights else None,
+    )
     return 0
 
 
@@ -185,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     p.add_argument("--ratio", type=float, default=0.5, help="merge ratio (default 0.5)")
+    p.add_argument(
+        "--latent",
+        action="store_true",
+        help="the latent proxies (autoencoder + latent denoisers, 128x128 images) instead of pixel space",
+    )
+    p.add_argument("--weights", default=None, help="proxy weights folder (default: the committed ones)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="generate an image with a diffusers pipeline and a config")

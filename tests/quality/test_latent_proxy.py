@@ -190,3 +190,55 @@ def test_train_proxies_latent_command_writes_loadable_weights_and_a_record(tmp_p
         pipe = load_proxy(kind, tmp_path)
         assert pipe.record["settings"]["batch"] == 2
         assert pipe([0], [0], steps=1).shape == (1, 3, 128, 128)
+
+
+@pytest.mark.parametrize("kind", IMAGE_KINDS)
+def test_every_fidelity_variant_validates_against_the_latent_proxy(kind):
+    from tokenreduce.api import prepare
+    from tokenreduce.quality import fidelity
+
+    pipe = _random_proxy(kind)
+    variants = fidelity.sweep([kind])
+    assert {"toma@0.5", "tomesd@0.5", "tofu@0.5"} <= {v.label for v in variants}
+    for variant in variants:
+        prepare(pipe, variant.config)
+
+
+def test_fidelity_benchmark_scores_latent_images():
+    from tokenreduce.quality import fidelity
+    from tokenreduce.quality.proxy.features import ProxyFeatures
+
+    pipe = _random_proxy("flux-latent")
+    torch.manual_seed(0)
+    config = fidelity.config_for("flux-latent", "toma-flux", ratio=0.0)
+    variants = [fidelity.Variant("flux-latent", "toma", "methods", "toma@0", config)]
+    protocol = fidelity.Protocol(seeds_per_class=1, steps=2, batch=3, reference_crops=8)
+    result = fidelity.evaluate({"flux-latent": pipe}, ProxyFeatures().eval(), variants, protocol)
+    rows = {r["label"]: r for r in result["record"]["runs"]}
+    assert rows["toma@0"]["psnr"] is None  # bit-exact at ratio 0, through the decoder
+    assert result["samples"]["flux-latent/unmodified"].shape == (3, 3, 128, 128)
+
+
+def _save_random_latent_proxies(folder) -> None:
+    for kind in IMAGE_KINDS:
+        torch.manual_seed(0)
+        names = ["astronaut", "cat", "coffee", "rocket"]
+        pipe = ProxyPipeline(kind, build_denoiser(kind), build_prompts(kind, 4), names, vae=_ae())
+        save_proxy(pipe, weights_path(kind, folder))
+    save_autoencoder(_ae(), {}, ae_path(folder))
+
+
+@pytest.mark.slow
+def test_demo_runs_on_the_latent_proxies(tmp_path, capsys):
+    from tokenreduce.cli import main
+
+    _save_random_latent_proxies(tmp_path / "w")
+    args = ["demo", "--latent", "--weights", str(tmp_path / "w"), "-o", str(tmp_path / "out"), "--steps", "2"]
+    assert main(args) == 0, capsys.readouterr().err
+    results = json.loads((tmp_path / "out" / "demo.json").read_text())
+    assert results["latent"] is True
+    assert set(results["models"]) == {
+        "SDXL-shaped UNet (latent space)",
+        "Flux-shaped transformer (latent space)",
+    }
+    assert (tmp_path / "out" / "side_by_side.png").stat().st_size > 1000

@@ -75,6 +75,7 @@ SDXL_SCHEDULE = {
 }
 KINDS = ("sdxl", "flux")
 LATENT_KINDS = ("sdxl-latent", "flux-latent", "wan-latent")
+LATENT_IMAGE_KINDS = ("sdxl-latent", "flux-latent")  # the image (not video) latent proxies
 
 
 @dataclass(frozen=True)
