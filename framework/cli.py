@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--latent",
         action="store_true",
-        help="also train the autoencoder and the latent proxies (ae sdxl-latent flux-latent wan-latent)",
+        help="train the autoencoder and the latent proxies (ae sdxl-latent flux-latent wan-latent), "
+        "after the --parts given, if any",
     )
     p.add_argument(
         "--steps",

@@ -242,3 +242,23 @@ def test_demo_runs_on_the_latent_proxies(tmp_path, capsys):
         "Flux-shaped transformer (latent space)",
     }
     assert (tmp_path / "out" / "side_by_side.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    ("args", "parts"),
+    [
+        ([], ("features", "sdxl", "flux")),
+        (["--latent"], ("ae", "sdxl-latent", "flux-latent", "wan-latent")),
+        (["--parts", "features", "--latent"], ("features", "ae", "sdxl-latent", "flux-latent", "wan-latent")),
+        (["--parts", "flux-latent"], ("flux-latent",)),
+    ],
+)
+def test_train_proxies_command_picks_the_parts(monkeypatch, tmp_path, args, parts):
+    from tokenreduce.cli import main
+    from tokenreduce.quality.proxy import train
+
+    seen = {}
+    monkeypatch.setattr(train, "train_proxies", lambda output, **kw: seen.update(kw) or {})
+    assert main(["train-proxies", "-o", str(tmp_path), *args]) == 0
+    assert seen["parts"] == parts and seen["steps"] is None and seen["batch"] is None
+    assert seen["command"].startswith(f"tokenreduce train-proxies --parts {' '.join(parts)}")
