@@ -184,7 +184,7 @@ def train_autoencoder(
     crops and the reconstruction PSNR on as many held-out crops."""
     import time
 
-    from tokenreduce.quality.proxy.train import TrainSettings, _autocast, _schedule
+    from tokenreduce.quality.proxy.train import TrainSettings, _autocast, _schedule, loss_curve
 
     torch.manual_seed(seed)
     ae = ProxyAutoencoder().to(device)
@@ -229,6 +229,7 @@ def train_autoencoder(
         "seconds": round(seconds, 1),
         "loss_start": round(losses[0], 5),
         "loss_end": round(sum(tail) / len(tail), 5),
+        "loss_curve": loss_curve(losses),
         "heldout_psnr_db": round(psnr, 2),
         "shift": float(ae.shift),
         "scale": float(ae.scale),

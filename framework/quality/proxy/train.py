@@ -97,6 +97,12 @@ def _schedule(opt: torch.optim.Optimizer, settings: TrainSettings) -> torch.opti
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def loss_curve(losses: list[float], points: int = 10) -> list[float]:
+    """The logged losses (every 10th step) summarised as the means of ``points`` equal spans."""
+    spans = [losses[i * len(losses) // points : (i + 1) * len(losses) // points] for i in range(points)]
+    return [round(sum(s) / len(s), 5) for s in spans if s]
+
+
 def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
@@ -178,6 +184,7 @@ def train_denoiser(
         "seconds": round(seconds, 1),
         "loss_start": round(losses[0], 5),
         "loss_end": round(sum(tail) / len(tail), 5),
+        "loss_curve": loss_curve(losses),
         "params": sum(p.numel() for p in trained["denoiser"].parameters()),
     }
     return ProxyPipeline(
