@@ -121,6 +121,8 @@ def train_denoiser(
     from diffusers.training_utils import EMAModel
 
     arch = spec(kind).arch
+    if (vae is None) != (kind in KINDS):  # checked before training, not after
+        raise ValueError(f"a {kind!r} proxy {'needs' if vae is None else 'takes no'} autoencoder")
     if vae is None:
         sample: Sampler = lambda count, gen: sample_crops(bank.train, count, IMAGE_SIZE, gen)  # noqa: E731
     else:
