@@ -128,11 +128,16 @@ def test_latent_pipeline_decodes_and_tokenreduce_applies(kind):
     assert torch.equal(pipe([0, 1], [0, 1], steps=3), base)
 
 
-def test_wan_pipeline_generates_clips():
+def test_wan_pipeline_generates_clips_and_tokenreduce_applies():
     pipe = _random_proxy("wan-latent")
     assert pipe.transformer is pipe.denoiser and pipe.unet is None
-    clips = pipe([2], [0], steps=1)
-    assert clips.shape == (1, 5, 3, 128, 128)
+    base = pipe([2], [0], steps=2)
+    assert base.shape == (1, 5, 3, 128, 128)
+    with apply(pipe, "toma-wan", ratio=0.0):
+        assert torch.equal(pipe([2], [0], steps=2), base)
+    with apply(pipe, "toma-wan") as handle:
+        assert not torch.equal(pipe([2], [0], steps=2), base)
+        assert handle.runtime.clock.step == 2
 
 
 def test_latent_weight_files_are_tied_to_their_autoencoder(tmp_path):
