@@ -84,7 +84,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from tokenreduce.demo import run_demo
 
-    run_demo(output=Path(args.output), steps=args.steps, ratio=args.ratio, console=console)
+    run_demo(
+        output=Path(args.output),
+        steps=args.steps,
+        ratio=args.ratio,
+        console=console,
+        latent=args.latent,
+        weights=Path(args.weights) if args.weights else None,
+    )
     return 0
 
 
@@ -109,11 +116,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_train_proxies(args: argparse.Namespace) -> int:
-    from tokenreduce.quality.proxy.train import train_proxies
+    from tokenreduce.quality.proxy.models import LATENT_KINDS
+    from tokenreduce.quality.proxy.train import DEFAULT_PARTS, train_proxies
 
+    parts = tuple(args.parts or ())
+    if args.latent:
+        parts += tuple(p for p in ("ae", *LATENT_KINDS) if p not in parts)
+    parts = parts or DEFAULT_PARTS
+    command = f"tokenreduce train-proxies --parts {' '.join(parts)} --seed {args.seed}"
+    for flag, value in (("--steps", args.steps), ("--batch", args.batch)):
+        command += f" {flag} {value}" if value is not None else ""
     record = train_proxies(
         Path(args.output),
-        parts=tuple(args.parts),
+        parts=parts,
+        command=command,
         steps=args.steps,
         feature_steps=args.feature_steps,
         batch=args.batch,
@@ -153,6 +169,10 @@ def add_architecture_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+# Mirrors tokenreduce.quality.proxy.train.PARTS (not imported: the parser stays light).
+PROXY_PARTS = ("features", "sdxl", "flux", "ae", "sdxl-latent", "flux-latent", "wan-latent")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenreduce", description="Token reduction for diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -185,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     p.add_argument("--ratio", type=float, default=0.5, help="merge ratio (default 0.5)")
+    p.add_argument(
+        "--latent",
+        action="store_true",
+        help="the latent proxies (autoencoder + latent denoisers, 128x128 images) instead of pixel space",
+    )
+    p.add_argument("--weights", default=None, help="proxy weights folder (default: the committed ones)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="generate an image with a diffusers pipeline and a config")
@@ -209,19 +235,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train-proxies",
-        help="train the SDXL-shaped and Flux-shaped proxy models and their feature extractor (GPU: minutes)",
+        help="train the SDXL-shaped and Flux-shaped proxy models and their feature extractor, "
+        "or the latent proxies and their autoencoder (GPU: minutes)",
     )
     p.add_argument("-o", "--output", required=True, help="folder for the weights and record.json")
     p.add_argument(
         "--parts",
         nargs="+",
-        choices=["features", "sdxl", "flux"],
-        default=["features", "sdxl", "flux"],
-        help="what to train (default: all three)",
+        choices=list(PROXY_PARTS),
+        default=None,
+        help="what to train (default: features sdxl flux); latent proxies learn on the autoencoder "
+        "`ae` in the output folder (train it first or in the same run)",
     )
-    p.add_argument("--steps", type=int, default=1500, help="optimiser steps per proxy (default 1500)")
+    p.add_argument(
+        "--latent",
+        action="store_true",
+        help="train the autoencoder and the latent proxies (ae sdxl-latent flux-latent wan-latent), "
+        "after the --parts given, if any",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimiser steps per part (default: 1500 per pixel proxy, 3000 per latent part)",
+    )
     p.add_argument("--feature-steps", type=int, default=1500, help="feature extractor steps (default 1500)")
-    p.add_argument("--batch", type=int, default=128, help="crops per step (default 128)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="crops per step (default 128; the autoencoder and wan-latent: 32)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.set_defaults(func=cmd_train_proxies)

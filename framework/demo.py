@@ -1,7 +1,8 @@
 """``tokenreduce demo``: ToMA on the embedded proxy models, CPU, no download.
 
 The proxies are small SDXL-shaped and Flux-shaped models trained on photographs (committed
-weights, see docs/quality.md). Each generates a few class-conditional images from the same seeds
+weights, see docs/quality.md): in pixel space by default, or with ``latent=True`` on the latents
+of a small autoencoder, whose decoder the merge errors then pass through as in the real models. Each generates a few class-conditional images from the same seeds
 with and without ToMA; the demo prints the time per denoising step, the difference (PSNR against
 the unmodified images) and writes a side-by-side PNG (unmodified | ToMA | difference).
 """
@@ -82,10 +83,15 @@ def side_by_side(rows: list[tuple[str, list[tuple[str, np.ndarray]]]], scale: in
 
 
 def run_demo(
-    output: Path, steps: int = 20, ratio: float = 0.5, console: Console | None = None
+    output: Path,
+    steps: int = 20,
+    ratio: float = 0.5,
+    console: Console | None = None,
+    latent: bool = False,
+    weights: Path | None = None,
 ) -> dict[str, Any]:
     from tokenreduce.quality.metrics import psnr
-    from tokenreduce.quality.proxy.models import FLUX_PROXY_ADAPTER, load_proxy
+    from tokenreduce.quality.proxy.models import FLUX_PROXY_ADAPTER, load_proxy, spec
 
     console = console or Console()
     output.mkdir(parents=True, exist_ok=True)
@@ -100,24 +106,28 @@ def run_demo(
     ):
         table.add_column(column)
     panels: list[tuple[str, list[tuple[str, np.ndarray]]]] = []
-    results: dict[str, Any] = {"ratio": ratio, "steps": steps, "models": {}}
-    for kind, preset, title in (
-        ("sdxl", "toma-sdxl", "SDXL-shaped UNet"),
-        ("flux", "toma-flux", "Flux-shaped transformer"),
-    ):
-        pipe = load_proxy(kind)
+    results: dict[str, Any] = {"ratio": ratio, "steps": steps, "latent": latent, "models": {}}
+    space = " (latent space)" if latent else ""
+    models = (
+        ("sdxl-latent" if latent else "sdxl", "toma-sdxl", f"SDXL-shaped UNet{space}"),
+        ("flux-latent" if latent else "flux", "toma-flux", f"Flux-shaped transformer{space}"),
+    )
+    pipes = {kind: load_proxy(kind, weights) for kind, _, _ in models}  # all found before any work
+    for kind, preset, title in models:
+        pipe = pipes[kind]
         labels = [pipe.class_names.index(name) for name in DEMO_CLASSES]
         seeds = list(range(len(labels)))
         pipe(labels[:1], seeds[:1], steps=2)  # warm-up
         base, base_step = timed(pipe, labels, seeds, steps)
-        overrides = {"adapter": {"name": "flux", **FLUX_PROXY_ADAPTER}} if kind == "flux" else {}
+        flux = spec(kind).arch == "flux"
+        overrides = {"adapter": {"name": "flux", **FLUX_PROXY_ADAPTER}} if flux else {}
         with apply(pipe, preset, ratio=ratio, **overrides):
             pipe(labels[:1], seeds[:1], steps=2)  # warm-up (plans, layouts)
             reduced, reduced_step = timed(pipe, labels, seeds, steps)
         quality = float(psnr(reduced, base).mean())
         table.add_row(
             title,
-            "32x32",
+            f"{spec(kind).size // 2}x{spec(kind).size // 2}",
             f"{base_step * 1000:.1f} ms",
             f"{reduced_step * 1000:.1f} ms",
             f"{base_step / reduced_step:.2f}x",
@@ -140,7 +150,7 @@ def run_demo(
         )
     console.print(table)
     png = output / "side_by_side.png"
-    side_by_side(panels, scale=2).save(png)
+    side_by_side(panels, scale=1 if latent else 2).save(png)
     (output / "demo.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     console.print(f"side-by-side (unmodified | ToMA | difference): {png}")
     console.print(f"results: {output / 'demo.json'}")

@@ -16,7 +16,7 @@ from tokenreduce.quality.protocol import (
     DEFAULT_OUTPUT,
     FID_FEATURES,
 )
-from tokenreduce.quality.proxy.models import KINDS
+from tokenreduce.quality.proxy.models import KINDS, LATENT_IMAGE_KINDS
 
 
 def add_eval_parser(subparsers: Any, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
@@ -134,7 +134,16 @@ def add_eval_parser(subparsers: Any, func: Callable[[argparse.Namespace], int]) 
 
     x = p.add_argument_group("proxy benchmark (--proxy)")
     x.add_argument(
-        "--kinds", nargs="+", choices=list(KINDS), default=list(KINDS), help="proxies (default: both)"
+        "--kinds",
+        nargs="+",
+        choices=[*KINDS, *LATENT_IMAGE_KINDS],
+        default=None,
+        help="proxies (default: sdxl flux, the pixel-space ones; with --latent: sdxl-latent flux-latent)",
+    )
+    x.add_argument(
+        "--latent",
+        action="store_true",
+        help="the latent proxies (autoencoder + latent denoisers) instead of the pixel-space ones",
     )
     x.add_argument(
         "--proxy-weights", metavar="DIR", default=None, help="weights folder (default: the committed proxies)"

@@ -28,7 +28,7 @@ from rich.table import Table
 from tokenreduce.api import apply
 from tokenreduce.config import load_config
 from tokenreduce.quality import metrics
-from tokenreduce.quality.proxy.models import FLUX_PROXY_ADAPTER, KINDS, ProxyPipeline
+from tokenreduce.quality.proxy.models import FLUX_PROXY_ADAPTER, KINDS, ProxyPipeline, spec
 
 METHODS = ("toma", "tomesd", "tofu", "todo")
 RATIOS = (0.25, 0.5, 0.75)
@@ -65,7 +65,7 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def config_for(kind: str, preset: str, **update: Any) -> dict[str, Any]:
     """A preset as a mapping with nested ``update``s; Flux presets get the proxies' skipped blocks."""
     data = load_config(preset).model_dump(mode="json")
-    if kind == "flux":
+    if spec(kind).arch == "flux":
         data = _merge(data, {"adapter": FLUX_PROXY_ADAPTER})
     return _merge(data, update)
 
@@ -73,15 +73,16 @@ def config_for(kind: str, preset: str, **update: Any) -> dict[str, Any]:
 def method_variants(kind: str, ratios: Sequence[float] = RATIOS) -> list[Variant]:
     """Every method at every ratio (ToDo only at its one ratio, 0.75 = 2x2 pooling)."""
     out = []
+    arch = spec(kind).arch
     for method in METHODS:
-        preset = f"{method}-{kind}"
+        preset = f"{method}-{arch}"
         if method == "todo":
-            if kind == "sdxl":
+            if arch == "sdxl":
                 out.append(Variant(kind, method, "methods", "todo@0.75", config_for(kind, preset)))
             continue
         for r in ratios:
             out.append(Variant(kind, method, "methods", f"{method}@{r}", config_for(kind, preset, ratio=r)))
-    if kind == "sdxl":
+    if arch == "sdxl":
         out.append(
             Variant(kind, "toma-block", "methods", "toma-block@0.5", config_for(kind, "toma-sdxl-block"))
         )
@@ -95,16 +96,19 @@ def method_variants(kind: str, ratios: Sequence[float] = RATIOS) -> list[Variant
 
 def knob_variants(kind: str, ratio: float = 0.5) -> list[Variant]:
     """ToMA's defaults varied one knob at a time (the default itself is in the method rows)."""
-    preset = f"toma-{kind}"
+    arch = spec(kind).arch
+    preset = f"toma-{arch}"
     base = load_config(preset)
 
     def v(group: str, label: str, **update: Any) -> Variant:
         return Variant(kind, "toma", group, label, config_for(kind, preset, ratio=ratio, **update))
 
+    # Tiles no larger than the smallest token grid merged (SDXL: the second attention level).
+    smallest = spec(kind).size // (4 if arch == "sdxl" else 2)
     out = [
         v("tile", f"tile={s}", partitioner={"size": [s, s]})
         for s in (2, 4, 8, 16)
-        if [s, s] != base.partitioner.size
+        if [s, s] != base.partitioner.size and s <= smallest
     ]
     out += [v("temperature", f"temperature={t:g}", merger={"temperature": t}) for t in (1e-4, 1e-2, 1e-1)]
     out += [
@@ -112,7 +116,7 @@ def knob_variants(kind: str, ratio: float = 0.5) -> list[Variant]:
         for d, w in ((1, 1), (5, 5), (10, 5), (10, 10), (20, 10))
         if (d, w) != (base.reuse.destinations_every, base.reuse.weights_every)
     ]
-    if kind == "sdxl":
+    if arch == "sdxl":
         out += [v("sites", f"sites={s}", adapter={"sites": [s]}) for s in ("attn1", "block")]
         out += [
             v("levels", "levels=[0]", adapter={"levels": [0]}),
@@ -350,7 +354,7 @@ def speed_fidelity_plot(record: dict[str, Any], bench: dict[str, Any], mode: str
             if r["method"] == "unmodified":
                 by_method.setdefault("unmodified", []).append((1.0, r["feature_similarity"], 0.0))
                 continue
-            speed = speeds.get((kind, r["method"], r["ratio"]))
+            speed = speeds.get((spec(kind).arch, r["method"], r["ratio"]))
             if speed is not None:
                 by_method.setdefault(r["method"], []).append((speed, r["feature_similarity"], r["ratio"]))
         for method, points in sorted(by_method.items()):
@@ -401,9 +405,9 @@ def write_reports(
 
 def run_proxy_eval(args: Any, console: Console) -> int:
     from tokenreduce.quality.proxy.features import load_features
-    from tokenreduce.quality.proxy.models import load_proxy
+    from tokenreduce.quality.proxy.models import LATENT_IMAGE_KINDS, load_proxy
 
-    kinds = list(args.kinds or KINDS)
+    kinds = list(args.kinds or (LATENT_IMAGE_KINDS if getattr(args, "latent", False) else KINDS))
     weights = Path(args.proxy_weights) if args.proxy_weights else None
     bench = json.loads(Path(args.speed).read_text(encoding="utf-8")) if args.speed else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

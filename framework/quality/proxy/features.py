@@ -1,13 +1,19 @@
 """A small fixed feature extractor for the proxies' images (the role DINO and Inception play on
 real images): a CNN trained to tell the photographs apart from 64x64 crops. Its pooled features
-give the feature similarity and the Frechet distance of the fidelity benchmark."""
+give the feature similarity and the Frechet distance of the fidelity benchmark.
+
+Larger images are resized to 64x64 first: the latent proxies' 128x128 images are crops of the
+photographs at twice the scale, so resized they show what a 64x64 training crop shows."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+CROP = 64  # the crop size the extractor is trained on
 
 
 def _stage(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -28,6 +34,8 @@ class ProxyFeatures(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.head.weight.dtype) * 2 - 1
+        if x.shape[-2:] != (CROP, CROP):
+            x = F.interpolate(x, size=(CROP, CROP), mode="bilinear", antialias=True)
         return self.body(x).mean(dim=(2, 3))
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:

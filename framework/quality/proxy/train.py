@@ -1,4 +1,5 @@
-"""``tokenreduce train-proxies``: train the two proxy models and the feature extractor.
+"""``tokenreduce train-proxies``: train the proxy models, the feature extractor and the latent
+proxies' autoencoder.
 
 Deterministic for a given machine and software: fixed seeds, fixed step counts, and PyTorch's
 deterministic algorithms enforced (an op without a deterministic implementation raises instead
@@ -12,7 +13,7 @@ import datetime
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from tokenreduce.quality.proxy.features import ProxyFeatures, features_path
 from tokenreduce.quality.proxy.models import (
     IMAGE_SIZE,
     KINDS,
+    LATENT_KINDS,
     SDXL_SCHEDULE,
     ProxyPipeline,
     build_denoiser,
@@ -35,10 +37,14 @@ from tokenreduce.quality.proxy.models import (
     pack,
     predict,
     save_proxy,
+    spec,
     weights_path,
 )
 
-PARTS = ("features", *KINDS)
+PARTS = ("features", *KINDS, "ae", *LATENT_KINDS)
+# Parts trained by default: the pixel proxies (the latent ones are asked for by name or --latent).
+DEFAULT_PARTS = ("features", *KINDS)
+Sampler = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -91,15 +97,39 @@ def _schedule(opt: torch.optim.Optimizer, settings: TrainSettings) -> torch.opti
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def loss_curve(losses: list[float], points: int = 10) -> list[float]:
+    """The logged losses (every 10th step) summarised as the means of ``points`` equal spans."""
+    spans = [losses[i * len(losses) // points : (i + 1) * len(losses) // points] for i in range(points)]
+    return [round(sum(s) / len(s), 5) for s in spans if s]
+
+
 def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def train_denoiser(
-    kind: str, bank: PhotoBank, settings: TrainSettings, device: torch.device, console: Console | None = None
+    kind: str,
+    bank: PhotoBank,
+    settings: TrainSettings,
+    device: torch.device,
+    console: Console | None = None,
+    vae: nn.Module | None = None,
 ) -> ProxyPipeline:
+    """Train one proxy: on pixel crops of ``bank``, or (latent kinds) on the latents that ``vae``
+    gives for crops or clips of ``bank``."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
+
+    arch = spec(kind).arch
+    if (vae is None) != (kind in KINDS):  # checked before training, not after
+        raise ValueError(f"a {kind!r} proxy {'needs' if vae is None else 'takes no'} autoencoder")
+    if vae is None:
+        sample: Sampler = lambda count, gen: sample_crops(bank.train, count, IMAGE_SIZE, gen)  # noqa: E731
+    else:
+        from tokenreduce.quality.proxy.latent import latent_batch
+
+        vae = vae.to(device).eval()
+        sample = lambda count, gen: latent_batch(kind, bank, vae, count, gen)  # noqa: E731
 
     torch.manual_seed(settings.seed)
     net = nn.ModuleDict(
@@ -116,11 +146,11 @@ def train_denoiser(
     losses: list[float] = []
     start = time.perf_counter()
     for step in range(settings.steps):
-        x0, labels = sample_crops(bank.train, settings.batch, IMAGE_SIZE, gen)
+        x0, labels = sample(settings.batch, gen)
         drop = torch.rand(settings.batch, generator=gen, device=device) < settings.uncond
         labels = torch.where(drop, len(bank.names), labels)
         noise = torch.randn(x0.shape, generator=gen, device=device)
-        if kind == "sdxl":
+        if arch == "sdxl":
             t = torch.randint(
                 0, ddpm.config.num_train_timesteps, (settings.batch,), generator=gen, device=device
             )
@@ -128,8 +158,10 @@ def train_denoiser(
             x_t, target, timestep = a.sqrt() * x0 + (1 - a).sqrt() * noise, noise, t
         else:
             sigma = torch.sigmoid(torch.randn(settings.batch, generator=gen, device=device))
-            s = sigma.view(-1, 1, 1, 1)
-            x_t, target, timestep = pack((1 - s) * x0 + s * noise), pack(noise - x0), sigma
+            s = sigma.view(-1, *[1] * (x0.dim() - 1))
+            x_t, target, timestep = (1 - s) * x0 + s * noise, noise - x0, sigma
+            if arch == "flux":
+                x_t, target = pack(x_t), pack(target)
         with _autocast(device):
             tokens, pooled = net["prompts"](labels)
             out = predict(kind, net["denoiser"], x_t, timestep, tokens, pooled)
@@ -152,11 +184,13 @@ def train_denoiser(
         "kind": kind,
         "settings": asdict(settings),
         "seconds": round(seconds, 1),
+        "loss_start": round(losses[0], 5),
         "loss_end": round(sum(tail) / len(tail), 5),
+        "loss_curve": loss_curve(losses),
         "params": sum(p.numel() for p in trained["denoiser"].parameters()),
     }
     return ProxyPipeline(
-        kind, trained["denoiser"].eval(), trained["prompts"], list(bank.names), record=record
+        kind, trained["denoiser"].eval(), trained["prompts"], list(bank.names), record=record, vae=vae
     )
 
 
@@ -187,30 +221,51 @@ def train_features(
     return model, record
 
 
+# Steps and batch per part when not given (full size: each trains in minutes on one GPU).
+DEFAULT_STEPS = {
+    "sdxl": 1500,
+    "flux": 1500,
+    "ae": 3000,
+    "sdxl-latent": 3000,
+    "flux-latent": 3000,
+    "wan-latent": 3000,
+}
+DEFAULT_BATCH = {"sdxl": 128, "flux": 128, "ae": 32, "sdxl-latent": 128, "flux-latent": 128, "wan-latent": 32}
+
+
 def train_proxies(
     output: Path,
     *,
-    parts: tuple[str, ...] = PARTS,
-    steps: int = 1500,
+    parts: tuple[str, ...] = DEFAULT_PARTS,
+    steps: int | None = None,
     feature_steps: int = 1500,
-    batch: int = 128,
+    batch: int | None = None,
     seed: int = 0,
     device: str | None = None,
     console: Console | None = None,
+    command: str = "tokenreduce train-proxies",
 ) -> dict[str, Any]:
-    """Train ``parts`` and write ``<kind>-proxy.safetensors``, ``features.safetensors`` and
-    ``record.json`` (updated in place, so parts may be trained separately)."""
+    """Train ``parts`` and write ``<kind>-proxy.safetensors``, ``features.safetensors``,
+    ``ae.safetensors`` and ``record.json`` (updated in place, so parts may be trained separately;
+    latent proxies load the autoencoder from ``output``). ``steps`` and ``batch`` default per part
+    (``DEFAULT_STEPS``, ``DEFAULT_BATCH``)."""
     from safetensors.torch import save_file
 
     from tokenreduce.generate import environment
+    from tokenreduce.quality.proxy import latent
 
     unknown = [k for k in parts if k not in PARTS]
     if unknown:
         raise ValueError(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
+    needs_ae = any(p in LATENT_KINDS for p in parts)
+    if needs_ae and "ae" not in parts and not latent.ae_path(output).is_file():
+        raise FileNotFoundError(
+            f"latent proxies learn on the autoencoder in {output}, and there is none: add the part `ae`"
+        )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bank = photo_bank().to(dev)
     record: dict[str, Any] = {
-        "command": "tokenreduce train-proxies",
+        "command": command,
         "date": datetime.date.today().isoformat(),
         "env": environment(),
         "data": {
@@ -221,18 +276,60 @@ def train_proxies(
             "crop": IMAGE_SIZE,
         },
     }
+    if "ae" in parts or needs_ae:
+        record["latent_data"] = {
+            "short_side": latent.SHORT_SIDE,
+            "heldout_band": 0.3,
+            "crop": latent.CROP,
+            "latent": f"{latent.LATENT_CHANNELS}x{latent.CROP // latent.DOWNSAMPLE}^2",
+            "clips": "wan-latent: 5 frames panning and zooming linearly over a training region, "
+            "window side 0.75-1.5 crops; the image autoencoder encodes each frame",
+        }
     output.mkdir(parents=True, exist_ok=True)
+
+    def done(part: str, entry: dict[str, Any]) -> None:
+        record[part] = entry | {"command": command, "date": record["date"], "device": str(dev)}
+        if console:
+            console.print(
+                f"{part}: {entry.get('seconds')} s, loss {entry.get('loss_start')} -> {entry.get('loss_end')}"
+            )
+
     with deterministic(dev):
         if "features" in parts:
             features, record["features"] = train_features(bank, feature_steps, dev, seed)
             state = {k: v.detach().cpu().contiguous() for k, v in features.state_dict().items()}
             save_file(state, str(features_path(output)))
         for kind in (p for p in parts if p in KINDS):
-            settings = TrainSettings(steps=steps, batch=batch, seed=seed)
+            settings = TrainSettings(
+                steps=steps or DEFAULT_STEPS[kind], batch=batch or DEFAULT_BATCH[kind], seed=seed
+            )
             pipe = train_denoiser(kind, bank, settings, dev, console)
             pipe.record.update(date=record["date"], env=record["env"], data=record["data"])
             save_proxy(pipe, weights_path(kind, output))
-            record[kind] = {k: v for k, v in pipe.record.items() if k not in ("env", "data", "date")}
+            done(kind, {k: v for k, v in pipe.record.items() if k not in ("env", "data", "date")})
+        if needs_ae or "ae" in parts:
+            big = latent.latent_bank().to(dev)
+        if "ae" in parts:
+            ae, entry = latent.train_autoencoder(
+                big,
+                steps or DEFAULT_STEPS["ae"],
+                batch or DEFAULT_BATCH["ae"],
+                dev,
+                seed,
+                eval_crops=min(256, 16 * (batch or DEFAULT_BATCH["ae"])),
+            )
+            latent.save_autoencoder(ae, entry, latent.ae_path(output))
+            done("ae", entry)
+        for kind in (p for p in parts if p in LATENT_KINDS):
+            # Loaded from the file: the proxy learns on the autoencoder exactly as it is saved.
+            ae = latent.load_autoencoder(output, dev)
+            settings = TrainSettings(
+                steps=steps or DEFAULT_STEPS[kind], batch=batch or DEFAULT_BATCH[kind], seed=seed
+            )
+            pipe = train_denoiser(kind, big, settings, dev, console, vae=ae)
+            pipe.record.update(date=record["date"], env=record["env"], data=record["latent_data"])
+            save_proxy(pipe, weights_path(kind, output))
+            done(kind, {k: v for k, v in pipe.record.items() if k not in ("env", "data", "date")})
     # Read just before writing: parts may be trained by separate processes into one folder.
     record_file = output / "record.json"
     if record_file.is_file():
