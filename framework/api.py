@@ -2,19 +2,32 @@
 
 Everything that can be wrong with the input is checked before the model is touched; a failure
 while installing undoes what was installed, so nothing is left half-applied.
+
+A denoiser already compiled with ``torch.compile`` (an ``OptimizedModule``, alone or inside a
+pipeline) is patched through its ``_orig_mod``: the compiled module traces the patched forward on
+its next call. A pipeline's step clock follows the pipeline, not the scheduler object seen at
+apply time: the pipeline's ``progress_bar`` (entered by every diffusers pipeline right before its
+denoising loop, after ``set_timesteps``) re-attaches the clock to ``pipe.scheduler`` when it was
+replaced and starts a generation; ``maybe_free_model_hooks`` (called at the end of every
+pipeline call) ends it. Hooking these two host-side methods keeps the denoiser's hot path free of
+any check, and it works under ``torch.compile`` and CUDA graphs. The pipeline's ``__call__``
+cannot be hooked on the instance (Python looks special methods up on the class).
 """
 
 from __future__ import annotations
 
-import functools
+import copy
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
 from tokenreduce.config import ConfigBase, ConfigError, check_combination, instantiate, load_config, resolve
 from tokenreduce.engine import PatchSet, Runtime
+from tokenreduce.engine.patch import PICKLE_HINT
 from tokenreduce.interfaces import ModelAdapter, SiteSpec
 from tokenreduce.layout import grid_fits, grid_text
 from tokenreduce.manager import get_registry
@@ -39,10 +52,12 @@ class TokenReduceHandle:
         runtime: Runtime,
         patches: PatchSet,
         sites: list[SiteSpec],
+        pipeline_patches: PatchSet | None = None,
     ) -> None:
         self.model, self.pipeline, self.adapter = model, pipeline, adapter
         self.runtime, self.sites = runtime, sites
         self._patches = patches
+        self._pipeline_patches = pipeline_patches if pipeline_patches is not None else PatchSet()
 
     @property
     def config(self) -> ConfigBase:
@@ -54,6 +69,7 @@ class TokenReduceHandle:
 
     def remove(self) -> None:
         """Undo every patch; a second call does nothing."""
+        self._pipeline_patches.undo()
         self._patches.undo()
         for owner in (self.model, self.pipeline):
             if owner is not None and owner.__dict__.get(HANDLE_ATTR) is self:
@@ -90,6 +106,27 @@ class TokenReduceHandle:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> TokenReduceHandle:
+        """The handle of a deep-copied model (reached through the model's ``__dict__``).
+
+        Copying the denoiser alone gives a patched model of its own, driven by its timesteps;
+        the pipeline's hooks stay with the original pipeline. Copying the whole pipeline copies them.
+        """
+        new = TokenReduceHandle.__new__(TokenReduceHandle)
+        memo[id(self)] = new
+        state = dict(self.__dict__)
+        with_pipeline = self.pipeline is not None and id(self.pipeline) in memo
+        if not with_pipeline:
+            state["pipeline"], state["_pipeline_patches"] = None, PatchSet()
+        new.__dict__.update(copy.deepcopy(state, memo))
+        if not with_pipeline and new.runtime.clock.driver == "pipeline":
+            new.runtime.clock.driver = "timestep"
+            new.runtime.clock.in_generation = False
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise pickle.PicklingError(PICKLE_HINT)
+
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         return f"TokenReduceHandle({self.adapter.name}, ratio={self.config.ratio}, sites={len(self.sites)}, {state})"
@@ -100,10 +137,11 @@ def find_denoiser(pipe_or_model: Any) -> tuple[nn.Module, Any, type[ModelAdapter
     registry = get_registry()
     adapters = [registry.get("adapter", n) for n in registry.names("adapter")]
     if isinstance(pipe_or_model, nn.Module):
+        model = uncompiled(pipe_or_model)
         for cls in adapters:
-            if cls.matches(pipe_or_model):
-                return pipe_or_model, None, cls
-        return pipe_or_model, None, None
+            if cls.matches(model):
+                return model, None, cls
+        return model, None, None
     for cls in adapters:
         denoiser = cls.denoiser_of(pipe_or_model)
         if denoiser is not None:
@@ -124,6 +162,13 @@ def default_preset(pipe_or_model: Any) -> str:
             f"no adapter supports {type(model).__name__}; registered adapters: {names}"
         )
     return detected.default_preset or FALLBACK_PRESET
+
+
+def uncompiled(module: Any) -> Any:
+    """The module a ``torch.compile``-d ``OptimizedModule`` wraps (patched in its place)."""
+    while isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+        module = module._orig_mod
+    return module
 
 
 def prepare(
@@ -194,57 +239,115 @@ def apply(pipe_or_model: Any, config: Any = None, **overrides: Any) -> TokenRedu
     previous = get_handle(model)
     if previous is not None:
         previous.remove()
-    patches = PatchSet()
+    patches, pipeline_patches = PatchSet(), PatchSet()
     try:
         adapter.install(model, runtime, patches)
         if pipeline is not None:
-            _attach_scheduler(pipeline, runtime, patches)
+            _attach_pipeline(pipeline, runtime, pipeline_patches)
+            _prepare_default_size(pipeline, model, adapter, runtime)
     except BaseException:
+        pipeline_patches.undo()
         patches.undo()
         raise
-    handle = TokenReduceHandle(model, pipeline, adapter, runtime, patches, sites)
+    handle = TokenReduceHandle(model, pipeline, adapter, runtime, patches, sites, pipeline_patches)
     object.__setattr__(model, HANDLE_ATTR, handle)
     if pipeline is not None:
         object.__setattr__(pipeline, HANDLE_ATTR, handle)
     return handle
 
 
-def _attach_scheduler(pipeline: Any, runtime: Runtime, patches: PatchSet) -> None:
-    """Reset the clock at each pipeline call and close each denoising step (host only)."""
-    scheduler = getattr(pipeline, "scheduler", None)
-    if scheduler is None or not hasattr(scheduler, "step") or not hasattr(scheduler, "set_timesteps"):
+def _prepare_default_size(pipeline: Any, model: nn.Module, adapter: ModelAdapter, runtime: Runtime) -> None:
+    """Build the layouts of the pipeline's default image size now, so that a denoiser compiled
+    right after ``apply`` traces no set-up code at that size. ``default_sample_size`` is in latent
+    pixels; adapters take image pixels at SDXL's and Flux's 8x VAE."""
+    size = getattr(pipeline, "default_sample_size", None)
+    if isinstance(size, int) and size > 0:
+        try:
+            adapter.prepare(model, runtime, 8 * size, 8 * size)
+        except ValueError:
+            pass  # a size this config cannot merge: reported when (if) it is used
+
+
+class SchedulerFollower:
+    """Keeps the clock's hooks on the pipeline's current scheduler (re-attached when replaced)."""
+
+    def __init__(self, pipeline: Any, runtime: Runtime) -> None:
+        self.pipeline, self.clock = pipeline, runtime.clock
+        self.scheduler: Any = None
+        self._patches = PatchSet()
+
+    def follow(self) -> None:
+        scheduler = getattr(self.pipeline, "scheduler", None)
+        if scheduler is self.scheduler:
+            return
+        self.undo()
+        if scheduler is None or not hasattr(scheduler, "step") or not hasattr(scheduler, "set_timesteps"):
+            return
+        clock = self.clock
+
+        def on_set_timesteps(original):
+            def set_timesteps(*args, **kwargs):
+                out = original(*args, **kwargs)
+                clock.start_generation()
+                return out
+
+            return set_timesteps
+
+        def on_step(original):
+            def step(*args, **kwargs):
+                out = original(*args, **kwargs)
+                clock.end_step()
+                return out
+
+            return step
+
+        # Links keep the signatures visible (`__wrapped__`): pipelines inspect them (Flux: `sigmas`).
+        self._patches.wrap_method(scheduler, "set_timesteps", on_set_timesteps)
+        self._patches.wrap_method(scheduler, "step", on_step)
+        self.scheduler = scheduler
+
+    def undo(self) -> None:
+        self._patches.undo()
+        self.scheduler = None
+
+
+def _attach_pipeline(pipeline: Any, runtime: Runtime, patches: PatchSet) -> None:
+    """Drive the clock from the pipeline's calls and its current scheduler (host only)."""
+    follower = SchedulerFollower(pipeline, runtime)
+    follower.follow()
+    if follower.scheduler is None:
         return
+    patches.add(follower)
     clock = runtime.clock
 
-    # functools.wraps keeps the signatures: pipelines inspect them (e.g. Flux checks for `sigmas`).
-    def on_set_timesteps(original):
-        @functools.wraps(original)
-        def set_timesteps(*args, **kwargs):
-            out = original(*args, **kwargs)
-            clock.reset()
-            return out
+    def on_progress_bar(original):
+        def progress_bar(*args, **kwargs):
+            follower.follow()  # `pipe.scheduler` may have been replaced since the last call
+            clock.start_generation()
+            return original(*args, **kwargs)
 
-        return set_timesteps
+        return progress_bar
 
-    def on_step(original):
-        @functools.wraps(original)
-        def step(*args, **kwargs):
-            out = original(*args, **kwargs)
-            clock.end_step()
-            return out
+    def on_free_hooks(original):
+        def maybe_free_model_hooks(*args, **kwargs):
+            clock.end_generation()
+            return original(*args, **kwargs)
 
-        return step
+        return maybe_free_model_hooks
 
-    patches.wrap_method(scheduler, "set_timesteps", on_set_timesteps)
-    patches.wrap_method(scheduler, "step", on_step)
-    patches.set(clock, "driver", "scheduler")
+    if callable(getattr(pipeline, "progress_bar", None)):
+        patches.wrap_method(pipeline, "progress_bar", on_progress_bar)
+    if callable(getattr(pipeline, "maybe_free_model_hooks", None)):
+        patches.wrap_method(pipeline, "maybe_free_model_hooks", on_free_hooks)
+    patches.set(clock, "driver", "pipeline")
 
 
 def get_handle(pipe_or_model: Any) -> TokenReduceHandle | None:
+    pipe_or_model = uncompiled(pipe_or_model)
     handle = getattr(pipe_or_model, "__dict__", {}).get(HANDLE_ATTR)
     if handle is None and not isinstance(pipe_or_model, nn.Module):
         for attr in ("unet", "transformer"):
-            module = getattr(pipe_or_model, attr, None)
+            module = uncompiled(getattr(pipe_or_model, attr, None))
             if module is not None and HANDLE_ATTR in module.__dict__:
                 return module.__dict__[HANDLE_ATTR]
     return handle

@@ -210,6 +210,8 @@ class ModelAdapter(Component):
         """The denoiser inside a pipeline object, or ``None``."""
         for attr in ("unet", "transformer"):
             module = getattr(pipe, attr, None)
+            # torch.compile-d: the module it wraps (patched in its place)
+            module = getattr(module, "_orig_mod", module)
             if module is not None and cls.matches(module):
                 return module
         return None
