@@ -145,8 +145,8 @@ def forward_slot(module: Any) -> tuple[Any, str]:
 class Patch:
     """One link installed at ``holder.attr``; ``undo`` unlinks it or turns it into a pass-through."""
 
-    def __init__(self, holder: Any, attr: str, make: Factory) -> None:
-        self.holder, self.attr = holder, attr
+    def __init__(self, holder: Any, attr: str, make: Factory, module: Any = None) -> None:
+        self.holder, self.attr, self.module = holder, attr, module
         self.previous = holder.__dict__.get(attr, _MISSING)
         inner = getattr(holder, attr)
         while isinstance(inner, Link) and not inner.active:
@@ -155,12 +155,20 @@ class Patch:
         object.__setattr__(holder, attr, self.link)
 
     def undo(self) -> None:
-        if self.holder.__dict__.get(self.attr) is self.link:
+        module, link = self.module, self.link
+        moved = module is not None and (self.holder is not module or self.attr != "forward")
+        if moved and module.__dict__.get("forward") is link:
+            # The hook we sat under was removed and put us on top (accelerate and diffusers do).
+            if _is_own_forward(link.inner, module):
+                object.__delattr__(module, "forward")
+            else:
+                object.__setattr__(module, "forward", link.inner)
+        elif self.holder.__dict__.get(self.attr) is link:
             if self.previous is _MISSING:
                 object.__delattr__(self.holder, self.attr)
             else:
                 object.__setattr__(self.holder, self.attr, self.previous)
-        self.link.bypass()  # whoever still holds it (a hook installed later) now calls through
+        link.bypass()  # whoever still holds it (a hook installed later) now calls through
 
 
 class Setting:
@@ -188,7 +196,7 @@ class PatchSet:
     def wrap_forward(self, module: Any, make: Factory) -> None:
         """Wrap ``module``'s forward with ``make(inner_forward)``, below other libraries' hooks."""
         holder, attr = forward_slot(module)
-        self._patches.append(Patch(holder, attr, make))
+        self._patches.append(Patch(holder, attr, make, module))
 
     def wrap_method(self, obj: Any, name: str, make: Factory) -> None:
         """Wrap a method of ``obj`` (e.g. a scheduler's ``step``) on the instance."""
