@@ -201,3 +201,36 @@ def test_pab_still_skips_over_tokenreduce():
     run()
     run()
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("fbc_first", [False, True])
+@torch.no_grad()
+def test_first_block_cache_on_flux_in_both_orders(fbc_first):
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    def run_in_context(model, run):
+        with model.cache_context("cond"):
+            return run()
+
+    model, run = flux()
+    reference = run()
+    if fbc_first:
+        apply_first_block_cache(model, FirstBlockCacheConfig(threshold=0.0))  # 0: every block computes
+        handle = tr.apply(model, "toma-flux", **FLUX)
+    else:
+        handle = tr.apply(model, "toma-flux", **FLUX)
+        apply_first_block_cache(model, FirstBlockCacheConfig(threshold=0.0))
+    hooked = [m for m in model.modules() if getattr(m.__dict__.get("_diffusers_hook"), "hooks", None)]
+    assert hooked
+    twin, run_twin = flux()
+    tr.apply(twin, "toma-flux", **FLUX)
+    assert torch.equal(run_in_context(model, run), run_twin())
+    handle.remove()
+    assert torch.equal(run_in_context(model, run), reference)
+    assert all(m._diffusers_hook.hooks for m in hooked)  # the cache hooks are all still there
+    with pytest.raises(Exception, match="context"):
+        run()  # and still active: FirstBlockCache refuses a call outside a cache context
+    HookRegistry.check_if_exists_or_initialize(model).remove_hook("fbc_leader_block_hook", recurse=True)
+    HookRegistry.check_if_exists_or_initialize(model).remove_hook("fbc_block_hook", recurse=True)
+    assert torch.equal(run(), reference)
+    assert no_links_left(model)
