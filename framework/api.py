@@ -16,6 +16,7 @@ cannot be hooked on the instance (Python looks special methods up on the class).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
 from collections.abc import Iterator
@@ -262,10 +263,9 @@ def _prepare_default_size(pipeline: Any, model: nn.Module, adapter: ModelAdapter
     pixels; adapters take image pixels at SDXL's and Flux's 8x VAE."""
     size = getattr(pipeline, "default_sample_size", None)
     if isinstance(size, int) and size > 0:
-        try:
+        # A size this config cannot merge is reported when (if) it is used.
+        with contextlib.suppress(ValueError):
             adapter.prepare(model, runtime, 8 * size, 8 * size)
-        except ValueError:
-            pass  # a size this config cannot merge: reported when (if) it is used
 
 
 class SchedulerFollower:

@@ -46,7 +46,7 @@ from torch import nn
 
 from tokenreduce.api import begin_call
 from tokenreduce.config import instantiate
-from tokenreduce.engine.runtime import Group, IdentityPlan, Runtime
+from tokenreduce.engine.runtime import Group, IdentityPlan, Runtime, compiled_new_size_message
 from tokenreduce.hookspecs import hookimpl
 from tokenreduce.interfaces import MergePlan, ModelAdapter, SiteSpec
 from tokenreduce.manager import get_registry
@@ -248,6 +248,10 @@ class GridResolver:
                 raise ValueError(f"the flux adapter's grid {h}x{w} does not match {num_tokens} image tokens")
             return self.explicit
         if torch.compiler.is_compiling() or img_ids is None:
+            if torch.compiler.is_compiling():
+                num_tokens = int(num_tokens)  # specialise dynamic shapes: layouts are static per size
+                if num_tokens not in self.by_tokens:
+                    raise ValueError(compiled_new_size_message(f"an image of {num_tokens} tokens"))
             grid = self.by_tokens.get(num_tokens)
             if grid is None:
                 side = math.isqrt(num_tokens)

@@ -23,6 +23,15 @@ if TYPE_CHECKING:
     from tokenreduce.config import Resolved
 
 
+def compiled_new_size_message(what: str) -> str:
+    """The error for a compiled call at a size whose static tables were never built."""
+    return (
+        f"tokenreduce: {what} has no layout built before this compiled call (a graph cannot build one): "
+        "call handle.prepare(height, width) with this image size before calling the compiled model "
+        "(the pipeline's default size is prepared by apply)"
+    )
+
+
 class IdentityPlan(MergePlan):
     """Nothing merged (ratio 0 at this layer): both maps return their input."""
 
@@ -92,8 +101,13 @@ class Runtime:
 
     def layout(self, grid: tuple[int, ...]) -> Layout:
         """The static layout of a grid (built once; raises ``ValueError`` on impossible combinations)."""
+        if torch.compiler.is_compiling():
+            # Layouts are static per size: specialise dynamic shapes (a guard, not a graph break).
+            grid = (int(grid[0]), int(grid[1]))
         layout = self._layouts.get(grid)
         if layout is None:
+            if torch.compiler.is_compiling():
+                raise ValueError(compiled_new_size_message(f"the {grid[0]}x{grid[1]} token grid"))
             layout = self._layouts[grid] = self._build_layout(grid)
         return layout
 

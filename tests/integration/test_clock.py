@@ -46,7 +46,10 @@ def count_calls(runtime) -> dict[str, int]:
 
 def sdxl_generate(pipe, steps: int = 10):
     return pipe(
-        "a red cat", num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="latent"
+        "a red cat",
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
     ).images
 
 
@@ -63,8 +66,11 @@ def flux_generate(pipe, steps: int = 10):
 
 
 def sdxl_case():
-    return tiny_sdxl_pipeline, sdxl_generate, (SDXL, {}), lambda p: DPMSolverMultistepScheduler.from_config(
-        p.scheduler.config
+    return (
+        tiny_sdxl_pipeline,
+        sdxl_generate,
+        (SDXL, {}),
+        lambda p: DPMSolverMultistepScheduler.from_config(p.scheduler.config),
     )
 
 

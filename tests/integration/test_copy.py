@@ -12,7 +12,7 @@ import torch
 import tokenreduce as tr
 from tokenreduce.engine.patch import Link
 from tokenreduce.testing.tiny_flux import tiny_flux_inputs, tiny_flux_transformer
-from tokenreduce.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet, tiny_sdxl_pipeline
+from tokenreduce.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_pipeline, tiny_sdxl_unet
 
 from .test_hooks import FLUX, SDXL_CONFIG
 

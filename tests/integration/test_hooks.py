@@ -53,13 +53,18 @@ MODELS = {"sdxl": (sdxl, SDXL_CONFIG, {}), "flux": (flux, "toma-flux", FLUX)}
 
 def own_forwards(model: torch.nn.Module) -> list[str]:
     """Modules whose instance ``forward`` is an active tokenreduce link."""
-    return [n for n, m in model.named_modules() if isinstance(m.__dict__.get("forward"), Link) and m.forward.active]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m.__dict__.get("forward"), Link) and m.forward.active
+    ]
 
 
 def no_links_left(model: torch.nn.Module) -> bool:
     """Nothing of tokenreduce runs: every instance forward is gone or a pass-through."""
     return not own_forwards(model) and all(
-        not (isinstance(m.__dict__.get("forward"), Link) and m.__dict__["forward"].active) for m in model.modules()
+        not (isinstance(m.__dict__.get("forward"), Link) and m.__dict__["forward"].active)
+        for m in model.modules()
     )
 
 
