@@ -103,11 +103,12 @@ class Runtime:
         """The static layout of a grid (built once; raises ``ValueError`` on impossible combinations)."""
         if torch.compiler.is_compiling():
             # Layouts are static per size: specialise dynamic shapes (a guard, not a graph break).
-            grid = (int(grid[0]), int(grid[1]))
+            grid = tuple(int(n) for n in grid)
         layout = self._layouts.get(grid)
         if layout is None:
             if torch.compiler.is_compiling():
-                raise ValueError(compiled_new_size_message(f"the {grid[0]}x{grid[1]} token grid"))
+                # (no sizes in the text: formatting a traced size is not traceable)
+                raise ValueError(compiled_new_size_message("the token grid of this call"))
             layout = self._layouts[grid] = self._build_layout(grid)
         return layout
 
