@@ -32,10 +32,14 @@ class PatchSet:
     """Patches installed so far, undone in reverse order (also after a failure part-way)."""
 
     def __init__(self) -> None:
-        self._patches: list[Patch] = []
+        self._patches: list[Any] = []
 
     def set(self, obj: Any, attr: str, value: Any) -> None:
         self._patches.append(Patch(obj, attr, value))
+
+    def add(self, patch: Any) -> None:
+        """Hold any object with an ``undo()`` method (a change made elsewhere), undone in order."""
+        self._patches.append(patch)
 
     def wrap_forward(self, module: Any, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
         """Replace ``module.forward`` by ``make(original_forward)``."""
