@@ -69,13 +69,15 @@ def track_grid(runtime: Runtime, cell: GridCell) -> Factory:
     return make
 
 
-def whole_block(runtime: Runtime, group: Group, grid: GridCell, source: Forward | None) -> Factory:
+def whole_block(
+    runtime: Runtime, group: Group, grid: GridCell, source: Forward | None, cell: StackCell | None = None
+) -> Factory:
     """``BasicTransformerBlock`` forward on merged tokens: ``x + U(block(M x) - M x)``.
 
     A stack of one block. ``source`` maps the block input to the tokens the plan is computed from
     (the block's first norm) or is ``None`` to use the input itself.
     """
-    return stack_enter(runtime, group, grid, StackCell(), source, last=True)
+    return stack_enter(runtime, group, grid, cell or StackCell(), source, last=True)
 
 
 def plan_at_block_input(runtime: Runtime, group: Group, grid: GridCell, cell: PlanCell) -> Factory:
@@ -160,16 +162,16 @@ class StackCell:
     """What the first block of a merged stack hands to the last one within one call.
 
     ``running``: the plan the stack's blocks run on while they do (read by size-weighted
-    self-attention); ``weights``: its key weights, built once per plan.
+    self-attention); ``weights``: its key weights, built once per plan (shared by the group).
     """
 
     __slots__ = ("plan", "residual", "running", "weights")
 
-    def __init__(self) -> None:
+    def __init__(self, weights: KeyWeightsCache | None = None) -> None:
         self.residual: torch.Tensor | None = None
         self.plan: MergePlan | None = None
         self.running: MergePlan | None = None
-        self.weights = KeyWeightsCache()
+        self.weights = weights if weights is not None else KeyWeightsCache()
 
 
 def weighted_self_attention(runtime: Runtime, cell: StackCell, weighting: SizeWeighting) -> Factory:

@@ -198,6 +198,7 @@ class SDXLAdapter(ModelAdapter):
         latent = latent_size(model)
         cells: dict[int, w.GridCell] = {}
         stacks: dict[int, w.StackCell] = {}
+        weights: dict[str, KeyWeightsCache] = {}  # per group: key weights built once per plan
         for i, b in enumerate(blocks):
             group = runtime.group(level_kind(b.level), b.path, i / max(len(blocks) - 1, 1))
             grid = cells.get(id(b.transformer))
@@ -208,7 +209,7 @@ class SDXLAdapter(ModelAdapter):
             if self.params.sites == ["stack"]:
                 stack = [s.block for s in blocks if s.transformer is b.transformer]
                 if b.block is stack[0]:
-                    stacks[id(b.transformer)] = w.StackCell()
+                    stacks[id(b.transformer)] = w.StackCell(weights.setdefault(group.name, KeyWeightsCache()))
                 cell = stacks[id(b.transformer)]
                 self._weigh_attn1(b, runtime, cell, patches)
                 if b.block is stack[0]:
@@ -218,9 +219,9 @@ class SDXLAdapter(ModelAdapter):
                     patches.wrap_forward(b.block, w.stack_exit(runtime, cell))
                 continue
             if not sites:  # the whole block
-                cell = w.StackCell()
+                cell = w.StackCell(weights.setdefault(group.name, KeyWeightsCache()))
                 self._weigh_attn1(b, runtime, cell, patches)
-                patches.wrap_forward(b.block, w.stack_enter(runtime, group, grid, cell, source, last=True))
+                patches.wrap_forward(b.block, w.whole_block(runtime, group, grid, source, cell))
                 continue
             cell = w.PlanCell()
             if from_input:
@@ -231,7 +232,8 @@ class SDXLAdapter(ModelAdapter):
                 make = site_factory(runtime, group, grid, cell, plans)
                 if site == "attn1" and self.params.size_weighting and not group.merger.kv_only:
                     weighting = SizeWeighting(b.block.attn1, patches)
-                    make = w.merged_site(runtime, group, grid, cell, plans, (weighting, KeyWeightsCache()))
+                    cache = weights.setdefault(group.name, KeyWeightsCache())
+                    make = w.merged_site(runtime, group, grid, cell, plans, (weighting, cache))
                 patches.wrap_forward(getattr(b.block, site), make)
         patches.wrap_forward(model, w.begin_denoiser_call(runtime))
         self._build_host_state(model, runtime, {grid.grid for grid in cells.values()})

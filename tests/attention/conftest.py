@@ -41,7 +41,11 @@ class PairMerger(Merger):
         name: Literal["test_pairs"] = "test_pairs"
 
     def plan(
-        self, x: torch.Tensor, features: torch.Tensor | None, destinations: torch.Tensor | None, layout: Layout
+        self,
+        x: torch.Tensor,
+        features: torch.Tensor | None,
+        destinations: torch.Tensor | None,
+        layout: Layout,
     ) -> MergePlan:
         if layout.keep * 2 != layout.num_tokens:
             raise ValueError("test_pairs merges exactly half of the tokens (ratio 0.5)")

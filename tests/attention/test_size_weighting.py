@@ -203,7 +203,9 @@ def test_an_unsupported_processor_is_refused() -> None:
 
     unet = tiny_sdxl_unet(seed=0, sample_size=16)
     unet.set_attn_processor(AttnProcessor())
-    with pytest.raises(ConfigError, match=r"attn1: size weighting supports .* AttnProcessor2_0; .* AttnProcessor"):
+    with pytest.raises(
+        ConfigError, match=r"attn1: size weighting supports .* AttnProcessor2_0; .* AttnProcessor"
+    ):
         tr.apply(
             unet,
             {
