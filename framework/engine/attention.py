@@ -21,7 +21,8 @@ is 1, exact in every float type, so only ``b`` is rounded (relative error of the
   Registry functions are the extension point diffusers itself selects kernels by; wrapping them
   keeps every backend (native SDPA, flash, sage, ...) and copies no processor code. A dispatch
   within the call whose keys are not the weighted sequence (e.g. IP-adapter image-prompt keys)
-  runs unweighted.
+  runs unweighted. The in-flight weights are process state: one size-weighted attention call at
+  a time (models run concurrently from several threads would need a lock around their calls).
 - ``projections``: ``AttnProcessor2_0`` (SDXL's UNet) calls ``F.scaled_dot_product_attention``
   itself with its default scale ``1/sqrt(head_dim)`` and ``head_dim = key width / heads``. The
   module's ``to_q``, ``to_k``, ``to_v`` (pad each head) and ``to_out[0]`` (drop the padding) are

@@ -119,6 +119,12 @@ def test_flux_merging_identical_pairs_changes_nothing_with_size_weighting() -> N
             handle.remove()
     torch.testing.assert_close(outs[True], reference, rtol=1e-5, atol=1e-5)
     assert (outs[False] - reference).abs().max() > 1e-3
+    # Removing the last size-weighted model gives diffusers' backend registry back unchanged.
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    assert not any(
+        hasattr(fn, "_tokenreduce_size_weighted") for fn in _AttentionBackendRegistry._backends.values()
+    )
 
 
 @pytest.mark.parametrize("sites", [["stack"], ["block"], ["attn1"], ["attn1", "ff"]])
@@ -231,3 +237,35 @@ def test_soft_merge_sizes_are_assignment_column_sums() -> None:
     assert plan.sizes.shape == (2, 32)
     torch.testing.assert_close(plan.sizes.sum(dim=1), torch.full((2,), 64.0))
     assert not math.isclose(float(plan.sizes.min()), float(plan.sizes.max()))
+
+
+@pytest.mark.slow
+def test_compiled_fullgraph_matches_eager_with_size_weighting() -> None:
+    """Both routes trace into one full graph (the in-flight key weights are plain Python state)."""
+    import torch._dynamo
+
+    flux = tiny_flux_transformer(num_layers=1, num_single_layers=2)
+    flux_inputs = tiny_flux_inputs(flux, batch=2, height_tokens=6, width_tokens=10, text_len=5)
+    unet = tiny_sdxl_unet(
+        seed=0, sample_size=16, block_out_channels=(16, 32), transformer_layers_per_block=(1, 1)
+    )
+    unet_inputs = tiny_sdxl_inputs(unet, batch=2, seed=1)
+    for model, inputs, adapter in (
+        (flux, flux_inputs, {"name": "flux", "skip_double": 0, "skip_single": 0}),
+        (unet, unet_inputs, {"name": "sdxl"}),
+    ):
+        cfg = {
+            "adapter": {**adapter, "size_weighting": True},
+            "ratio": 0.5,
+            "merger": {"name": "attention"},
+            "partitioner": {"name": "tile", "size": [4, 4]},
+        }
+        handle = tr.apply(model, cfg)
+        with torch.no_grad():
+            eager = model(**inputs).sample
+            torch._dynamo.reset()
+            # Dynamo's "eager" backend: a full-graph trace is what is tested; inductor's code
+            # generation would only add minutes.
+            got = torch.compile(model, fullgraph=True, backend="eager")(**inputs).sample
+        handle.remove()
+        torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
