@@ -269,3 +269,21 @@ def test_compiled_fullgraph_matches_eager_with_size_weighting() -> None:
             got = torch.compile(model, fullgraph=True, backend="eager")(**inputs).sample
         handle.remove()
         torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_wan_site_library_weighs_self_attention_and_stays_exact_at_ratio_zero() -> None:
+    """The cross-attention site kind (Wan) honours size weighting through the same one call."""
+    from tokenreduce.testing.tiny_wan import tiny_wan_inputs, tiny_wan_transformer
+
+    model = tiny_wan_transformer()
+    inputs = tiny_wan_inputs(model)
+    with torch.no_grad():
+        reference = model(**inputs).sample
+        outs = {}
+        for on in (False, True):
+            with tr.apply(model, "toma-wan", adapter={"name": "wan", "size_weighting": on}):
+                outs[on] = model(**inputs).sample
+        with tr.apply(model, "toma-wan", ratio=0.0, adapter={"name": "wan", "size_weighting": True}):
+            unmerged = model(**inputs).sample
+    assert (outs[True] - outs[False]).abs().max() > 1e-5
+    assert torch.equal(unmerged, reference)
