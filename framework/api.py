@@ -187,7 +187,7 @@ def prepare(
             raise UnsupportedModelError(
                 f"no adapter supports {type(model).__name__}; registered adapters: {', '.join(registry.names('adapter'))}"
             )
-        adapter = detected(detected.Params())
+        adapter = detected(detected.Params(size_weighting=config.adapter.size_weighting))
     else:
         adapter = instantiate("adapter", config.adapter)  # type: ignore[assignment]
         if not adapter.matches(model):

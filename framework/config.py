@@ -34,7 +34,7 @@ from pydantic import (
 
 from tokenreduce.interfaces import Component, Merger, ModelAdapter, Partitioner, ReusePolicy, Selector
 from tokenreduce.manager import get_registry
-from tokenreduce.params import StrictParams, plain_numbers
+from tokenreduce.params import AdapterParams, StrictParams, plain_numbers
 from tokenreduce.registry import Registry, UnknownComponentError
 
 if sys.version_info >= (3, 11):
@@ -49,8 +49,9 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the bad field and what is allowed."""
 
 
-class AutoAdapterParams(StrictParams):
-    """Pick the adapter whose ``matches`` accepts the model (adapter defaults only)."""
+class AutoAdapterParams(AdapterParams):
+    """Pick the adapter whose ``matches`` accepts the model (adapter defaults, plus the parameters
+    every adapter has)."""
 
     name: Literal["auto"] = "auto"
 
@@ -319,5 +320,18 @@ def check_combination(config: ConfigBase, registry: Registry | None = None) -> N
             component.check(config)
         except ValueError as exc:
             problems.append(f"{component.kind} {component.name!r}: {exc}")
+    if getattr(config.adapter, "size_weighting", False) and not resolved.merger.gives_sizes:
+        problems.append(
+            f"adapter {config.adapter.name!r}: size_weighting needs group sizes, which merger "
+            f"{resolved.merger.name!r} does not give; use a merger that does ("
+            + ", ".join(sorted(n for n in registry_names_giving_sizes(registry)))
+            + ") or set size_weighting: false"
+        )
     if problems:
         raise ConfigError("components cannot combine:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def registry_names_giving_sizes(registry: Registry | None = None) -> list[str]:
+    """Registered mergers whose plans give group sizes (``Merger.gives_sizes``)."""
+    registry = registry or get_registry()
+    return [name for name, entry in registry.components["merger"].items() if entry.cls.gives_sizes]

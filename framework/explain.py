@@ -89,6 +89,13 @@ def explain(
         f"selector {cfg.selector.name}, merger {cfg.merger.name}, partitioner {cfg.partitioner.name}, "
         f"reuse {cfg.reuse.name}"
     )
+    if getattr(adapter.params, "size_weighting", False):
+        console.print(
+            "size-weighted attention: on (each merged key's logit + log(group size); head dim padded to a "
+            "multiple of 8 in merged attention)"
+        )
+    else:
+        console.print("size-weighted attention: off")
     by_group: dict[str, list] = defaultdict(list)
     for site in sites:
         by_group[site.group].append(site)

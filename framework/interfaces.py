@@ -101,6 +101,10 @@ class MergePlan(ABC):
 
     #: raster indices ``(N',)`` whose positional data (e.g. RoPE rows) each merged token takes
     positions: torch.Tensor | None = None
+    #: ``(B or 1, N')`` float32: how many source tokens each merged token stands for (a hard group's
+    #: count, a soft merge's assignment column sum), computed once per plan; read by size-weighted
+    #: attention. ``None`` from a merger with ``gives_sizes``: every size is 1 (nothing merged).
+    sizes: torch.Tensor | None = None
 
     @abstractmethod
     def merge(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,6 +131,8 @@ class Merger(Component):
     #: Whether ``plan`` reads ``features``; if neither it nor selection does, the engine skips the
     #: float32 normalisation pass and passes ``None``.
     needs_features: ClassVar[bool] = True
+    #: Whether every plan sets ``sizes`` (required by adapters with ``size_weighting`` on).
+    gives_sizes: ClassVar[bool] = False
 
     def for_site(self, position: float) -> Merger:
         """The merger to use at a site ``position`` in [0, 1] through the merged blocks (default: self).

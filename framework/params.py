@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 def plain_numbers(value: Any) -> Any:
@@ -34,3 +34,16 @@ class StrictParams(BaseModel):
     @classmethod
     def _plain_numbers(cls, data: Any) -> Any:
         return plain_numbers(data) if isinstance(data, dict) else data
+
+
+class AdapterParams(StrictParams):
+    """Parameters every model adapter has; an adapter's ``Params`` inherits them."""
+
+    size_weighting: bool = Field(
+        False,
+        description=(
+            "Size-weighted (proportional) attention: add log(group size) to each merged key's attention "
+            "logit, so a merged token weighs what its group weighed next to unmerged (text) tokens. Needs a "
+            "merger that gives group sizes. Costs one extra head dimension (padded to 8) in merged attention."
+        ),
+    )

@@ -16,15 +16,28 @@ class RegionLinearPlan(MergePlan):
     """
 
     def __init__(
-        self, merge: torch.Tensor, unmerge: torch.Tensor, layout: Layout, positions: torch.Tensor
+        self,
+        merge: torch.Tensor,
+        unmerge: torch.Tensor,
+        layout: Layout,
+        positions: torch.Tensor,
+        sizes: torch.Tensor | None = None,
     ) -> None:
         self.merge_weights = merge
         self.unmerge_weights = unmerge
         self.layout = layout
         self.positions = positions
+        self.sizes = sizes
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         return self.layout.compact_slots(self.merge_weights @ self.layout.to_regions(x))
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         return self.layout.from_regions(self.unmerge_weights @ self.layout.expand_slots(y))
+
+
+def group_sizes(assign: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """``(B, N')`` float32 group sizes from an assignment ``(B, R, S, k)``: its column sums, one per
+    real destination (padding sources have zero rows and add nothing)."""
+    colsum = assign.float().sum(dim=-2).unsqueeze(-1)  # (B, R, k, 1)
+    return layout.compact_slots(colsum).squeeze(-1)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from tokenreduce.api import begin_call
+from tokenreduce.engine.attention import KeyWeightsCache, SizeWeighting
 from tokenreduce.engine.runtime import Group, Runtime
 from tokenreduce.interfaces import MergePlan
 
@@ -68,13 +69,15 @@ def track_grid(runtime: Runtime, cell: GridCell) -> Factory:
     return make
 
 
-def whole_block(runtime: Runtime, group: Group, grid: GridCell, source: Forward | None) -> Factory:
+def whole_block(
+    runtime: Runtime, group: Group, grid: GridCell, source: Forward | None, cell: StackCell | None = None
+) -> Factory:
     """``BasicTransformerBlock`` forward on merged tokens: ``x + U(block(M x) - M x)``.
 
     A stack of one block. ``source`` maps the block input to the tokens the plan is computed from
     (the block's first norm) or is ``None`` to use the input itself.
     """
-    return stack_enter(runtime, group, grid, StackCell(), source, last=True)
+    return stack_enter(runtime, group, grid, cell or StackCell(), source, last=True)
 
 
 def plan_at_block_input(runtime: Runtime, group: Group, grid: GridCell, cell: PlanCell) -> Factory:
@@ -91,21 +94,40 @@ def plan_at_block_input(runtime: Runtime, group: Group, grid: GridCell, cell: Pl
     return make
 
 
-def merged_site(runtime: Runtime, group: Group, grid: GridCell, cell: PlanCell, plans: bool) -> Factory:
+def merged_site(
+    runtime: Runtime,
+    group: Group,
+    grid: GridCell,
+    cell: PlanCell,
+    plans: bool,
+    weighting: tuple[SizeWeighting, KeyWeightsCache] | None = None,
+) -> Factory:
     """``attn1`` / ``attn2`` / ``ff`` forward on merged tokens: ``U(f(M n, ...))``.
 
     ``plans``: this is the block's first site and computes the plan from the tokens it receives;
     otherwise it uses the plan already in ``cell``. Other arguments (text states) pass untouched.
+    ``weighting`` (``attn1`` with size weighting): the merged keys weigh their group sizes.
     """
 
     def make(original: Forward) -> Forward:
+        if weighting is not None:
+            sized, cache = weighting
+
+            def run(plan: MergePlan, merged: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+                return sized.call(cache.get(plan), original, merged, *args, **kwargs)
+
+        else:
+
+            def run(plan: MergePlan, merged: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+                return original(merged, *args, **kwargs)
+
         if plans:
 
             def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
                 if not runtime.enabled:
                     return original(hidden_states, *args, **kwargs)
                 plan = cell.plan = runtime.plan(group, hidden_states, grid.grid)
-                return plan.unmerge(original(plan.merge(hidden_states), *args, **kwargs))
+                return plan.unmerge(run(plan, plan.merge(hidden_states), *args, **kwargs))
 
         else:
 
@@ -113,7 +135,7 @@ def merged_site(runtime: Runtime, group: Group, grid: GridCell, cell: PlanCell, 
                 if not runtime.enabled:
                     return original(hidden_states, *args, **kwargs)
                 plan = cell.plan
-                return plan.unmerge(original(plan.merge(hidden_states), *args, **kwargs))
+                return plan.unmerge(run(plan, plan.merge(hidden_states), *args, **kwargs))
 
         return forward
 
@@ -137,13 +159,34 @@ def kv_only_site(runtime: Runtime, group: Group, grid: GridCell, cell: PlanCell,
 
 
 class StackCell:
-    """What the first block of a merged stack hands to the last one within one call."""
+    """What the first block of a merged stack hands to the last one within one call.
 
-    __slots__ = ("plan", "residual")
+    ``running``: the plan the stack's blocks run on while they do (read by size-weighted
+    self-attention); ``weights``: its key weights, built once per plan (shared by the group).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("plan", "residual", "running", "weights")
+
+    def __init__(self, weights: KeyWeightsCache | None = None) -> None:
         self.residual: torch.Tensor | None = None
         self.plan: MergePlan | None = None
+        self.running: MergePlan | None = None
+        self.weights = weights if weights is not None else KeyWeightsCache()
+
+
+def weighted_self_attention(runtime: Runtime, cell: StackCell, weighting: SizeWeighting) -> Factory:
+    """``attn1`` of a block inside a merged stack: keys weigh their group sizes (size weighting)."""
+
+    def make(original: Forward) -> Forward:
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            plan = cell.running
+            if plan is None or not runtime.enabled:
+                return original(hidden_states, *args, **kwargs)
+            return weighting.call(cell.weights.get(plan), original, hidden_states, *args, **kwargs)
+
+        return forward
+
+    return make
 
 
 def stack_enter(
@@ -163,11 +206,13 @@ def stack_enter(
                 return original(hidden_states, *args, **kwargs)
             plan = runtime.plan(group, hidden_states, grid.grid, source)
             merged = plan.merge(hidden_states)
+            cell.running = None if merged is hidden_states else plan
             out = original(merged, *args, **kwargs)
             if merged is hidden_states:  # nothing merged at this layer
                 cell.plan = None
                 return out
             if last:
+                cell.running = None
                 return hidden_states + plan.unmerge(out - merged)
             # Only the input is held through the stack; ``M x`` is recomputed at the exit (one small
             # batched matmul) rather than kept alive next to it.
@@ -185,6 +230,7 @@ def stack_exit(runtime: Runtime, cell: StackCell) -> Factory:
     def make(original: Forward) -> Forward:
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             out = original(hidden_states, *args, **kwargs)
+            cell.running = None
             plan = cell.plan
             if not runtime.enabled or plan is None:
                 return out

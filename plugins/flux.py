@@ -46,11 +46,12 @@ from torch import nn
 
 from tokenreduce.api import begin_call
 from tokenreduce.config import instantiate
+from tokenreduce.engine.attention import KeyWeightsCache, SizeWeighting, route
 from tokenreduce.engine.runtime import Group, IdentityPlan, Runtime, compiled_new_size_message
 from tokenreduce.hookspecs import hookimpl
 from tokenreduce.interfaces import MergePlan, ModelAdapter, SiteSpec
 from tokenreduce.manager import get_registry
-from tokenreduce.params import StrictParams
+from tokenreduce.params import AdapterParams
 
 DOUBLE, SINGLE = "double", "single"
 
@@ -74,11 +75,31 @@ class CallContext:
 
 
 class Site:
-    """One merged block: the runtime, its sharing group and (single blocks) the plan of this call."""
+    """One merged block: the runtime, its sharing group and (single blocks) the plan of this call.
 
-    def __init__(self, ctx: CallContext, runtime: Runtime, group: Group) -> None:
+    ``weighting``: the block attention's size weighting (``None`` when off); ``weights``: the key
+    weights of the group's plan, shared by the group's blocks.
+    """
+
+    def __init__(
+        self,
+        ctx: CallContext,
+        runtime: Runtime,
+        group: Group,
+        weighting: SizeWeighting | None = None,
+        weights: KeyWeightsCache | None = None,
+    ) -> None:
         self.ctx, self.runtime, self.group = ctx, runtime, group
         self.plan: MergePlan | None = None  # single blocks: set by `norm`, used by `attn` and `proj_out`
+        self.weighting, self.weights = weighting, weights
+
+    def attend(
+        self, plan: MergePlan, text_len: int, original: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        """``original(*args, **kwargs)`` on ``[text; merged image]``, size-weighted if enabled."""
+        if self.weighting is None:
+            return original(*args, **kwargs)
+        return self.weighting.call(self.weights.get(plan, text_len), original, *args, **kwargs)
 
 
 def merged_rope(site: Site, plan: MergePlan, rope: Any, text_len: int) -> Any:
@@ -135,8 +156,10 @@ def wrap_double_attn(site: Site) -> Callable[[Callable[..., Any]], Callable[...,
                     hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs
                 )
             _no_mask(attention_mask)
-            rope = merged_rope(site, plan, image_rotary_emb, encoder_hidden_states.shape[1])
-            out = original(plan.merge(hidden_states), encoder_hidden_states, None, rope, **kwargs)
+            text_len = encoder_hidden_states.shape[1]
+            rope = merged_rope(site, plan, image_rotary_emb, text_len)
+            merged = plan.merge(hidden_states)
+            out = site.attend(plan, text_len, original, merged, encoder_hidden_states, None, rope, **kwargs)
             if len(out) == 3:  # IP-adapter: its output is per (merged) image query too
                 return plan.unmerge(out[0]), out[1], plan.unmerge(out[2])
             return plan.unmerge(out[0]), out[1]
@@ -183,10 +206,16 @@ def wrap_single_attn(site: Site) -> Callable[[Callable[..., Any]], Callable[...,
             **kwargs: Any,
         ) -> Any:
             plan = site.plan
-            if plan is not None:
-                _no_mask(attention_mask)
-                image_rotary_emb = merged_rope(site, plan, image_rotary_emb, site.ctx.text_len)
-            return original(hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
+            if plan is None:
+                return original(
+                    hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs
+                )
+            _no_mask(attention_mask)
+            t = site.ctx.text_len
+            image_rotary_emb = merged_rope(site, plan, image_rotary_emb, t)
+            return site.attend(
+                plan, t, original, hidden_states, encoder_hidden_states, None, image_rotary_emb, **kwargs
+            )
 
         return forward
 
@@ -340,7 +369,7 @@ class FluxAdapter(ModelAdapter):
     name = "flux"
     default_preset = "toma-flux"
 
-    class Params(StrictParams):
+    class Params(AdapterParams):
         name: Literal["flux"] = "flux"
         skip_double: int = Field(5, ge=0, description="The first N double-stream blocks are not merged.")
         skip_single: int = Field(5, ge=0, description="The first N single-stream blocks are not merged.")
@@ -415,6 +444,14 @@ class FluxAdapter(ModelAdapter):
                 f"single-stream blocks (indices 0..{n_double + n_single - 1})"
             )
         double, single = self.selected(model)
+        if p.size_weighting:
+            for path, attn in [
+                (f"transformer_blocks.{i}", model.transformer_blocks[i].attn) for i in double
+            ] + [(f"single_transformer_blocks.{j}", model.single_transformer_blocks[j].attn) for j in single]:
+                try:
+                    route(attn)
+                except ValueError as exc:
+                    raise ValueError(f"{path}.attn: {exc}") from None
         if not double and not single:
             raise ValueError(
                 f"the block filter selects no block: the model has {n_double} double-stream and {n_single} "
@@ -460,18 +497,25 @@ class FluxAdapter(ModelAdapter):
         total = len(double) + len(single)
         place = 0
 
-        def site_for(kind: str, block: str) -> Site:
+        weights: dict[str, KeyWeightsCache] = {}  # one per group: key weights built once per plan
+
+        def site_for(kind: str, block: str, attn: nn.Module) -> Site:
             nonlocal place
             position = place / (total - 1) if total > 1 else 0.0
             place += 1
-            return Site(ctx, runtime, runtime.group(kind, block, position))
+            group = runtime.group(kind, block, position)
+            if not self.params.size_weighting:
+                return Site(ctx, runtime, group)
+            cache = weights.setdefault(group.name, KeyWeightsCache())
+            return Site(ctx, runtime, group, SizeWeighting(attn, patches), cache)
 
         for i in double:
             block = model.transformer_blocks[i]
-            patches.wrap_forward(block.attn, wrap_double_attn(site_for(DOUBLE, f"transformer_blocks.{i}")))
+            site = site_for(DOUBLE, f"transformer_blocks.{i}", block.attn)
+            patches.wrap_forward(block.attn, wrap_double_attn(site))
         for j in single:
             block = model.single_transformer_blocks[j]
-            site = site_for(SINGLE, f"single_transformer_blocks.{j}")
+            site = site_for(SINGLE, f"single_transformer_blocks.{j}", block.attn)
             patches.wrap_forward(block.norm, wrap_single_norm(site))
             patches.wrap_forward(block.attn, wrap_single_attn(site))
             patches.wrap_forward(block.proj_out, wrap_single_proj_out(site))

@@ -27,10 +27,11 @@ from torch import nn
 
 from tokenreduce.config import instantiate
 from tokenreduce.engine import PatchSet, Runtime
+from tokenreduce.engine.attention import KeyWeightsCache, SizeWeighting, route
 from tokenreduce.hookspecs import hookimpl
 from tokenreduce.interfaces import ModelAdapter, SiteSpec
 from tokenreduce.manager import get_registry
-from tokenreduce.params import StrictParams
+from tokenreduce.params import AdapterParams
 from tokenreduce.plugins import _unet_wrappers as w
 from tokenreduce.plugins._unet_levels import UNetBlock, describe_levels, grid_at, latent_size, unet_blocks
 
@@ -50,7 +51,7 @@ class SDXLAdapter(ModelAdapter):
     name = "sdxl"
     default_preset = "toma-sdxl"
 
-    class Params(StrictParams):
+    class Params(AdapterParams):
         name: Literal["sdxl"] = "sdxl"
         # "stack" is the default: the fastest placement measured in both eager and captured modes, and
         # equal to per-block merging when merge-after-unmerge is the identity (docs/performance.md).
@@ -141,6 +142,11 @@ class SDXLAdapter(ModelAdapter):
         self.check(config)
         sites = self.params.sites
         for b in self.selected_blocks(model):
+            if self.params.size_weighting and {"attn1", "block", "stack"} & set(sites):
+                try:
+                    route(b.block.attn1)
+                except ValueError as exc:
+                    raise ValueError(f"{b.path}.attn1: {exc}") from None
             if "attn2" in sites and b.block.attn2 is None:
                 raise ValueError(f"{b.path} has no cross-attention (attn2)")
             if b.block._chunk_size is not None and ({"ff", "block", "stack"} & set(sites)):
@@ -192,6 +198,7 @@ class SDXLAdapter(ModelAdapter):
         latent = latent_size(model)
         cells: dict[int, w.GridCell] = {}
         stacks: dict[int, w.StackCell] = {}
+        weights: dict[str, KeyWeightsCache] = {}  # per group: key weights built once per plan
         for i, b in enumerate(blocks):
             group = runtime.group(level_kind(b.level), b.path, i / max(len(blocks) - 1, 1))
             grid = cells.get(id(b.transformer))
@@ -202,14 +209,19 @@ class SDXLAdapter(ModelAdapter):
             if self.params.sites == ["stack"]:
                 stack = [s.block for s in blocks if s.transformer is b.transformer]
                 if b.block is stack[0]:
-                    stacks[id(b.transformer)] = cell = w.StackCell()
+                    stacks[id(b.transformer)] = w.StackCell(weights.setdefault(group.name, KeyWeightsCache()))
+                cell = stacks[id(b.transformer)]
+                self._weigh_attn1(b, runtime, cell, patches)
+                if b.block is stack[0]:
                     enter = w.stack_enter(runtime, group, grid, cell, source, last=len(stack) == 1)
                     patches.wrap_forward(b.block, enter)
                 elif b.block is stack[-1]:
-                    patches.wrap_forward(b.block, w.stack_exit(runtime, stacks[id(b.transformer)]))
+                    patches.wrap_forward(b.block, w.stack_exit(runtime, cell))
                 continue
             if not sites:  # the whole block
-                patches.wrap_forward(b.block, w.whole_block(runtime, group, grid, source))
+                cell = w.StackCell(weights.setdefault(group.name, KeyWeightsCache()))
+                self._weigh_attn1(b, runtime, cell, patches)
+                patches.wrap_forward(b.block, w.whole_block(runtime, group, grid, source, cell))
                 continue
             cell = w.PlanCell()
             if from_input:
@@ -217,9 +229,20 @@ class SDXLAdapter(ModelAdapter):
             site_factory = w.kv_only_site if group.merger.kv_only else w.merged_site
             for j, site in enumerate(sites):
                 plans = j == 0 and not from_input
-                patches.wrap_forward(getattr(b.block, site), site_factory(runtime, group, grid, cell, plans))
+                make = site_factory(runtime, group, grid, cell, plans)
+                if site == "attn1" and self.params.size_weighting and not group.merger.kv_only:
+                    weighting = SizeWeighting(b.block.attn1, patches)
+                    cache = weights.setdefault(group.name, KeyWeightsCache())
+                    make = w.merged_site(runtime, group, grid, cell, plans, (weighting, cache))
+                patches.wrap_forward(getattr(b.block, site), make)
         patches.wrap_forward(model, w.begin_denoiser_call(runtime))
         self._build_host_state(model, runtime, {grid.grid for grid in cells.values()})
+
+    def _weigh_attn1(self, b: UNetBlock, runtime: Runtime, cell: w.StackCell, patches: PatchSet) -> None:
+        """With size weighting: the block's self-attention weighs keys by the running plan's sizes."""
+        if self.params.size_weighting:
+            weighting = SizeWeighting(b.block.attn1, patches)
+            patches.wrap_forward(b.block.attn1, w.weighted_self_attention(runtime, cell, weighting))
 
     @staticmethod
     def _build_host_state(model: nn.Module, runtime: Runtime, grids: set[tuple[int, int]]) -> None:

@@ -30,13 +30,14 @@ from torch import nn
 
 from tokenreduce.api import begin_call
 from tokenreduce.config import instantiate
+from tokenreduce.engine.attention import route
 from tokenreduce.engine.patch import PatchSet
 from tokenreduce.engine.runtime import Runtime
 from tokenreduce.engine.sites import CROSS_ATTENTION_PARTS, CallState, CrossAttentionBlock, RopeArg
 from tokenreduce.hookspecs import hookimpl
 from tokenreduce.interfaces import ModelAdapter, SiteSpec
 from tokenreduce.manager import get_registry
-from tokenreduce.params import StrictParams
+from tokenreduce.params import AdapterParams
 
 GROUP = "blocks"
 Part = Literal["attn1", "attn2", "ffn"]
@@ -106,7 +107,7 @@ class WanAdapter(ModelAdapter):
     grid_rank = 3
     default_preset = "toma-wan"
 
-    class Params(StrictParams):
+    class Params(AdapterParams):
         name: Literal["wan"] = "wan"
         skip: int = Field(0, ge=0, description="The first N transformer blocks are not merged.")
         blocks: list[int] | None = Field(
@@ -164,6 +165,12 @@ class WanAdapter(ModelAdapter):
             raise ValueError(
                 f"the block filter selects none of the model's {n} blocks (skip={self.params.skip})"
             )
+        if self.params.size_weighting and "attn1" in self.params.parts:
+            for i in self.selected(model):
+                try:
+                    route(model.blocks[i].attn1)
+                except ValueError as exc:
+                    raise ValueError(f"blocks.{i}.attn1: {exc}") from None
 
     def sites(self, model: nn.Module, config: Any) -> list[SiteSpec]:
         per_block = instantiate("reuse", config.reuse).sharing == "block"
@@ -189,7 +196,9 @@ class WanAdapter(ModelAdapter):
             block = model.blocks[i]
             position = place / (len(chosen) - 1) if len(chosen) > 1 else 0.0
             group = runtime.group(GROUP, f"blocks.{i}", position)
-            site = CrossAttentionBlock(state, runtime, group, self.params.parts, rope)
+            site = CrossAttentionBlock(
+                state, runtime, group, self.params.parts, rope, self.params.size_weighting
+            )
             site.install(patches, {"attn1": block.attn1, "attn2": block.attn2, "ffn": block.ffn})
         patches.wrap_forward(model, wrap_transformer(model, runtime, state))
 

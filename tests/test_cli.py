@@ -135,6 +135,15 @@ def test_explain_flux(capsys) -> None:
     assert "double" in out and "single" in out
 
 
+def test_explain_shows_size_weighting(capsys, tmp_path: Path) -> None:
+    assert "size-weighted attention: off" in run(capsys, "explain", "toma-flux")[1]
+    config = tmp_path / "c.yaml"
+    config.write_text("adapter: {name: flux, size_weighting: true}\nratio: 0.5\n")
+    code, out, err = run(capsys, "explain", str(config))
+    assert code == 0, err
+    assert "size-weighted attention: on" in out
+
+
 @pytest.mark.slow
 def test_generate_writes_image_and_record(capsys, tmp_path: Path) -> None:
     from tokenreduce.testing.tiny_sdxl import tiny_sdxl_pipeline

@@ -16,7 +16,7 @@ from pydantic import Field
 from tokenreduce.interfaces import MergePlan, Merger
 from tokenreduce.layout import Layout
 from tokenreduce.params import StrictParams
-from tokenreduce.plans import RegionLinearPlan
+from tokenreduce.plans import RegionLinearPlan, group_sizes
 
 #: Tikhonov term of the pseudo-inverse; ``M M^T`` has eigenvalues of the order of 1 / group size.
 PINV_EPS = 1e-6
@@ -59,6 +59,7 @@ class AttentionMerger(Merger):
     output = "destinations"
     #: soft weights: ``unmerge(merge(x)) == x`` on merge groups only to a tolerance (at the default temperature)
     hard: ClassVar[bool] = False
+    gives_sizes: ClassVar[bool] = True
 
     class Params(StrictParams):
         name: Literal["attention"] = "attention"
@@ -83,4 +84,5 @@ class AttentionMerger(Merger):
             unmerge=unmerge.to(x.dtype),
             layout=layout,
             positions=layout.global_destinations(destinations),
+            sizes=group_sizes(assign, layout),
         )

@@ -15,7 +15,7 @@ import torch
 from tokenreduce.interfaces import MergePlan, Merger
 from tokenreduce.layout import Layout
 from tokenreduce.params import StrictParams
-from tokenreduce.plans import RegionLinearPlan
+from tokenreduce.plans import RegionLinearPlan, group_sizes
 
 # Cosine similarity is at most 1: this bonus makes every destination choose itself.
 _SELF_BONUS = 4.0
@@ -43,6 +43,7 @@ class HardMeanMerger(Merger):
     output = "destinations"
     #: exact hard assignments: unmerge(merge(x)) == x for x constant on every group
     hard: ClassVar[bool] = True
+    gives_sizes: ClassVar[bool] = True
 
     class Params(StrictParams):
         name: Literal["hard_mean"] = "hard_mean"
@@ -61,4 +62,5 @@ class HardMeanMerger(Merger):
             unmerge=assign.to(x.dtype),
             layout=layout,
             positions=layout.global_destinations(destinations),
+            sizes=group_sizes(assign, layout),
         )

@@ -30,6 +30,8 @@ class IdentityMerger(Merger):
     needs_destinations = False
     needs_features = False
     hard: ClassVar[bool] = True
+    # Nothing is merged: plans leave ``sizes`` None (every size 1), so size weighting is a no-op.
+    gives_sizes: ClassVar[bool] = True
 
     class Params(StrictParams):
         name: Literal["identity"] = "identity"

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenreduce.engine.attention import KeyWeightsCache, SizeWeighting
 from tokenreduce.engine.patch import PatchSet
 from tokenreduce.engine.runtime import Group, IdentityPlan, Runtime
 from tokenreduce.interfaces import MergePlan
@@ -68,6 +69,8 @@ class CallState:
         self.grid: tuple[int, ...] = ()
         # group name -> (plan, source table, merged table): rebuilt for a new plan or a new table.
         self.rope: dict[str, tuple[MergePlan, Any, Any]] = {}
+        # group name -> key weights of size-weighted self-attention, built once per plan.
+        self.weights: dict[str, KeyWeightsCache] = {}
 
     def begin(self, grid: tuple[int, ...]) -> None:
         self.grid, self.rope, self.on = grid, {}, True
@@ -104,6 +107,7 @@ class CrossAttentionBlock:
         group: Group,
         parts: Sequence[str],
         rope: RopeArg | None = None,
+        size_weighting: bool = False,
     ) -> None:
         unknown = set(parts) - set(CROSS_ATTENTION_PARTS)
         if unknown or not parts:
@@ -114,12 +118,17 @@ class CrossAttentionBlock:
         self.state, self.runtime, self.group, self.rope = state, runtime, group, rope
         self.parts = tuple(p for p in CROSS_ATTENTION_PARTS if p in parts)
         self.plan: MergePlan | None = None  # this call's plan, set by the first part
+        #: with size weighting, self-attention's merged keys weigh their group sizes
+        self.size_weighting = size_weighting
+        self.weighting: SizeWeighting | None = None
 
     def install(self, patches: PatchSet, modules: dict[str, nn.Module]) -> None:
         """Wrap ``modules[part]`` (the block's sub-module playing that part) for every merged part."""
         for part in self.parts:
             first = part == self.parts[0]
             if part == "attn1":
+                if self.size_weighting:
+                    self.weighting = SizeWeighting(modules[part], patches)
                 patches.wrap_forward(modules[part], self._self_attention(first))
             else:
                 patches.wrap_forward(modules[part], self._per_token(first))
@@ -148,7 +157,12 @@ class CrossAttentionBlock:
                         kwargs[rope_arg.name] = site._rope(plan, kwargs[rope_arg.name])
                     elif index < len(args):
                         args = (*args[:index], site._rope(plan, args[index]), *args[index + 1 :])
-                return plan.unmerge(original(plan.merge(hidden_states), *args, **kwargs))
+                merged = plan.merge(hidden_states)
+                weighting = site.weighting
+                if weighting is None:
+                    return plan.unmerge(original(merged, *args, **kwargs))
+                weights = site.state.weights.setdefault(site.group.name, KeyWeightsCache()).get(plan)
+                return plan.unmerge(weighting.call(weights, original, merged, *args, **kwargs))
 
             return forward
 
