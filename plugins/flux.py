@@ -247,7 +247,8 @@ class GridResolver:
             if h * w != num_tokens:
                 raise ValueError(f"the flux adapter's grid {h}x{w} does not match {num_tokens} image tokens")
             return self.explicit
-        if torch.compiler.is_compiling() or img_ids is None:
+        # Nothing can be read from the device inside a graph, nor from meta tensors (op counting).
+        if torch.compiler.is_compiling() or img_ids is None or img_ids.device.type == "meta":
             grid = self.by_tokens.get(num_tokens)
             if grid is None:
                 side = math.isqrt(num_tokens)

@@ -144,7 +144,8 @@ class Runtime:
         key = str(device)
         gen = self._generators.get(key)
         if gen is None:
-            gen = torch.Generator(device=device)
+            # The meta device (op counting) has no generator of its own; nothing is drawn there.
+            gen = torch.Generator() if torch.device(device).type == "meta" else torch.Generator(device=device)
             gen.manual_seed(self.config.seed)
             self._generators[key] = gen
         return gen
