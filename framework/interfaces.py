@@ -99,8 +99,15 @@ class Selector(Component):
 class MergePlan(ABC):
     """A resolved merge for one layer and batch: ``merge`` shortens, ``unmerge`` restores."""
 
-    #: raster indices ``(N',)`` whose positional data (e.g. RoPE rows) each merged token takes
+    #: indices ``(N',)`` into the tokens as ``merge`` received them (raster order, or region order when
+    #: the adapter hands tokens region by region) whose positional data (e.g. RoPE rows) each merged
+    #: token takes
     positions: torch.Tensor | None = None
+    #: every merged token is a convex combination of input tokens (merge rows sum to 1), so merging
+    #: commutes with per-channel affine maps (adapters may merge before a modulation)
+    convex: bool = False
+    #: the merged tokens are the first ``prefix`` input tokens, unchanged (merging is a slice)
+    prefix: int | None = None
 
     @abstractmethod
     def merge(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,6 +116,14 @@ class MergePlan(ABC):
     @abstractmethod
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """``(B, N', C)`` -> ``(B, N, C)``."""
+
+    def unmerge_into(self, y: torch.Tensor, out: torch.Tensor) -> None:
+        """Write ``unmerge(y)`` into ``out`` (plans that can, without a copy)."""
+        out.copy_(self.unmerge(y))
+
+    def residual_update(self, x: torch.Tensor, merged: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``x + unmerge(out - merged)``: the update a merged computation ``out = f(merged)`` makes to ``x``."""
+        return x + self.unmerge(out - merged)
 
 
 class Merger(Component):
@@ -127,6 +142,10 @@ class Merger(Component):
     #: Whether ``plan`` reads ``features``; if neither it nor selection does, the engine skips the
     #: float32 normalisation pass and passes ``None``.
     needs_features: ClassVar[bool] = True
+    #: Whether plans touch tokens only through the layout's helpers (``to_regions``, ``from_regions``,
+    #: ``compact_slots``, ``expand_slots``, ``global_destinations``), so that an adapter may hand them
+    #: tokens region by region (``Runtime.region_order``) and skip the gathers.
+    any_token_order: ClassVar[bool] = False
 
     def for_site(self, position: float) -> Merger:
         """The merger to use at a site ``position`` in [0, 1] through the merged blocks (default: self).
@@ -243,4 +262,4 @@ class ModelAdapter(Component):
         device = next(model.parameters()).device
         runtime.generator(device)
         for grid in set(self.grids_for(model, height, width, **size).values()):
-            runtime.layout(grid).to(device)
+            runtime.prepare_grid(grid, device)

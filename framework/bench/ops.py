@@ -43,11 +43,24 @@ NO_KERNEL = frozenset(
     }
 )
 #: Module classes whose forward is one unit of attribution.
-UNIT_CLASSES = ("FluxTransformerBlock", "FluxSingleTransformerBlock", "BasicTransformerBlock", "Transformer2DModel")
+UNIT_CLASSES = (
+    "FluxTransformerBlock",
+    "FluxSingleTransformerBlock",
+    "BasicTransformerBlock",
+    "Transformer2DModel",
+)
+#: The unit holding a whole denoiser call (what a method adds outside the blocks shows only here).
+CALL = "call"
 STEP_KINDS = {Decision.SELECT: "select", Decision.WEIGHTS: "weights", Decision.REUSE: "reuse"}
 #: Real-scale shapes per architecture family (the issue of record: Flux.1-dev bf16 at 1024 px,
 #: 4096 image + 512 text tokens; SDXL-base fp16, batch 2 at 1024 px).
 REAL = {"flux": ("flux", "bf16"), "sdxl": ("sdxl", "fp16")}
+#: The same architectures with fewer repeated blocks (same widths, grids and placements): per-block
+#: counts are the same, the count is several times faster (the budget test uses these).
+SHORT = {
+    "flux": {"num_layers": 7, "num_single_layers": 7},
+    "sdxl": {"transformer_layers_per_block": [1, 2, 2]},
+}
 
 
 def is_kernel(func: Any) -> bool:
@@ -128,20 +141,22 @@ def count_call(model: nn.Module, call: models.DenoiserCall, runtime: Any = None)
     if runtime is not None:
         original = runtime.plan
 
-        def plan(group: Any, x: torch.Tensor, grid: Any, source: Any = None) -> Any:
+        def plan(group: Any, *args: Any, **kwargs: Any) -> Any:
             slot = group.slots.get(runtime.clock.pass_index)
             before = None if slot is None else slot.plan
-            out = original(group, x, grid, source)
+            out = original(group, *args, **kwargs)
             if out is not before and counter.active:
                 computed.update(counter.active)
             return out
 
         runtime.plan = plan
     handles = attach_units(model, counter)
+    counter.active.append(CALL)
     try:
         with torch.no_grad(), counter:
             call(model)
     finally:
+        counter.active.pop()
         for h in handles:
             h.remove()
         if runtime is not None:
@@ -158,14 +173,15 @@ def added(merged: Counter, base: Counter) -> Counter:
 def count_variant(
     model: nn.Module, call: models.DenoiserCall, config: dict[str, Any], base: CallCount
 ) -> dict[str, dict[str, Any]]:
-    """``{site: {step kind: {"added", "min", "units", "ops"}}}`` of one configuration."""
+    """``{site: {step kind: {"added", "min", "units", "ops"}}}`` of one configuration; site ``"call"``
+    is the whole denoiser call (blocks included) per decision."""
     from tokenreduce.api import apply
 
     handle = apply(model, config)
     try:
         runtime = handle.runtime
         runtime.clock.driver = "manual"
-        units = sorted({(unit_of(s.path, s.site), s.site) for s in handle.sites})
+        units = sorted({(unit_of(s.path, s.site), s.site) for s in handle.sites}) + [(CALL, CALL)]
         observed: dict[tuple[str, str], list[tuple[int, Counter]]] = defaultdict(list)
         # One call first: one-time set-up (layouts moved to the device, caches) is not per-step cost.
         count_call(model, call, runtime)
@@ -176,7 +192,10 @@ def count_variant(
             counted = count_call(model, call, runtime)
             effective = decision if runtime.reuse.needs_step else Decision.SELECT
             for unit, site in units:
-                kind = STEP_KINDS[effective] if unit in counted.computed else "reuse"
+                if unit == CALL:  # the whole call, named after the call's decision
+                    kind = STEP_KINDS[effective]
+                else:
+                    kind = STEP_KINDS[effective] if unit in counted.computed else "reuse"
                 diff = added(counted.per_unit.get(unit, Counter()), base.per_unit.get(unit, Counter()))
                 observed[(site, kind)].append((sum(diff.values()), diff))
     finally:
@@ -216,11 +235,15 @@ def variant_configs(family: str, meta: nn.Module) -> tuple[dict[str, dict[str, A
     return configs, skipped
 
 
-def count_family(family: str, only: list[str] | None = None) -> dict[str, Any]:
-    """Op counts of every preset and the ideal on ``family``'s real architecture."""
+def count_family(family: str, only: list[str] | None = None, short: bool = False) -> dict[str, Any]:
+    """Op counts of every preset and the ideal on ``family``'s real architecture (``short``: with
+    fewer repeated blocks, see :data:`SHORT`)."""
+    from tokenreduce import archs
+
     arch, dtype_name = REAL[family]
     dtype = models.DTYPES[dtype_name]
-    model = nn.Module.to(models.meta_model(arch), dtype=dtype)
+    meta = archs.build(arch, overrides=SHORT[family]) if short else models.meta_model(arch)
+    model = nn.Module.to(meta, dtype=dtype)
     model.requires_grad_(False)
     call = meta_inputs(arch, model, dtype)
     configs, skipped = variant_configs(family, model)
@@ -234,6 +257,7 @@ def count_family(family: str, only: list[str] | None = None) -> dict[str, Any]:
         "batch": s.batch,
         "size": s.size,
         "image_tokens": call.tokens,
+        "short": short,
         "text_tokens": s.text_tokens,
         "variants": {name: count_variant(model, call, config, base) for name, config in configs.items()},
         "skipped": skipped,
@@ -259,12 +283,16 @@ def run_ops(families: list[str], output: Path, console: Any, only: list[str] | N
     import time
 
     from tokenreduce.bench.record import provenance
+    from tokenreduce.generate import environment
 
     unknown = sorted(set(families) - set(REAL))
     if unknown:
-        raise ValueError(f"--ops counts the real architectures only ({', '.join(REAL)}), not {', '.join(unknown)}")
+        raise ValueError(
+            f"--ops counts the real architectures only ({', '.join(REAL)}), not {', '.join(unknown)}"
+        )
     record: dict[str, Any] = {
         **provenance(),
+        "env": environment(),
         "unit": "kernels (non-view aten ops) a merged block adds over the unmodified block, per call",
         "families": {},
         "durations_s": {},

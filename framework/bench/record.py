@@ -32,13 +32,11 @@ def git_revision(where: Path | None = None) -> dict[str, Any] | None:
 
 
 def provenance(started: datetime.datetime | None = None) -> dict[str, Any]:
-    """What a record needs to be reproduced: revision, command line, start time, package version."""
-    from tokenreduce.generate import environment
-
+    """What a record needs to be reproduced: revision, command line, start time, package version
+    (versions and device are the caller's ``env``)."""
     return {
         "revision": git_revision(),
         "version": __version__,
         "command": list(sys.argv),
         "started": (started or datetime.datetime.now(datetime.timezone.utc)).isoformat(timespec="seconds"),
-        "environment": environment(),
     }

@@ -14,6 +14,8 @@ from tokenreduce.params import StrictParams
 class PassThroughPlan(MergePlan):
     """``merge`` and ``unmerge`` return their input; every token keeps its own position."""
 
+    convex = True
+
     def __init__(self, num_tokens: int, device: torch.device) -> None:
         self.positions = torch.arange(num_tokens, device=device)
 
@@ -30,6 +32,7 @@ class IdentityMerger(Merger):
     needs_destinations = False
     needs_features = False
     hard: ClassVar[bool] = True
+    any_token_order: ClassVar[bool] = True  # positions count in whatever order the tokens come
 
     class Params(StrictParams):
         name: Literal["identity"] = "identity"
