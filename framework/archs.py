@@ -75,9 +75,16 @@ def names() -> list[str]:
 
 
 def build(
-    arch: str, *, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32
+    arch: str,
+    *,
+    device: str | torch.device = "meta",
+    dtype: torch.dtype = torch.float32,
+    overrides: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
-    """The denoiser of ``arch`` ("sdxl" or "flux"); on the meta device it holds no memory."""
+    """The denoiser of ``arch`` ("sdxl" or "flux"); on the meta device it holds no memory.
+
+    ``overrides``: config entries to change (e.g. fewer layers of the same shapes, for op counts).
+    """
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
     known = names()
@@ -89,7 +96,7 @@ def build(
     cls = UNet2DConditionModel if arch == "sdxl" else FluxTransformer2DModel
     context = torch.device("meta") if str(device) == "meta" else nullcontext()
     with context:
-        model = cls.from_config(ARCHITECTURES[arch])
+        model = cls.from_config({**ARCHITECTURES[arch], **(overrides or {})})
     if str(device) != "meta":
         model = model.to(device=device, dtype=dtype)
     return model.eval()

@@ -99,12 +99,19 @@ class Selector(Component):
 class MergePlan(ABC):
     """A resolved merge for one layer and batch: ``merge`` shortens, ``unmerge`` restores."""
 
-    #: raster indices ``(N',)`` whose positional data (e.g. RoPE rows) each merged token takes
+    #: indices ``(N',)`` into the tokens as ``merge`` received them (raster order, or region order when
+    #: the adapter hands tokens region by region) whose positional data (e.g. RoPE rows) each merged
+    #: token takes
     positions: torch.Tensor | None = None
     #: ``(B or 1, N')`` float32: how many source tokens each merged token stands for (a hard group's
     #: count, a soft merge's assignment column sum), computed once per plan; read by size-weighted
     #: attention. ``None`` from a merger with ``gives_sizes``: every size is 1 (nothing merged).
     sizes: torch.Tensor | None = None
+    #: every merged token is a convex combination of input tokens (merge rows sum to 1), so merging
+    #: commutes with per-channel affine maps (adapters may merge before a modulation)
+    convex: bool = False
+    #: the merged tokens are the first ``prefix`` input tokens, unchanged (merging is a slice)
+    prefix: int | None = None
 
     @abstractmethod
     def merge(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,6 +120,14 @@ class MergePlan(ABC):
     @abstractmethod
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """``(B, N', C)`` -> ``(B, N, C)``."""
+
+    def unmerge_into(self, y: torch.Tensor, out: torch.Tensor) -> None:
+        """Write ``unmerge(y)`` into ``out`` (plans that can, without a copy)."""
+        out.copy_(self.unmerge(y))
+
+    def residual_update(self, x: torch.Tensor, merged: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``x + unmerge(out - merged)``: the update a merged computation ``out = f(merged)`` makes to ``x``."""
+        return x + self.unmerge(out - merged)
 
 
 class Merger(Component):
@@ -133,6 +148,10 @@ class Merger(Component):
     needs_features: ClassVar[bool] = True
     #: Whether every plan sets ``sizes`` (required by adapters with ``size_weighting`` on).
     gives_sizes: ClassVar[bool] = False
+    #: Whether plans touch tokens only through the layout's helpers (``to_regions``, ``from_regions``,
+    #: ``compact_slots``, ``expand_slots``, ``global_destinations``), so that an adapter may hand them
+    #: tokens region by region (``Runtime.region_order``) and skip the gathers.
+    any_token_order: ClassVar[bool] = False
 
     def for_site(self, position: float) -> Merger:
         """The merger to use at a site ``position`` in [0, 1] through the merged blocks (default: self).
@@ -251,4 +270,4 @@ class ModelAdapter(Component):
         device = next(model.parameters()).device
         runtime.generator(device)
         for grid in set(self.grids_for(model, height, width, **size).values()):
-            runtime.layout(grid).to(device)
+            runtime.prepare_grid(grid, device)

@@ -34,16 +34,53 @@ class Regions:
     local_rc: torch.Tensor | None = None
     # One full region listing the tokens in raster order; decided once on the host when not given.
     raster_order: bool | None = field(default=None, compare=False, repr=False)
+    # Full regions holding consecutive tokens (region r = tokens r*S .. r*S+S-1): regions are views.
+    sequential: bool | None = field(default=None, compare=False, repr=False)
+    # (th, tw) when the regions are the full th x tw tiles of a 2-D grid, tiles in raster order and slots
+    # in raster order inside each tile: then region order is a reshape and a transpose of the (H, W)
+    # grid. Decided once on the host (a plain field: nothing to compute inside a compiled graph).
+    tiling: tuple[int, int] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.raster_order is None:
+        if self.sequential is None:
             r, s = self.index.shape
-            raster = (
-                r == 1
-                and all(n == s for n in self.sizes)
-                and torch.equal(self.index[0].cpu(), torch.arange(s))
+            seq = all(n == s for n in self.sizes) and torch.equal(
+                self.index.cpu(), torch.arange(r * s).view(r, s)
             )
-            object.__setattr__(self, "raster_order", raster)
+            object.__setattr__(self, "sequential", seq)
+        if self.raster_order is None:
+            object.__setattr__(self, "raster_order", bool(self.sequential) and self.index.shape[0] == 1)
+        if (
+            self.tiling is None
+            and self.shape is not None
+            and len(self.grid) == len(self.shape) == 2
+            and not self.ragged
+        ):
+            (h, w), (th, tw) = self.grid, self.shape
+            if h % th == 0 and w % tw == 0:
+                tiles = torch.arange(h * w).view(h // th, th, w // tw, tw).permute(0, 2, 1, 3)
+                if torch.equal(self.index.cpu(), tiles.reshape(self.num_regions, self.slots)):
+                    object.__setattr__(self, "tiling", (th, tw))
+
+    def in_sequence_order(self) -> Regions:
+        """These regions over tokens that arrive region by region (token ``r * S + s`` is slot ``s`` of
+        region ``r``): the same shapes and local positions, consecutive indices. Full regions only."""
+        if self.ragged:
+            raise ValueError(
+                f"regions of the {self.grid} grid have padding; they cannot be laid out in sequence"
+            )
+        r, s = self.index.shape
+        return Regions(
+            grid=self.grid,
+            index=torch.arange(r * s, device=self.index.device).view(r, s),
+            valid=torch.ones_like(self.valid),
+            sizes=self.sizes,
+            shape=self.shape,
+            local_rc=self.local_rc,
+            raster_order=r == 1,
+            sequential=True,
+            tiling=self.tiling,
+        )
 
     @property
     def rank(self) -> int:
@@ -175,7 +212,7 @@ class Layout:
     _device_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.inverse is None and not self.regions.is_raster:
+        if self.inverse is None and not self.regions.sequential:
             flat_index = self.regions.index.reshape(-1)
             flat_valid = self.regions.valid.reshape(-1)
             inverse = torch.empty(self.num_tokens, dtype=torch.long, device=flat_index.device)
@@ -215,6 +252,8 @@ class Layout:
                 shape=r.shape,
                 local_rc=None if r.local_rc is None else r.local_rc.to(device),
                 raster_order=r.raster_order,
+                sequential=r.sequential,
+                tiling=r.tiling,
             )
             self._device_cache[key] = Layout(
                 regions=moved_regions,
@@ -234,16 +273,16 @@ class Layout:
     def to_regions(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, N, C)`` raster tokens -> ``(B, R, S, C)`` region slots (padding slots hold token 0)."""
         r = self.regions
-        if r.is_raster:
-            return x.unsqueeze(1)
         b, _, c = x.shape
+        if r.sequential:
+            return x.view(b, r.num_regions, r.slots, c)
         return x.index_select(1, r.index.reshape(-1)).view(b, r.num_regions, r.slots, c)
 
     def from_regions(self, xr: torch.Tensor) -> torch.Tensor:
         """``(B, R, S, C)`` region slots -> ``(B, N, C)`` raster tokens (padding slots dropped)."""
         r = self.regions
         b, _, _, c = xr.shape
-        if r.is_raster:
+        if r.sequential:
             return xr.reshape(b, -1, c)
         flat = xr.reshape(b, -1, c)
         return flat.index_select(1, self.inverse)
@@ -263,6 +302,17 @@ class Layout:
         out = y.new_zeros(b, r * self.k, c)
         out = out.index_copy(1, self.compact, y)
         return out.view(b, r, self.k, c)
+
+    def in_sequence_order(self) -> Layout:
+        """This layout for tokens that arrive region by region (see :meth:`Regions.in_sequence_order`):
+        regions become views, positions count in that order. Built once, from the host layout."""
+        host = self.host
+        cached = host._device_cache.get("sequence")
+        if cached is None:
+            regions = host.regions if host.regions.sequential else host.regions.in_sequence_order()
+            cached = build_layout(regions, host.ratio, host.dests, host.keep)
+            host._device_cache["sequence"] = cached
+        return cached
 
     def global_destinations(self, local: torch.Tensor) -> torch.Tensor:
         """Local destination indices ``(R, k)`` -> raster indices ``(D,)`` of the real destinations."""

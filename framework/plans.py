@@ -22,18 +22,33 @@ class RegionLinearPlan(MergePlan):
         layout: Layout,
         positions: torch.Tensor,
         sizes: torch.Tensor | None = None,
+        convex: bool = False,
     ) -> None:
         self.merge_weights = merge
         self.unmerge_weights = unmerge
         self.layout = layout
         self.positions = positions
         self.sizes = sizes
+        self.convex = convex
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         return self.layout.compact_slots(self.merge_weights @ self.layout.to_regions(x))
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         return self.layout.from_regions(self.unmerge_weights @ self.layout.expand_slots(y))
+
+    def unmerge_into(self, y: torch.Tensor, out: torch.Tensor) -> None:
+        layout = self.layout
+        if not (
+            layout.regions.sequential and layout.all_slots_real and out.is_contiguous() and y.is_contiguous()
+        ):
+            out.copy_(self.unmerge(y))
+            return
+        # Tokens in region order, every slot real: one batched matmul straight into ``out``.
+        u = self.unmerge_weights
+        b, r, s, k = u.shape
+        c = y.shape[-1]
+        torch.bmm(u.reshape(b * r, s, k), y.view(b * r, k, c), out=out.view(b * r, s, c))
 
 
 def group_sizes(assign: torch.Tensor, layout: Layout) -> torch.Tensor:

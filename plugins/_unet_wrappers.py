@@ -24,12 +24,78 @@ Factory = Callable[[Forward], Forward]
 
 
 class GridCell:
-    """The token grid of the latest input of one ``Transformer2DModel`` (read by its blocks)."""
+    """The token grid of the latest input of one ``Transformer2DModel`` (read by its blocks), and
+    whether its tokens are in tile order (``sequence``) in the current call."""
 
-    __slots__ = ("grid",)
+    __slots__ = ("grid", "sequence", "tiles")
 
     def __init__(self, grid: tuple[int, int]) -> None:
         self.grid = grid
+        self.sequence = False
+        self.tiles: tuple[int, int] | None = None
+
+
+def to_tiles(x: torch.Tensor, tiles: tuple[int, int]) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, H*W, C)`` tokens tile by tile (one copy, as the raster reshape)."""
+    b, c, h, w = x.shape
+    th, tw = tiles
+    return x.view(b, c, h // th, th, w // tw, tw).permute(0, 2, 4, 3, 5, 1).reshape(b, h * w, c)
+
+
+def from_tiles(x: torch.Tensor, height: int, width: int, tiles: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`to_tiles`: ``(B, H*W, C)`` tile-ordered tokens -> contiguous ``(B, C, H, W)``."""
+    b, _, c = x.shape
+    th, tw = tiles
+    x = x.view(b, height // th, width // tw, th, tw, c).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, c, height, width)
+
+
+def tokens_in_tiles(runtime: Runtime, module: Any, cell: GridCell) -> Factory:
+    """``Transformer2DModel._operate_on_continuous_inputs``: emit the tokens tile by tile when the
+    layout allows it, so the merged blocks' merge and unmerge need no gather. The tile order is
+    folded into the ``(B, C, H, W) -> (B, N, C)`` copy the model makes anyway (no added kernel)."""
+
+    def make(original: Forward) -> Forward:
+        def forward(hidden_states: torch.Tensor) -> tuple[torch.Tensor, int]:
+            tiles = runtime.tiles(tuple(hidden_states.shape[-2:])) if runtime.enabled else None
+            cell.sequence, cell.tiles = tiles is not None, tiles
+            if tiles is None:
+                return original(hidden_states)
+            x = module.norm(hidden_states)
+            if not module.use_linear_projection:
+                x = module.proj_in(x)
+                return to_tiles(x, tiles), x.shape[1]
+            inner_dim = x.shape[1]
+            return module.proj_in(to_tiles(x, tiles)), inner_dim
+
+        return forward
+
+    return make
+
+
+def tokens_from_tiles(module: Any, cell: GridCell) -> Factory:
+    """``Transformer2DModel._get_output_for_continuous_inputs``: the inverse of :func:`tokens_in_tiles`."""
+
+    def make(original: Forward) -> Forward:
+        def forward(
+            hidden_states: torch.Tensor,
+            residual: torch.Tensor,
+            batch_size: int,
+            height: int,
+            width: int,
+            inner_dim: int,
+        ) -> torch.Tensor:
+            tiles = cell.tiles
+            if tiles is None:
+                return original(hidden_states, residual, batch_size, height, width, inner_dim)
+            cell.sequence, cell.tiles = False, None
+            if not module.use_linear_projection:
+                return module.proj_out(from_tiles(hidden_states, height, width, tiles)) + residual
+            return from_tiles(module.proj_out(hidden_states), height, width, tiles) + residual
+
+        return forward
+
+    return make
 
 
 class PlanCell:
@@ -86,7 +152,7 @@ def plan_at_block_input(runtime: Runtime, group: Group, grid: GridCell, cell: Pl
     def make(original: Forward) -> Forward:
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             if runtime.enabled:
-                cell.plan = runtime.plan(group, hidden_states, grid.grid)
+                cell.plan = runtime.plan(group, hidden_states, grid.grid, sequence=grid.sequence)
             return original(hidden_states, *args, **kwargs)
 
         return forward
@@ -126,7 +192,7 @@ def merged_site(
             def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
                 if not runtime.enabled:
                     return original(hidden_states, *args, **kwargs)
-                plan = cell.plan = runtime.plan(group, hidden_states, grid.grid)
+                plan = cell.plan = runtime.plan(group, hidden_states, grid.grid, sequence=grid.sequence)
                 return plan.unmerge(run(plan, plan.merge(hidden_states), *args, **kwargs))
 
         else:
@@ -149,7 +215,9 @@ def kv_only_site(runtime: Runtime, group: Group, grid: GridCell, cell: PlanCell,
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             if not runtime.enabled:
                 return original(hidden_states, *args, **kwargs)
-            plan = runtime.plan(group, hidden_states, grid.grid) if plans else cell.plan
+            plan = (
+                runtime.plan(group, hidden_states, grid.grid, sequence=grid.sequence) if plans else cell.plan
+            )
             kwargs["encoder_hidden_states"] = plan.merge(hidden_states)
             return original(hidden_states, *args, **kwargs)
 
@@ -165,10 +233,11 @@ class StackCell:
     self-attention); ``weights``: its key weights, built once per plan (shared by the group).
     """
 
-    __slots__ = ("plan", "residual", "running", "weights")
+    __slots__ = ("merged", "plan", "residual", "running", "weights")
 
     def __init__(self, weights: KeyWeightsCache | None = None) -> None:
         self.residual: torch.Tensor | None = None
+        self.merged: torch.Tensor | None = None
         self.plan: MergePlan | None = None
         self.running: MergePlan | None = None
         self.weights = weights if weights is not None else KeyWeightsCache()
@@ -204,7 +273,7 @@ def stack_enter(
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             if not runtime.enabled:
                 return original(hidden_states, *args, **kwargs)
-            plan = runtime.plan(group, hidden_states, grid.grid, source)
+            plan = runtime.plan(group, hidden_states, grid.grid, source, sequence=grid.sequence)
             merged = plan.merge(hidden_states)
             cell.running = None if merged is hidden_states else plan
             out = original(merged, *args, **kwargs)
@@ -213,10 +282,10 @@ def stack_enter(
                 return out
             if last:
                 cell.running = None
-                return hidden_states + plan.unmerge(out - merged)
-            # Only the input is held through the stack; ``M x`` is recomputed at the exit (one small
-            # batched matmul) rather than kept alive next to it.
-            cell.residual, cell.plan = hidden_states, plan
+                return plan.residual_update(hidden_states, merged, out)
+            # ``M x`` is held through the stack (a fraction of the input's size) rather than
+            # recomputed at the exit: one kernel fewer per stack and call.
+            cell.residual, cell.merged, cell.plan = hidden_states, merged, plan
             return out
 
         return forward
@@ -234,9 +303,9 @@ def stack_exit(runtime: Runtime, cell: StackCell) -> Factory:
             plan = cell.plan
             if not runtime.enabled or plan is None:
                 return out
-            residual = cell.residual
-            cell.residual = cell.plan = None  # do not hold activations past the call
-            return residual + plan.unmerge(out - plan.merge(residual))
+            residual, merged = cell.residual, cell.merged
+            cell.residual = cell.merged = cell.plan = None  # do not hold activations past the call
+            return plan.residual_update(residual, merged, out)
 
         return forward
 

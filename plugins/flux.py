@@ -69,9 +69,12 @@ class CallContext:
         self.on = False  # inside a wrapped transformer call with the runtime enabled
         self.text_len = 0
         self.grid: tuple[int, int] = (0, 0)
+        self.sequence = False  # image tokens in region (tile) order in this call
         # group name -> (plan, cos table, merged (cos, sin)); reset every call, so within a call
         # every block of a group reuses the table and a new plan or new RoPE table rebuilds it.
-        self.rope: dict[str, tuple[MergePlan, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.rope: dict[
+            tuple[str, bool], tuple[MergePlan, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+        ] = {}
 
 
 class Site:
@@ -92,22 +95,41 @@ class Site:
         self.ctx, self.runtime, self.group = ctx, runtime, group
         self.plan: MergePlan | None = None  # single blocks: set by `norm`, used by `attn` and `proj_out`
         self.weighting, self.weights = weighting, weights
+        # single blocks: how `norm` laid out the merged sequence for `attn` and `proj_out`:
+        # "cat" = [text; merged image]; "prefix" = [text; first image tokens] (a view);
+        # "image_first" = [merged image; text] (merged before the modulation, no concatenation)
+        self.route = "cat"
 
     def attend(
-        self, plan: MergePlan, text_len: int, original: Callable[..., Any], *args: Any, **kwargs: Any
+        self,
+        plan: MergePlan,
+        text_len: int,
+        original: Callable[..., Any],
+        *args: Any,
+        image_first: bool = False,
+        **kwargs: Any,
     ) -> Any:
-        """``original(*args, **kwargs)`` on ``[text; merged image]``, size-weighted if enabled."""
+        """``original(*args, **kwargs)`` on ``[text; merged image]`` (or ``[merged image; text]``),
+        size-weighted if enabled."""
         if self.weighting is None:
             return original(*args, **kwargs)
-        return self.weighting.call(self.weights.get(plan, text_len), original, *args, **kwargs)
+        weights = self.weights.get(plan, text_len, text_first=not image_first)
+        return self.weighting.call(weights, original, *args, **kwargs)
 
 
-def merged_rope(site: Site, plan: MergePlan, rope: Any, text_len: int) -> Any:
-    """``(cos, sin)`` with the image rows replaced by the rows of ``plan.positions``; text rows kept."""
+def merged_rope(site: Site, plan: MergePlan, rope: Any, text_len: int, image_first: bool = False) -> Any:
+    """``(cos, sin)`` with the image rows replaced by the rows of ``plan.positions``; text rows kept.
+
+    ``image_first``: the merged sequence is ``[merged image; text]`` (the fused single-block path).
+    Built once per plan, table and call; a prefix plan slices the table instead (no kernel).
+    """
     if rope is None:
         return None
     cos, sin = rope
-    cached = site.ctx.rope.get(site.group.name)
+    if getattr(plan, "prefix", None) is not None and not image_first:
+        end = text_len + plan.prefix
+        return cos[:end], sin[:end]
+    cached = site.ctx.rope.get((site.group.name, image_first))
     if cached is not None and cached[0] is plan and cached[1] is cos:
         return cached[2]
     positions = plan.positions
@@ -115,11 +137,13 @@ def merged_rope(site: Site, plan: MergePlan, rope: Any, text_len: int) -> Any:
         raise ValueError(
             f"merger {site.group.merger.name!r} gives no `positions` for its merged tokens; Flux needs them for RoPE"
         )
-    merged = (
-        torch.cat((cos[:text_len], cos[text_len:].index_select(0, positions)), dim=0),
-        torch.cat((sin[:text_len], sin[text_len:].index_select(0, positions)), dim=0),
-    )
-    site.ctx.rope[site.group.name] = (plan, cos, merged)
+
+    def rows(table: torch.Tensor) -> torch.Tensor:
+        text, image = table[:text_len], table[text_len:].index_select(0, positions)
+        return torch.cat((image, text) if image_first else (text, image), dim=0)
+
+    merged = (rows(cos), rows(sin))
+    site.ctx.rope[(site.group.name, image_first)] = (plan, cos, merged)
     return merged
 
 
@@ -150,7 +174,7 @@ def wrap_double_attn(site: Site) -> Callable[[Callable[..., Any]], Callable[...,
                 return original(
                     hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs
                 )
-            plan = site.runtime.plan(site.group, hidden_states, ctx.grid)
+            plan = site.runtime.plan(site.group, hidden_states, ctx.grid, sequence=ctx.sequence)
             if isinstance(plan, IdentityPlan):
                 return original(
                     hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs
@@ -169,24 +193,73 @@ def wrap_double_attn(site: Site) -> Callable[[Callable[..., Any]], Callable[...,
     return make
 
 
-def wrap_single_norm(site: Site) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """``norm`` of a single-stream block: plan from its image tokens, output ``[text; merged image]``."""
+def fusable_norm(norm: nn.Module) -> bool:
+    """Whether a single block's ``norm`` is diffusers' ``AdaLayerNormZeroSingle`` itself (its forward is
+    reproduced op for op on the fused path; subclasses and replacements take the generic path)."""
+    from diffusers.models.normalization import AdaLayerNormZeroSingle
+
+    return type(norm) is AdaLayerNormZeroSingle and isinstance(getattr(norm, "linear", None), nn.Linear)
+
+
+def fusable_linear(proj_out: nn.Module) -> bool:
+    """Whether ``proj_out`` is a plain ``nn.Linear`` with a bias (computed into a buffer on the fused path)."""
+    return type(proj_out) is nn.Linear and proj_out.bias is not None
+
+
+def wrap_single_norm(site: Site, norm: nn.Module) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``norm`` of a single-stream block: plan from its image tokens, output the merged sequence.
+
+    Generic path: ``[text; merge(image)]`` (one concatenation). For convex plans (merge rows sum to
+    1) and the stock norm, the image tokens are merged *before* the modulation
+    ``ln * (1 + scale) + shift`` (equal up to rounding), and the two modulations write
+    ``[merged image; text]`` straight into one buffer: one batched matmul and no concatenation over
+    the unmodified block. A prefix plan (the ideal) modulates only the kept tokens (a view).
+    """
+    fused = fusable_norm(norm)
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
         def forward(x: torch.Tensor, emb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-            normed, gate = original(x, emb)
             ctx = site.ctx
             site.plan = None
             if not ctx.on:
-                return normed, gate
+                return original(x, emb)
             t = ctx.text_len
-            image = normed[:, t:]
-            plan = site.runtime.plan(site.group, image, ctx.grid)
+            if not fused:
+                normed, gate = original(x, emb)
+                image = normed[:, t:]
+                plan = site.runtime.plan(site.group, image, ctx.grid, sequence=ctx.sequence)
+                if isinstance(plan, IdentityPlan):
+                    return normed, gate
+                site.plan, site.route = plan, "cat"
+                return torch.cat((normed[:, :t], plan.merge(image)), dim=1), gate
+            # The stock forward, op for op: emb -> (shift, scale, gate); ln(x) * (1 + scale) + shift.
+            shift, scale, gate = norm.linear(norm.silu(emb)).chunk(3, dim=1)
+            ln = norm.norm(x)
+            scale, shift = 1 + scale[:, None], shift[:, None]
+            image = ln[:, t:]
+            plan = site.runtime.plan(
+                site.group, image, ctx.grid, lambda v: v * scale + shift, sequence=ctx.sequence
+            )
             if isinstance(plan, IdentityPlan):
-                return normed, gate
+                return ln * scale + shift, gate
             site.plan = plan
-            return torch.cat((normed[:, :t], plan.merge(image)), dim=1), gate
+            if getattr(plan, "prefix", None) is not None:
+                site.route = "prefix"
+                return ln[:, : t + plan.prefix] * scale + shift, gate
+            if not getattr(plan, "convex", False):
+                site.route = "cat"
+                normed = ln * scale + shift
+                return torch.cat((normed[:, :t], plan.merge(normed[:, t:])), dim=1), gate
+            site.route = "image_first"
+            merged = plan.merge(image)
+            n = merged.shape[1]
+            if torch.compiler.is_compiling():  # no `out=` into views in graphs; the compiler fuses this
+                return torch.cat((merged * scale + shift, ln[:, :t] * scale + shift), dim=1), gate
+            out = ln.new_empty(ln.shape[0], n + t, ln.shape[2])
+            torch.addcmul(shift, merged, scale, out=out[:, :n])
+            torch.addcmul(shift, ln[:, :t], scale, out=out[:, n:])
+            return out, gate
 
         return forward
 
@@ -212,9 +285,18 @@ def wrap_single_attn(site: Site) -> Callable[[Callable[..., Any]], Callable[...,
                 )
             _no_mask(attention_mask)
             t = site.ctx.text_len
-            image_rotary_emb = merged_rope(site, plan, image_rotary_emb, t)
+            image_first = site.route == "image_first"
+            image_rotary_emb = merged_rope(site, plan, image_rotary_emb, t, image_first=image_first)
             return site.attend(
-                plan, t, original, hidden_states, encoder_hidden_states, None, image_rotary_emb, **kwargs
+                plan,
+                t,
+                original,
+                hidden_states,
+                encoder_hidden_states,
+                None,
+                image_rotary_emb,
+                image_first=image_first,
+                **kwargs,
             )
 
         return forward
@@ -222,19 +304,42 @@ def wrap_single_attn(site: Site) -> Callable[[Callable[..., Any]], Callable[...,
     return make
 
 
-def wrap_single_proj_out(site: Site) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """``proj_out`` of a single-stream block: unmerge the image part of its output."""
+def wrap_single_proj_out(
+    site: Site, proj_out: nn.Module
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``proj_out`` of a single-stream block: unmerge the image part of its output.
+
+    On the fused route with a plain ``nn.Linear`` and one sample, the linear writes ``[merged image;
+    text]`` into the front of a buffer and the unmerge writes the image right after the text, so
+    ``[text; image]`` is a view of that buffer: one batched matmul over the unmodified block.
+    """
+    linear = fusable_linear(proj_out)
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
         def forward(x: torch.Tensor) -> torch.Tensor:
-            out = original(x)
             plan = site.plan
             if plan is None:
-                return out
+                return original(x)
             site.plan = None
             t = site.ctx.text_len
-            return torch.cat((out[:, :t], plan.unmerge(out[:, t:])), dim=1)
+            if site.route == "prefix":  # [text; kept image] -> zeros for the rest
+                return plan.unmerge(original(x))
+            if site.route == "cat":
+                out = original(x)
+                return torch.cat((out[:, :t], plan.unmerge(out[:, t:])), dim=1)
+            n = x.shape[1] - t  # merged image tokens, first
+            if torch.compiler.is_compiling() or not (
+                linear and x.shape[0] == 1 and x.is_contiguous() and x.dtype == proj_out.weight.dtype
+            ):
+                out = original(x)
+                return torch.cat((out[:, n:], plan.unmerge(out[:, :n])), dim=1)
+            full = math.prod(site.ctx.grid)
+            buf = x.new_empty(1, n + t + full, proj_out.out_features)
+            head = buf[0, : n + t]
+            torch.addmm(proj_out.bias, x[0], proj_out.weight.t(), out=head)
+            plan.unmerge_into(head[:n].unsqueeze(0), buf[:, n + t :])
+            return buf[:, n:]
 
         return forward
 
@@ -276,7 +381,8 @@ class GridResolver:
             if h * w != num_tokens:
                 raise ValueError(f"the flux adapter's grid {h}x{w} does not match {num_tokens} image tokens")
             return self.explicit
-        if torch.compiler.is_compiling() or img_ids is None:
+        # Nothing can be read from the device inside a graph, nor from meta tensors (op counting).
+        if torch.compiler.is_compiling() or img_ids is None or img_ids.device.type == "meta":
             if torch.compiler.is_compiling():
                 num_tokens = int(num_tokens)  # specialise dynamic shapes: layouts are static per size
                 if num_tokens not in self.by_tokens:
@@ -302,6 +408,14 @@ class GridResolver:
         self._last = (key, grid)
         self.by_tokens[num_tokens] = grid
         return grid
+
+
+def to_raster(out: Any, inverse: torch.Tensor) -> Any:
+    """The transformer's output (a tuple or an output object) with its sample back in raster order."""
+    if isinstance(out, tuple):
+        return (out[0].index_select(1, inverse), *out[1:])
+    out.sample = out.sample.index_select(1, inverse)
+    return out
 
 
 def wrap_transformer(
@@ -340,9 +454,22 @@ def wrap_transformer(
             ctx.grid = grids(img_ids, hidden_states.shape[1])
             ctx.text_len = encoder_hidden_states.shape[1]
             ctx.rope = {}
+            # Image tokens tile by tile for the whole call: merge and unmerge need no gather in any
+            # block, and RoPE comes out in the same order from the permuted ids (three small gathers
+            # per call instead of two per merged block). Positional extra arguments may hold
+            # ControlNet residuals in raster order: then the tokens stay in raster order.
+            order = runtime.region_order(ctx.grid, hidden_states.device) if len(args) <= 2 else None
+            ctx.sequence = order is not None
+            if order is not None:
+                perm = order[0]
+                hidden_states = hidden_states.index_select(1, perm)
+                img_ids = None if img_ids is None else img_ids.index_select(-2, perm)
+                for key in ("controlnet_block_samples", "controlnet_single_block_samples"):
+                    if kwargs.get(key) is not None:
+                        kwargs[key] = [None if r is None else r.index_select(1, perm) for r in kwargs[key]]
             ctx.on = True
             try:
-                return original(
+                out = original(
                     hidden_states,
                     encoder_hidden_states,
                     pooled_projections,
@@ -354,6 +481,9 @@ def wrap_transformer(
                 )
             finally:
                 ctx.on = False
+            if order is None:
+                return out
+            return to_raster(out, order[1])
 
         return forward
 
@@ -516,9 +646,9 @@ class FluxAdapter(ModelAdapter):
         for j in single:
             block = model.single_transformer_blocks[j]
             site = site_for(SINGLE, f"single_transformer_blocks.{j}", block.attn)
-            patches.wrap_forward(block.norm, wrap_single_norm(site))
+            patches.wrap_forward(block.norm, wrap_single_norm(site, block.norm))
             patches.wrap_forward(block.attn, wrap_single_attn(site))
-            patches.wrap_forward(block.proj_out, wrap_single_proj_out(site))
+            patches.wrap_forward(block.proj_out, wrap_single_proj_out(site, block.proj_out))
         self._grids = GridResolver(self.params.grid)
         patches.wrap_forward(model, wrap_transformer(model, runtime, ctx, self._grids))
 

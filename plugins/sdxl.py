@@ -205,6 +205,15 @@ class SDXLAdapter(ModelAdapter):
             if grid is None:
                 grid = cells[id(b.transformer)] = w.GridCell(grid_at(latent, b.downsample))
                 patches.wrap_forward(b.transformer, w.track_grid(runtime, grid))
+                if hasattr(b.transformer, "_get_output_for_continuous_inputs") and getattr(
+                    b.transformer, "is_input_continuous", False
+                ):
+                    # Tokens tile by tile inside the merged stack (folded into the model's own reshape).
+                    t = b.transformer
+                    patches.wrap_method(
+                        t, "_operate_on_continuous_inputs", w.tokens_in_tiles(runtime, t, grid)
+                    )
+                    patches.wrap_method(t, "_get_output_for_continuous_inputs", w.tokens_from_tiles(t, grid))
             source = None if from_input else b.block.norm1
             if self.params.sites == ["stack"]:
                 stack = [s.block for s in blocks if s.transformer is b.transformer]
@@ -254,7 +263,7 @@ class SDXLAdapter(ModelAdapter):
             return
         runtime.generator(device)
         for grid in grids:
-            runtime.layout(grid).to(device)
+            runtime.prepare_grid(grid, device)
 
 
 @hookimpl

@@ -56,6 +56,7 @@ def pinv_unmerge_map(merge: torch.Tensor) -> torch.Tensor:
 
 class AttentionMerger(Merger):
     name = "attention"
+    any_token_order: ClassVar[bool] = True
     output = "destinations"
     #: soft weights: ``unmerge(merge(x)) == x`` on merge groups only to a tolerance (at the default temperature)
     hard: ClassVar[bool] = False
@@ -77,6 +78,9 @@ class AttentionMerger(Merger):
         self, x: torch.Tensor, features: torch.Tensor, destinations: torch.Tensor, layout: Layout
     ) -> MergePlan:
         assign = soft_assignment(features, destinations, layout, self.params.temperature)
+        # Weights in at least float32 (float64 models get float64, so merge rows sum to 1 to their
+        # precision: adapters may merge before a per-channel affine map, see ``MergePlan.convex``).
+        assign = assign.to(torch.promote_types(x.dtype, torch.float32))
         merge = merge_map(assign)
         unmerge = assign if self.params.unmerge == "transpose" else pinv_unmerge_map(merge)
         return RegionLinearPlan(
@@ -85,4 +89,5 @@ class AttentionMerger(Merger):
             layout=layout,
             positions=layout.global_destinations(destinations),
             sizes=group_sizes(assign, layout),
+            convex=True,  # merge rows are weighted means
         )

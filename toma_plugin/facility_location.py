@@ -20,52 +20,75 @@ from tokenreduce.interfaces import SelectContext, Selector
 from tokenreduce.layout import Regions, destinations_for_fraction
 from tokenreduce.params import StrictParams
 
+#: Diagonal of the similarity in the greedy: a candidate covers itself better than any other token can
+#: (cosines are at most 1). Once chosen, every candidate's own column is covered at this value, so
+#: chosen candidates score strictly below every unchosen one (by at least 1 per sample) without a mask,
+#: while unchosen candidates keep their order (their scores all shift by the same constant).
+SELF_COVER = 2.0
+
+
+def greedy_picks(features: torch.Tensor, k: int, padding: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy facility-location picks ``(R, k)`` from ``(B, R, S, C)`` normalised features, objective
+    summed over the batch. ``padding``: ``(R, S)`` bool of padding slots (zero features), or ``None``.
+
+    Per pick: one ``maximum``, one ``sum``, one ``argmax`` and one ``gather`` (the covered similarity
+    of every client after the pick is the chosen row of the ``maximum`` just computed). Once a
+    region has no valid slot left its remaining picks are arbitrary.
+    """
+    batch, regions, slots, _ = features.shape
+    sim = features @ features.transpose(-1, -2)  # (B, R, S, S): sim[b, r, v, i] candidate v, client i
+    sim.diagonal(dim1=-2, dim2=-1).fill_(SELF_COVER)
+    if padding is not None:
+        # Padding candidates cover nothing (their score is the current objective, below any real one);
+        # padding clients have zero features, hence a constant column: no mask needed there.
+        sim.masked_fill_(padding.unsqueeze(0).unsqueeze(-1), float("-inf"))
+    covered = sim.new_full((1, 1, 1, slots), -1.0)  # m_i = -1 (the lowest cosine) before any pick
+    picks: list[torch.Tensor] = []
+    for step in range(k):
+        m = torch.maximum(sim, covered)
+        idx = m.sum(dim=(0, 3)).argmax(dim=-1)  # (R,)
+        picks.append(idx)
+        if step + 1 < k:
+            covered = m.gather(2, idx.view(1, regions, 1, 1).expand(batch, regions, 1, slots))
+    return torch.stack(picks, dim=1)
+
 
 def facility_location_greedy(
     features: torch.Tensor, valid: torch.Tensor, k: int, reduce: Literal["sum", "first"] = "sum"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy facility-location picks.
+    """Greedy facility-location picks and their gains (the selector uses :func:`greedy_picks` alone).
 
     ``features``: ``(B, R, S, C)`` L2-normalised tokens; ``valid``: ``(R, S)`` bool (padding slots are
     never picked and never count as clients). Returns ``(indices, gains)``, both ``(R, k)``.
 
     Gains are the marginal gains of ``f`` measured from the baseline ``m_i = -1`` (the lowest
     cosine), so the first gain is the row sum plus the number of clients (per sample) and the
-    gains are non-increasing. Once a region has no valid slot left, its remaining picks are
-    arbitrary (slot 0) with gain 0; callers only use the first ``valid.sum(1)`` picks at most.
+    gains are non-increasing. Once a region has no valid slot left, its remaining picks are slot 0
+    with gain 0; callers only use the first ``valid.sum(1)`` picks at most.
     """
     feats = features.float()
     if reduce == "first":
         feats = feats[:1]
     elif reduce != "sum":
         raise ValueError(f"reduce must be 'sum' or 'first', got {reduce!r}")
-    batch, regions, slots, _ = feats.shape
     valid = valid.to(device=feats.device, dtype=torch.bool)
-    clients = valid.to(feats.dtype)
-
-    # sim[b, r, v, i]: similarity of candidate v and client i; padding clients contribute 0.
-    sim = feats @ feats.transpose(-1, -2) * clients[None, :, None, :]
-    blocked = ~valid  # (R, S): padding, then also the chosen slots
-    slot_ids = torch.arange(slots, device=feats.device)
-    # First pick: largest row sum, reported as a gain from the baseline m_i = -1 of every client.
-    gain = sim.sum(dim=(0, 3)) + batch * clients.sum(dim=-1, keepdim=True)  # (R, S)
-    picks: list[torch.Tensor] = []
-    gains: list[torch.Tensor] = []
-    best = sim.new_empty(0)
+    feats = feats * valid[None, :, :, None]
+    indices = greedy_picks(feats, k, ~valid)
+    # Gains (and slot 0 past the valid count) from the true objective, outside the greedy.
+    counts = valid.sum(dim=1, keepdim=True)
+    real = torch.arange(k, device=feats.device)[None, :] < counts
+    indices = torch.where(real, indices, torch.zeros_like(indices))
+    sim = feats @ feats.transpose(-1, -2)
+    batch, regions, slots, _ = feats.shape
+    clients = valid.to(feats.dtype)[None, :, None, :]
+    covered = torch.where(valid, -1.0, 0.0).to(feats.dtype)[None, :, None, :].expand(batch, -1, -1, -1)
+    gains = []
     for step in range(k):
-        if step > 0:
-            gain = torch.relu(sim - best.unsqueeze(2)).sum(dim=(0, 3))
-        gain = gain.masked_fill(blocked, float("-inf"))
-        idx = gain.argmax(dim=-1)  # (R,)
-        picks.append(idx)
-        gains.append(gain.gather(1, idx[:, None]).squeeze(1))
-        blocked = blocked | (slot_ids[None, :] == idx[:, None])
-        row = sim.gather(2, idx.view(1, regions, 1, 1).expand(batch, regions, 1, slots)).squeeze(2)
-        best = row if step == 0 else torch.maximum(best, row)  # m_i = max_{j in D} sim(i, j)
-
-    indices = torch.stack(picks, dim=1)
-    gain_table = torch.stack(gains, dim=1)
-    gain_table = torch.where(torch.isinf(gain_table), torch.zeros_like(gain_table), gain_table)
+        row = sim.gather(2, indices[:, step].view(1, regions, 1, 1).expand(batch, regions, 1, slots))
+        new = torch.maximum(covered, row * clients)
+        gains.append((new - covered).sum(dim=(0, 2, 3)))
+        covered = new
+    gain_table = torch.where(real, torch.stack(gains, dim=1), torch.zeros(()))
     return indices, gain_table
 
 
@@ -94,5 +117,8 @@ class FacilityLocationSelector(Selector):
 
     def select(self, features: torch.Tensor, ctx: SelectContext) -> torch.Tensor:
         layout = ctx.layout
-        indices, _ = facility_location_greedy(features, layout.regions.valid, layout.k, self.params.reference)
-        return indices
+        feats = features[:1] if self.params.reference == "first" else features
+        # Features are float32 and zero on padding slots (the runtime's contract); a layout without
+        # padding needs no mask at all (a host-side fact).
+        padding = ~layout.regions.valid if layout.regions.ragged else None
+        return greedy_picks(feats, layout.k, padding)

@@ -31,6 +31,14 @@ def add_bench_parser(subparsers: Any, func: Callable[[argparse.Namespace], int])
         help="instead: GPU time of each part of ToMA's merge (selection, weights, merge, unmerge) at real shapes",
     )
     p.add_argument(
+        "--ops",
+        action="store_true",
+        help=(
+            "instead: count the kernels each merged block adds per step kind for every preset and the ideal, "
+            "on the real architectures on the meta device (CPU only, no timing); writes ops.json and ops.md"
+        ),
+    )
+    p.add_argument(
         "--modes",
         nargs="+",
         choices=list(MODES),
@@ -99,6 +107,11 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 
 def run_bench_command(args: argparse.Namespace, console: Console) -> int:
+    if args.ops:
+        from tokenreduce.bench.ops import run_ops
+
+        run_ops(list(args.arch), Path(args.output), console)
+        return 0
     if args.components:
         from tokenreduce.bench.components import run_components
 

@@ -28,8 +28,8 @@ CASES = (
 )
 
 
-def replay_time_us(fn: Callable[[], Any], replays: int = 50) -> float:
-    """Median time of ``fn`` captured in a CUDA graph and replayed (launch overhead excluded)."""
+def replay_time_us(fn: Callable[[], Any], replays: int = 50) -> dict[str, float]:
+    """Median and quartiles of ``fn`` captured in a CUDA graph and replayed (launch overhead excluded)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -47,12 +47,28 @@ def replay_time_us(fn: Callable[[], Any], replays: int = 50) -> float:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) * 1000.0)
-    return sorted(times)[replays // 2]
+    return spread(times)
+
+
+def spread(times: list[float]) -> dict[str, float]:
+    """``{"median", "q1", "q3", "min", "max", "n"}`` of a list of times."""
+    import numpy as np
+
+    a = np.asarray(times, dtype=float)
+    q1, median, q3 = (float(v) for v in np.percentile(a, [25, 50, 75]))
+    return {
+        "median": median,
+        "q1": q1,
+        "q3": q3,
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "n": int(a.size),
+    }
 
 
 def component_times(
     preset: str, grid: tuple[int, int], batch: int, channels: int, dtype: torch.dtype
-) -> dict[str, float]:
+) -> dict[str, dict[str, float]]:
     runtime = Runtime(resolve(load_config(preset)))
     layout = runtime.layout(grid).to("cuda")
     x = torch.randn(batch, math.prod(grid), channels, device="cuda", dtype=dtype)
@@ -69,8 +85,8 @@ def component_times(
         "merge": lambda: plan.merge(x),
         "unmerge": lambda: plan.unmerge(merged),
         "gather into tiles": lambda: layout.to_regions(x),
-        "ideal merge + unmerge (slice, concat)": lambda: torch.cat(
-            [x[:, :keep], torch.zeros_like(x[:, keep:])], 1
+        "ideal merge + unmerge (slice, pad)": lambda: torch.nn.functional.pad(
+            x[:, :keep], (0, 0, 0, x.shape[1] - keep)
         ),
         "copy of the tokens (reference)": lambda: x.clone(),
     }
@@ -80,11 +96,16 @@ def component_times(
 def run_components(output: Path, console: Any) -> dict[str, Any]:
     if not torch.cuda.is_available():
         raise ValueError("--components times CUDA kernels: it needs a GPU")
+    import time
+
+    from tokenreduce.bench.record import provenance
     from tokenreduce.generate import environment
 
+    start = time.perf_counter()
     results: dict[str, Any] = {
+        **provenance(),
         "env": environment(),
-        "unit": "microseconds (median CUDA-graph replay)",
+        "unit": "microseconds per CUDA-graph replay: median, quartiles, min, max over the replays",
         "cases": {},
     }
     for label, preset, grid, batch, channels, dtype in CASES:
@@ -98,7 +119,10 @@ def run_components(output: Path, console: Any) -> dict[str, Any]:
             "us": times,
         }
         for part, us in times.items():
-            console.print(f"{label:12s} {part:40s} {us:9.1f} us")
+            console.print(
+                f"{label:12s} {part:40s} {us['median']:9.1f} us (IQR {us['q1']:.1f}-{us['q3']:.1f})"
+            )
+    results["duration_s"] = round(time.perf_counter() - start, 2)
     output.mkdir(parents=True, exist_ok=True)
     (output / "components.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     console.print(f"results: {output / 'components.json'}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from rich.table import Table
 
 from tokenreduce import __version__
 from tokenreduce.bench import models, report, timing
+from tokenreduce.bench.record import provenance
 from tokenreduce.bench.variants import (
     DEFAULT_RATIOS,
     METHODS,
@@ -257,10 +259,12 @@ def run_bench(settings: BenchSettings, console: Console | None = None) -> dict[s
     # Every variant of every architecture is validated before anything is timed.
     plans = [plan_arch(arch, settings, device) for arch in settings.archs]
     _print_plan(plans, modes, settings, device, console)
+    started = time.perf_counter()
     record: dict[str, Any] = {
         "tool": f"tokenreduce {__version__} bench",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "env": environment(),
+        **provenance(),
         "runs": [],
         "notes": [
             report.EFFICIENCY_NOTE,
@@ -271,6 +275,7 @@ def run_bench(settings: BenchSettings, console: Console | None = None) -> dict[s
         record["notes"].append(report.GRAPH_NOTE)
     for plan in plans:
         record["runs"] += _run_arch(plan, modes, settings, device, console)
+    record["duration_s"] = round(time.perf_counter() - started, 2)
     return _write_and_show(record, settings, console)
 
 
@@ -427,6 +432,7 @@ def time_pipeline_variants(
         "tool": f"tokenreduce {__version__} bench",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "env": environment(),
+        **provenance(),
         "model": settings.model,
         "runs": [run],
         "notes": [

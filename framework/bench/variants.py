@@ -28,11 +28,11 @@ REFERENCES = ("unmodified", "identity", "ideal")
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
 IDENTITY_RATIO = 0.5
 #: The ceiling: the ToMA placement keeping the first tokens of every merged block (one slice, one
-#: concat), no selection and no weights.
+#: pad), no selection and no weights; one plan per block kind and call, shared like ToMA's.
 IDEAL_COMPONENTS: dict[str, dict[str, Any]] = {
     "merger": {"name": "ideal"},
     "partitioner": {"name": "global"},
-    "reuse": {"name": "always"},
+    "reuse": {"name": "step_sharing", "destinations_every": 1, "weights_every": 1, "sharing": "kind"},
 }
 
 

@@ -40,6 +40,7 @@ def hard_assignment(features: torch.Tensor, destinations: torch.Tensor, layout: 
 
 class HardMeanMerger(Merger):
     name = "hard_mean"
+    any_token_order: ClassVar[bool] = True
     output = "destinations"
     #: exact hard assignments: unmerge(merge(x)) == x for x constant on every group
     hard: ClassVar[bool] = True
@@ -63,4 +64,5 @@ class HardMeanMerger(Merger):
             layout=layout,
             positions=layout.global_destinations(destinations),
             sizes=group_sizes(assign, layout),
+            convex=True,  # merge rows are weighted means
         )

@@ -14,6 +14,10 @@ from tokenreduce.params import StrictParams
 class PassThroughPlan(MergePlan):
     """``merge`` and ``unmerge`` return their input; every token keeps its own position."""
 
+    # Not declared convex: adapters then take their generic path, which reproduces the unmodified
+    # model bit for bit (the fused paths reorder float operations).
+    convex = False
+
     def __init__(self, num_tokens: int, device: torch.device) -> None:
         self.positions = torch.arange(num_tokens, device=device)
 
@@ -32,6 +36,9 @@ class IdentityMerger(Merger):
     hard: ClassVar[bool] = True
     # Nothing is merged: plans leave ``sizes`` None (every size 1), so size weighting is a no-op.
     gives_sizes: ClassVar[bool] = True
+    # Tokens stay in raster order: a permuted sequence changes attention's summation order, and the
+    # identity merger must reproduce the unmodified model exactly.
+    any_token_order: ClassVar[bool] = False
 
     class Params(StrictParams):
         name: Literal["identity"] = "identity"

@@ -69,15 +69,17 @@ class KeyWeights:
         self._blocks: dict[tuple, torch.Tensor] = {}
 
     @classmethod
-    def of_plan(cls, plan: MergePlan, text_len: int = 0) -> KeyWeights | None:
-        """Weights of the keys ``[text (text_len tokens, size 1); merged image tokens]``, or ``None``
-        when the plan merges nothing (``sizes`` is ``None``): then attention runs unchanged."""
+    def of_plan(cls, plan: MergePlan, text_len: int = 0, text_first: bool = True) -> KeyWeights | None:
+        """Weights of the keys ``[text (text_len tokens, size 1); merged image tokens]`` (or image
+        first when not ``text_first``), or ``None`` when the plan merges nothing (``sizes`` is
+        ``None``): then attention runs unchanged."""
         sizes = plan.sizes
         if sizes is None:
             return None
         logs = sizes.float().clamp_min(torch.finfo(torch.float32).tiny).log()
         if text_len:
-            logs = torch.cat((logs.new_zeros(logs.shape[0], text_len), logs), dim=1)
+            text = logs.new_zeros(logs.shape[0], text_len)
+            logs = torch.cat((text, logs) if text_first else (logs, text), dim=1)
         return cls(logs)
 
     def key_block(self, dtype: torch.dtype, scale: float, width: int) -> torch.Tensor:
@@ -108,14 +110,14 @@ class KeyWeightsCache:
     __slots__ = ("_key", "_weights")
 
     def __init__(self) -> None:
-        self._key: tuple[MergePlan, int] | None = None
+        self._key: tuple[MergePlan, int, bool] | None = None
         self._weights: KeyWeights | None = None
 
-    def get(self, plan: MergePlan, text_len: int = 0) -> KeyWeights | None:
+    def get(self, plan: MergePlan, text_len: int = 0, text_first: bool = True) -> KeyWeights | None:
         key = self._key
-        if key is None or key[0] is not plan or key[1] != text_len:
-            self._weights = KeyWeights.of_plan(plan, text_len)
-            self._key = (plan, text_len)
+        if key is None or key[0] is not plan or key[1] != text_len or key[2] != text_first:
+            self._weights = KeyWeights.of_plan(plan, text_len, text_first)
+            self._key = (plan, text_len, text_first)
         return self._weights
 
 

@@ -99,8 +99,11 @@ class Runtime:
         """Raise ``ValueError`` if a component cannot work on token grids of ``rank`` axes."""
         check_grid_rank(self.resolved, rank)
 
-    def layout(self, grid: tuple[int, ...]) -> Layout:
-        """The static layout of a grid (built once; raises ``ValueError`` on impossible combinations)."""
+    def layout(self, grid: tuple[int, ...], sequence: bool = False) -> Layout:
+        """The static layout of a grid (built once; raises ``ValueError`` on impossible combinations).
+
+        ``sequence``: the layout for tokens that arrive region by region (see :meth:`region_order`).
+        """
         if torch.compiler.is_compiling():
             # Layouts are static per size: specialise dynamic shapes (a guard, not a graph break).
             grid = tuple(int(n) for n in grid)
@@ -110,7 +113,45 @@ class Runtime:
                 # (no sizes in the text: formatting a traced size is not traceable)
                 raise ValueError(compiled_new_size_message("the token grid of this call"))
             layout = self._layouts[grid] = self._build_layout(grid)
-        return layout
+        return layout.in_sequence_order() if sequence else layout
+
+    def prepare_grid(self, grid: tuple[int, ...], device: torch.device) -> None:
+        """Build the grid's layouts (raster and, where used, region order) and their ``device`` copies
+        now, outside any compiled graph."""
+        self.layout(grid).to(device)
+        if self.reorders(grid):
+            self.layout(grid, sequence=True).to(device)
+
+    def region_order(
+        self, grid: tuple[int, ...], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(order, inverse)`` when an adapter may hand the merged blocks their tokens region by region.
+
+        ``x.index_select(1, order)`` puts raster tokens in region order, ``index_select(1, inverse)``
+        back; inside, merge and unmerge need no gather and positions count in region order (permute
+        positional tables with ``order`` too). ``None`` when there is nothing to gain (the regions are
+        already consecutive, padded, or nothing is merged) or a merger's plans need raster tokens.
+        """
+        if not self.reorders(grid):
+            return None
+        moved = self.layout(grid).to(device)
+        return moved.regions.index.reshape(-1), moved.inverse
+
+    def reorders(self, grid: tuple[int, ...]) -> bool:
+        """Whether tokens on ``grid`` are worth handing to the merged blocks in region order (host-side)."""
+        layout = self.layout(grid)
+        mergers = [self.merger, *(g.merger for g in self.groups.values())]
+        return not (
+            layout.regions.sequential
+            or layout.regions.ragged
+            or layout.keep == layout.num_tokens
+            or not all(m.any_token_order for m in mergers)
+        )
+
+    def tiles(self, grid: tuple[int, ...]) -> tuple[int, int] | None:
+        """``(th, tw)`` when region order on ``grid`` is a reshape of the ``(H, W)`` grid into tiles
+        (adapters fold it into a reshape they already do), else ``None``."""
+        return self.layout(grid).regions.tiling if self.reorders(grid) else None
 
     def _build_layout(self, grid: tuple[int, ...]) -> Layout:
         self.check_rank(len(grid))
@@ -159,7 +200,8 @@ class Runtime:
         key = str(device)
         gen = self._generators.get(key)
         if gen is None:
-            gen = torch.Generator(device=device)
+            # The meta device (op counting) has no generator of its own; nothing is drawn there.
+            gen = torch.Generator() if torch.device(device).type == "meta" else torch.Generator(device=device)
             gen.manual_seed(self.config.seed)
             self._generators[key] = gen
         return gen
@@ -186,28 +228,30 @@ class Runtime:
         x: torch.Tensor,
         grid: tuple[int, ...],
         source: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        sequence: bool = False,
     ) -> MergePlan:
         """The plan for ``x`` (``(B, N, C)``, raster order on ``grid``) in this group.
 
         ``source``, if given, maps ``x`` to the tokens the plan is computed from (e.g. a block's
         norm when a whole block is wrapped); it runs only when a plan is computed, never on reuse.
+        ``sequence``: ``x`` is in region order (:meth:`region_order`) instead of raster order.
         """
         slot = group.slots.get(self.clock.pass_index)
         if slot is None:
             slot = group.slots[self.clock.pass_index] = Slot()
-        key = (x.shape[0], x.shape[1], grid, x.dtype, x.device)
+        key = (x.shape[0], x.shape[1], grid, x.dtype, x.device, sequence)
         decision = slot.pending if slot.key == key else Decision.SELECT
         if decision is Decision.REUSE and slot.plan is not None:
             return slot.plan
-        layout = self.layout(grid)
+        layout = self.layout(grid, sequence)
         merger = group.merger
         if layout.keep == layout.num_tokens and (not merger.kv_only or grid in self.unmerged):
             plan: MergePlan = IdentityPlan(layout.num_tokens, x.device)
         else:
-            if source is not None:
+            needs_features = merger.needs_destinations or merger.needs_features
+            if source is not None and needs_features:  # the plan reads no tokens otherwise
                 x = source(x)
             layout = layout.to(x.device)
-            needs_features = merger.needs_destinations or merger.needs_features
             features = self.features(x, layout) if needs_features else None
             if decision is Decision.SELECT or slot.destinations is None or slot.key != key:
                 ctx = SelectContext(layout=layout, generator=self.generator(x.device))

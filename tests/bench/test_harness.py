@@ -73,11 +73,10 @@ def test_identity_and_ideal_keep_the_toma_placement() -> None:
         k: v for k, v in toma.items() if k not in ("merger", "ratio")
     }
     assert ideal["adapter"] == toma["adapter"] and ideal["ratio"] == 0.25
-    assert (ideal["merger"]["name"], ideal["partitioner"]["name"], ideal["reuse"]["name"]) == (
-        "ideal",
-        "global",
-        "always",
-    )
+    assert (ideal["merger"]["name"], ideal["partitioner"]["name"]) == ("ideal", "global")
+    # Plans shared per block kind like ToMA's, a new one every call (the strict ceiling).
+    assert ideal["reuse"]["sharing"] == toma["reuse"]["sharing"] == "kind"
+    assert ideal["reuse"]["destinations_every"] == 1
 
 
 def test_every_variant_applies_to_the_tiny_models() -> None:

@@ -1,0 +1,95 @@
+"""Kernel budgets per merged block at real scale (meta device): what each preset may add.
+
+The counts come from ``tokenreduce bench --ops`` on the real architectures with fewer repeated
+blocks (same widths, grids, tiles and placements, so the per-block counts are the same). A
+hot-path change that adds kernels fails here before it reaches a GPU.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from tokenreduce.bench import ops
+
+#: (site, step kind) -> most kernels a merged block may add over the unmodified one.
+BUDGETS = {
+    "flux": {
+        "toma-flux": {
+            ("double", "select"): 60,
+            ("double", "reuse"): 2,
+            ("single", "select"): 60,
+            ("single", "reuse"): 2,
+        },
+    },
+    "sdxl": {
+        "toma-sdxl": {
+            ("stack", "select"): 200,
+            ("stack", "weights"): 20,
+            ("stack", "reuse"): 4,
+        },
+        "toma-sdxl-block": {
+            ("block", "select"): 200,
+            ("block", "weights"): 20,
+            ("block", "reuse"): 4,
+        },
+    },
+}
+TOMA = {"flux": "toma-flux", "sdxl": "toma-sdxl"}
+
+
+@pytest.fixture(scope="module", params=["flux", "sdxl"])
+def counted(request: pytest.FixtureRequest) -> tuple[str, dict]:
+    family = request.param
+    only = [*BUDGETS[family], "ideal"]
+    return family, ops.count_family(family, only=only, short=True)
+
+
+@pytest.mark.slow
+def test_presets_stay_within_their_kernel_budgets(counted: tuple[str, dict]) -> None:
+    family, record = counted
+    for preset, budget in BUDGETS[family].items():
+        sites = record["variants"][preset]
+        seen = {(site, kind) for site, kinds in sites.items() if site != ops.CALL for kind in kinds}
+        assert seen == set(budget), f"{preset}: step kinds seen {sorted(seen)}"
+        for (site, kind), most in budget.items():
+            got = sites[site][kind]
+            assert got["added"] <= most, f"{preset} {site} {kind}: {got['added']} > {most}: {got['ops']}"
+
+
+@pytest.mark.slow
+def test_reuse_steps_gather_and_concatenate_nothing(counted: tuple[str, dict]) -> None:
+    family, record = counted
+    for preset in BUDGETS[family]:
+        for site, kinds in record["variants"][preset].items():
+            if site != ops.CALL:
+                assert not {"index_select", "gather", "cat"} & set(kinds["reuse"]["ops"]), (preset, site)
+
+
+@pytest.mark.slow
+def test_the_ideal_is_no_dearer_than_the_method_reusing_its_plan(counted: tuple[str, dict]) -> None:
+    family, record = counted
+    ideal, toma = record["variants"]["ideal"], record["variants"][TOMA[family]]
+    for site, kinds in toma.items():
+        if site == ops.CALL:
+            continue
+        for kind in ideal[site]:
+            assert ideal[site][kind]["added"] <= kinds["reuse"]["added"], (site, kind)
+
+
+def test_counter_counts_kernels_not_views() -> None:
+    x = torch.empty(4, 6, device="meta")
+    counter = ops.KernelCounter()
+    counter.active.append("unit")
+    with counter:
+        y = x.view(2, 12).transpose(0, 1)[:3]  # views: no kernel
+        z = y.contiguous()  # one copy
+        _ = torch.cat((z, z)) + 1  # two kernels
+        torch.empty(3, device="meta")  # allocation only
+    assert counter.counts["unit"] == Counter({"clone": 1, "cat": 1, "add": 1})
+
+
+def test_added_is_the_difference_per_op() -> None:
+    assert ops.added(Counter(bmm=3, cat=1), Counter(bmm=1, cat=1)) == Counter(bmm=2)
