@@ -19,7 +19,7 @@ from tokenreduce.bench.generation import GenerationRecipe, register
 from tokenreduce.bench.models import DenoiserCall
 from tokenreduce.hookspecs import hookimpl
 
-GUIDANCE = {"sdxl": 5.0, "flux": 3.5, "wan": 5.0}
+GUIDANCE = {"sdxl": 5.0, "flux": 3.5, "wan": 5.0, "sd3": 3.5, "qwenimage": 4.0}
 
 # stabilityai/stable-diffusion-xl-base-1.0, scheduler/scheduler_config.json
 SDXL_SCHEDULER = {
@@ -93,6 +93,22 @@ WAN_SCHEDULER = {
     "solver_type": "bh2",
     "timestep_spacing": "linspace",
     "use_flow_sigmas": True,
+}
+# stabilityai/stable-diffusion-3.5-large, scheduler/scheduler_config.json
+SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
+# stabilityai/stable-diffusion-3.5-large, vae/config.json: Flux.1's VAE design, its own scaling
+SD3_VAE = {**FLUX_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+# Qwen/Qwen-Image, scheduler/scheduler_config.json
+QWEN_SCHEDULER = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 8192,
+    "max_shift": 0.9,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": 0.02,
+    "time_shift_type": "exponential",
+    "use_dynamic_shifting": True,
 }
 #: A small VAE of the published shape (8x spatial downsampling) for the tiny architectures.
 TINY_KL = {
@@ -278,8 +294,121 @@ class WanRecipe(GenerationRecipe):
         return vae.decode(x, return_dict=False)[0]
 
 
+class Sd3Recipe(SdxlRecipe):
+    """StableDiffusion3Pipeline: flow-match Euler (fixed shift), guidance in one batch of 2."""
+
+    def scheduler(self, arch: str, height: int, width: int) -> Any:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER)
+
+    def set_timesteps(self, scheduler: Any, steps: int, latents: torch.Tensor, device: Any) -> torch.Tensor:
+        scheduler.set_timesteps(steps, device=device)
+        return latents
+
+    def initial_latents(self, call: DenoiserCall, generator: torch.Generator) -> torch.Tensor:
+        x = call.kwargs["hidden_states"]
+        return torch.randn(1, *x.shape[1:], generator=generator, device=x.device, dtype=x.dtype)
+
+    def predict(
+        self,
+        forward: Callable[..., Any],
+        call: DenoiserCall,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        scheduler: Any,
+        context: Callable[[str], Any],
+    ) -> torch.Tensor:
+        batch = call.kwargs["hidden_states"].shape[0]
+        x = latents.expand(batch, *latents.shape[1:])
+        kwargs = {**call.kwargs, "hidden_states": x, "timestep": t.expand(batch)}
+        out = forward(**kwargs, return_dict=False)[0]
+        if batch < 2:
+            return out
+        uncond, cond = out.chunk(2)
+        return _guided(uncond, cond, GUIDANCE["sd3"])
+
+    def vae(self, arch: str) -> nn.Module | None:
+        return _kl(SD3_VAE, arch, latent_channels=16)
+
+    def decode(self, vae: nn.Module, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        x = latents / vae.config.scaling_factor + vae.config.shift_factor
+        return vae.decode(x.to(next(vae.parameters()).dtype), return_dict=False)[0]
+
+
+class Flux2Recipe(FluxRecipe):
+    """Flux2Pipeline: flow-match Euler with the pipeline's empirical shift, guidance embedded.
+
+    Its VAE (``AutoencoderKLFlux2``) normalises latents with batch-norm statistics, which random
+    weights cannot stand for: the decode is not timed."""
+
+    def set_timesteps(self, scheduler: Any, steps: int, latents: torch.Tensor, device: Any) -> torch.Tensor:
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        mu = compute_empirical_mu(image_seq_len=latents.shape[1], num_steps=steps)
+        scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+        return latents
+
+    def vae(self, arch: str) -> nn.Module | None:
+        return None
+
+
+class QwenImageRecipe(FluxRecipe):
+    """QwenImagePipeline: flow-match Euler with dynamic (exponential) shift, true classifier-free
+    guidance as two calls with the norm rescale, Wan-design VAE on one frame."""
+
+    guidance_passes = 2
+
+    def scheduler(self, arch: str, height: int, width: int) -> Any:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(QWEN_SCHEDULER)
+
+    def predict(
+        self,
+        forward: Callable[..., Any],
+        call: DenoiserCall,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        scheduler: Any,
+        context: Callable[[str], Any],
+    ) -> torch.Tensor:
+        timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+        kwargs = {**call.kwargs, "hidden_states": latents, "timestep": timestep}
+        with context("cond"):
+            cond = forward(**kwargs, return_dict=False)[0]
+        with context("uncond"):
+            uncond = forward(**kwargs, return_dict=False)[0]
+        guided = _guided(uncond, cond, GUIDANCE["qwenimage"])
+        return guided * (cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
+
+    def vae(self, arch: str) -> nn.Module | None:
+        from diffusers import AutoencoderKLQwenImage
+
+        if _tiny(arch):
+            return None
+        return _on_meta(AutoencoderKLQwenImage, {})  # the class defaults: Qwen-Image's VAE config
+
+    def decode(self, vae: nn.Module, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        # QwenImagePipeline._unpack_latents: 2x2 patches -> (B, C, 1 frame, H/8, W/8).
+        b, _, packed = latents.shape
+        h, w = height // 16, width // 16
+        x = latents.view(b, h, w, packed // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        x = x.reshape(b, packed // 4, 1, 2 * h, 2 * w)
+        z = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean, device=x.device).view(1, z, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=x.device).view(1, z, 1, 1, 1)
+        x = (x.float() * std + mean).to(next(vae.parameters()).dtype)
+        return vae.decode(x, return_dict=False)[0][:, :, 0]
+
+
 @hookimpl
 def tokenreduce_register(registry: Any) -> None:
     register("sdxl", SdxlRecipe())
     register("flux", FluxRecipe())
     register("wan", WanRecipe())
+    # Families whose adapters may not be installed: a recipe without its adapter is never used.
+    register("sd3", Sd3Recipe())
+    register("flux2", Flux2Recipe())
+    register("qwenimage", QwenImageRecipe())
