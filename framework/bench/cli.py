@@ -45,7 +45,8 @@ def add_bench_parser(subparsers: Any, func: Callable[[argparse.Namespace], int])
         nargs="+",
         choices=list(METHODS),
         default=list(METHODS),
-        help="subset of the default variants (the unmodified model is always timed)",
+        help="subset of the default variants (the unmodified model is always timed); with --generation: "
+        "toma (the default and -fast presets) and ideal",
     )
     p.add_argument(
         "--configs", nargs="+", default=[], metavar="FILE", help="extra config files, each a variant"
@@ -146,6 +147,7 @@ def run_bench_command(args: argparse.Namespace, console: Console) -> int:
                 width=args.width,
                 configs=[Path(c) for c in args.configs],
                 compose=list(args.compose),
+                methods=list(args.methods),
                 predict_from=args.predict_from,
                 output=Path(args.output),
             ),

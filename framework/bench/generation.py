@@ -389,18 +389,25 @@ def bench_generation(
     height: int | None = None,
     width: int | None = None,
     configs: Sequence[Any] = (),
+    methods: Sequence[str] = ("toma", "ideal"),
     console: Console | None = None,
 ) -> dict[str, Any]:
     """The run record of one architecture: every variant's generation time, interleaved."""
     console = console or Console()
     family = models.spec(arch).family
     meta = models.meta_model(arch)
-    variants = check_against(meta, generation_variants(family, configs=configs))
+    variants = only_methods(check_against(meta, generation_variants(family, configs=configs)), methods)
     with console.status(f"building {arch} for {steps}-step generations on {device} ({dtype})"):
         gen = build_generation(arch, steps, device, dtype, seed, height, width, meta=meta)
     console.print(f"{arch}: {gen.vae_note}")
     result = time_generations(gen, variants.variants, rounds, warmup)
     return run_record(gen, variants, result, rounds, warmup)
+
+
+def only_methods(variants: VariantSet, methods: Sequence[str]) -> VariantSet:
+    """The unmodified model, extra configs, and the variants of ``methods`` ("toma", "ideal")."""
+    keep = {"unmodified", "config", *methods}
+    return VariantSet([v for v in variants.variants if v.method in keep], variants.skipped)
 
 
 # --------------------------------------------------------------------------- predicted vs measured
@@ -506,6 +513,7 @@ class GenerationSettings:
     width: int | None = None
     configs: list[Any] = field(default_factory=list)
     compose: list[str] = field(default_factory=list)  # parts composed with ToMA (compose.PARTS)
+    methods: list[str] = field(default_factory=lambda: ["toma", "ideal"])
     predict_from: Any = None  # a per-step bench.json
     output: Any = "bench-results"
 
@@ -540,7 +548,9 @@ def run_generation_bench(settings: GenerationSettings, console: Console | None =
         if settings.compose:
             run = compose.bench_compose(arch, settings.compose, *timing_args, **common)
         else:
-            run = bench_generation(arch, *timing_args, configs=settings.configs, **common)
+            run = bench_generation(
+                arch, *timing_args, configs=settings.configs, methods=settings.methods, **common
+            )
             if per_step is not None:
                 note = add_predictions(run, per_step)
                 if note:

@@ -111,3 +111,10 @@ def test_compile_composes_with_toma(flux: generation.Generation) -> None:
     result = compose.time_combinations(flux, combos, rounds=1, warmup=0)
     assert result.errors == {}
     assert get_handle(flux.pipe.denoiser) is None and flux.pipe.forward is flux.pipe.denoiser
+
+
+def test_methods_choose_the_variants_and_unmodified_stays() -> None:
+    every = generation.generation_variants("wan")
+    assert [v.method for v in every.variants] == ["unmodified", "toma", "ideal"]
+    assert [v.name for v in generation.only_methods(every, ["toma"]).variants] == ["unmodified", "toma-wan"]
+    assert [v.name for v in generation.only_methods(every, []).variants] == ["unmodified"]
