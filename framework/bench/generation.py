@@ -135,6 +135,14 @@ class BenchPipeline:
         self.forward: Callable[..., Any] = denoiser
         self.current_timestep: Any = None
 
+    # A pipeline call's boundaries, which ``tokenreduce.apply`` hooks as it hooks a pipeline's.
+    def progress_bar(self, total: int | None = None) -> Any:
+        """Entered around the denoising loop, as diffusers pipelines do (no bar is shown)."""
+        return nullcontext()
+
+    def maybe_free_model_hooks(self) -> None:
+        """Called at the end of a generation, as diffusers pipelines do."""
+
 
 def _is_unet(model: nn.Module) -> bool:
     return type(model).__name__.startswith("UNet")
@@ -172,14 +180,15 @@ class Generation:
         """One generation from the same noise; the decoded image or video (the latent without a VAE)."""
         pipe, recipe = self.pipe, self.recipe
         latents = recipe.set_timesteps(pipe.scheduler, self.steps, self.latents.clone(), self.latents.device)
-        for t in pipe.scheduler.timesteps:
-            pipe.current_timestep = t
-            pred = recipe.predict(pipe.forward, self.call, latents, t, pipe.scheduler, self.context)
-            latents = pipe.scheduler.step(pred, t, latents, return_dict=False)[0]
+        with pipe.progress_bar(total=self.steps):
+            for t in pipe.scheduler.timesteps:
+                pipe.current_timestep = t
+                pred = recipe.predict(pipe.forward, self.call, latents, t, pipe.scheduler, self.context)
+                latents = pipe.scheduler.step(pred, t, latents, return_dict=False)[0]
         pipe.current_timestep = None
-        if self.vae is None:
-            return latents
-        return recipe.decode(self.vae, latents, self.height, self.width)
+        out = latents if self.vae is None else recipe.decode(self.vae, latents, self.height, self.width)
+        pipe.maybe_free_model_hooks()
+        return out
 
 
 def _batch_of(call: models.DenoiserCall) -> int:
