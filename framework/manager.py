@@ -22,6 +22,7 @@ BUILTIN_MODULES = (
     "tokenreduce.plugins.sdxl",
     "tokenreduce.plugins.flux",
     "tokenreduce.plugins.wan",
+    "tokenreduce.plugins.generation",
     "tokenreduce.baselines.tomesd",
     "tokenreduce.baselines.todo",
     "tokenreduce.baselines.tofu",

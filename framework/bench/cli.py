@@ -53,7 +53,8 @@ def add_bench_parser(subparsers: Any, func: Callable[[argparse.Namespace], int])
         nargs="+",
         choices=list(METHODS),
         default=list(METHODS),
-        help="subset of the default variants (the unmodified model is always timed)",
+        help="subset of the default variants (the unmodified model is always timed); with --generation: "
+        "toma (the default and -fast presets) and ideal",
     )
     p.add_argument(
         "--configs", nargs="+", default=[], metavar="FILE", help="extra config files, each a variant"
@@ -77,7 +78,33 @@ def add_bench_parser(subparsers: Any, func: Callable[[argparse.Namespace], int])
         action="store_true",
         help="time whole generations (text encoders, all steps, VAE) of the --model pipeline instead",
     )
-    p.add_argument("--steps", type=int, default=30, help="denoising steps per generation with --pipeline")
+    p.add_argument(
+        "--generation",
+        action="store_true",
+        help=(
+            "time whole generations of each --arch instead (random weights: every denoising step with the "
+            "family's scheduler and guidance, then the VAE decode; text encoding excluded): unmodified, the "
+            "default preset, its -fast preset, the ideal at the same ratio"
+        ),
+    )
+    p.add_argument(
+        "--compose",
+        nargs="+",
+        choices=["cache", "compile"],
+        default=[],
+        help="with --generation: the default preset combined with a diffusers cache (Pyramid Attention "
+        "Broadcast) and/or torch.compile, next to each alone",
+    )
+    p.add_argument(
+        "--predict-from",
+        default=None,
+        metavar="BENCH_JSON",
+        help="with --generation: a per-step bench.json; prints the end-to-end speedup it predicts next to "
+        "the measured one",
+    )
+    p.add_argument(
+        "--steps", type=int, default=30, help="denoising steps per generation with --pipeline or --generation"
+    )
     p.add_argument("--prompt", default=BenchSettings.prompt, help="prompt with --pipeline")
     p.set_defaults(func=func)
     return p
@@ -117,7 +144,30 @@ def run_bench_command(args: argparse.Namespace, console: Console) -> int:
 
         run_components(Path(args.output), console)
         return 0
-    record = run_bench(settings_from_args(args), console)
+    if args.generation:
+        from tokenreduce.bench.generation import GenerationSettings, run_generation_bench
+
+        record = run_generation_bench(
+            GenerationSettings(
+                archs=list(args.arch),
+                steps=args.steps,
+                rounds=args.rounds,
+                warmup=args.warmup,
+                device=args.device,
+                dtype=args.dtype,
+                seed=args.seed,
+                height=args.height,
+                width=args.width,
+                configs=[Path(c) for c in args.configs],
+                compose=list(args.compose),
+                methods=list(args.methods),
+                predict_from=args.predict_from,
+                output=Path(args.output),
+            ),
+            console,
+        )
+    else:
+        record = run_bench(settings_from_args(args), console)
     failed = [
         f"{run['arch']} {run['mode']} {v['name']}"
         for run in record["runs"]

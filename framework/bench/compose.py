@@ -1,0 +1,240 @@
+"""ToMA composed with a fixed-schedule diffusers cache and with ``torch.compile``, per generation.
+
+``tokenreduce bench --generation --compose cache compile`` times, on the same model, every
+combination of the family's default preset with the named parts: unmodified, cache alone, ToMA
+alone, compile alone, ToMA + cache, ToMA + compile, ... Order of set-up (the recommended one):
+``tokenreduce.apply`` first, then the cache hooks (they wrap the patched attention modules), then
+``torch.compile`` of the denoiser; torn down in reverse.
+
+- ``cache``: Pyramid Attention Broadcast through the denoiser's ``enable_cache`` (diffusers'
+  ``CacheMixin``): spatial attention recomputed every 2nd call between timesteps 100 and 800,
+  diffusers' documented example. Denoisers without ``enable_cache`` skip the cache variants.
+- ``compile``: ``torch.compile`` of the denoiser after everything else is installed. A compiled
+  model cannot switch variants without recompiling, so the compiled variants are timed one after
+  another (each warmed up, compilation included, before its timed rounds), the others interleaved.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from tokenreduce.api import apply
+from tokenreduce.bench import generation, models
+from tokenreduce.bench.timing import Stopwatch, Timings, describe_error
+from tokenreduce.bench.variants import Variant, VariantSet, _validated, check_against, toma_preset
+
+PARTS = ("cache", "compile")
+#: Pyramid Attention Broadcast settings (diffusers' documented example).
+PAB = {"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": (100, 800)}
+ORDER_NOTE = (
+    "compose: set up in the order tokenreduce.apply, then the diffusers cache hooks, then torch.compile of "
+    "the denoiser (torn down in reverse); cache = Pyramid Attention Broadcast (spatial attention every 2nd "
+    "call for timesteps in (100, 800)); compiled variants are timed one after another (a compiled model "
+    "cannot switch variants without recompiling), each after its own warm-up, the others interleaved; "
+    "speedup_over_part = the same combination without ToMA over this one"
+)
+
+
+@dataclass(frozen=True)
+class Combination:
+    """ToMA (a variant with a config) or not, with or without the cache and compile."""
+
+    toma: Variant | None
+    cache: bool = False
+    compile: bool = False
+
+    @property
+    def name(self) -> str:
+        parts = ([self.toma.name] if self.toma else []) + [p for p in PARTS if getattr(self, p)]
+        return "+".join(parts) or "unmodified"
+
+    @property
+    def variant(self) -> Variant:
+        """The record's row (method ``unmodified`` only for the plain model: speedups are against it)."""
+        if self.toma is None:
+            method = "+".join(p for p in PARTS if getattr(self, p)) or "unmodified"
+            return Variant(self.name, method, None, None)
+        extra = "".join(f"+{p}" for p in PARTS if getattr(self, p))
+        return Variant(self.name, f"{self.toma.method}{extra}", self.toma.ratio, self.toma.config)
+
+    def without_toma(self) -> Combination:
+        return Combination(None, self.cache, self.compile)
+
+
+#: Steps checked for "merges at every step" (a schedule's answer past them is not needed here).
+CHECKED_STEPS = 200
+CACHE_AND_SCHEDULE = (
+    "the cache reuses attention outputs across steps, and a merge schedule that merges some steps only "
+    "changes the number of tokens between them (the cache would return an output of the other size); "
+    "timed instead with the same preset merging at every step"
+)
+
+
+def merges_every_step(config: dict[str, Any]) -> bool:
+    """Whether the config's merge schedule (where the version has them) merges at every step."""
+    from tokenreduce.config import load_config, resolve
+
+    schedule = getattr(resolve(load_config(config)), "schedule", None)
+    if schedule is None:
+        return True
+    steps = [i / CHECKED_STEPS for i in range(CHECKED_STEPS, 0, -1)]  # normalised timesteps, 1 -> 0
+    return all(schedule.steps(CHECKED_STEPS, steps))
+
+
+def combinations(
+    family: str, parts: Sequence[str], model: torch.nn.Module
+) -> tuple[list[Combination], VariantSet]:
+    """Every subset of ``{ToMA} + parts``; skipped ones recorded (no preset, no cache support).
+
+    The cache cannot follow a merge schedule that merges some steps only: with ``cache``, such a
+    preset is also timed merging at every step (``<preset>@every-step``, alone and with the cache).
+    """
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown --compose part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    skipped = VariantSet()
+    preset = toma_preset(family)
+    toma = check_against(model, VariantSet([Variant(preset, "toma", None, _validated(preset))]))
+    skipped.skipped += toma.skipped
+    tomas: list[Variant | None] = [None] + [
+        Variant(v.name, v.method, v.config["ratio"], v.config) for v in toma.variants
+    ]
+    every_step: list[Variant] = []
+    if "cache" in parts:
+        for v in toma.variants:
+            if not merges_every_step(v.config):
+                config = {**v.config, "schedule": {"name": "always"}}
+                every_step.append(Variant(f"{v.name}@every-step", v.method, v.ratio, config))
+    cacheable = hasattr(model, "enable_cache")
+    out = []
+    for t, cache, compiled in itertools.product([*tomas, *every_step], [False, True], [False, True]):
+        if (cache and "cache" not in parts) or (compiled and "compile" not in parts):
+            continue
+        if t in every_step and compiled:
+            continue  # it stands in for the scheduled preset next to the cache only
+        combo = Combination(t, cache, compiled)
+        if cache and not cacheable:
+            skipped.skip(
+                combo.name, combo.variant.method, None, f"{type(model).__name__} has no enable_cache"
+            )
+            continue
+        if cache and t is not None and not merges_every_step(t.config):
+            skipped.skip(combo.name, combo.variant.method, t.ratio, CACHE_AND_SCHEDULE)
+            continue
+        out.append(combo)
+    return out, skipped
+
+
+@contextmanager
+def installed(gen: generation.Generation, combo: Combination) -> Iterator[None]:
+    """``combo`` set up on ``gen``'s pipeline-shaped object: apply, cache hooks, compile; undone in reverse."""
+    pipe, model = gen.pipe, gen.pipe.denoiser
+    handle = apply(pipe, combo.toma.config) if combo.toma is not None else None
+    cached = False
+    try:
+        if combo.cache:
+            from diffusers import PyramidAttentionBroadcastConfig
+
+            config = PyramidAttentionBroadcastConfig(
+                **PAB, current_timestep_callback=lambda: pipe.current_timestep
+            )
+            model.enable_cache(config)
+            cached = True
+        if combo.compile:
+            if handle is not None:  # layouts built before compiling, not inside the graph
+                handle.prepare(gen.height, gen.width, **gen.size)
+            pipe.forward = torch.compile(model)
+        yield
+    finally:
+        if combo.compile:
+            pipe.forward = model
+            torch._dynamo.reset()  # the next variant compiles its own graphs
+        if cached:
+            model.disable_cache()
+        if handle is not None:
+            handle.remove()
+
+
+@torch.no_grad()
+def time_combinations(
+    gen: generation.Generation,
+    combos: Sequence[Combination],
+    rounds: int,
+    warmup: int,
+    advance: Callable[[], None] | None = None,
+) -> Timings:
+    """Eager combinations interleaved round by round (set up per generation); compiled ones one after
+    another, set up once each, warmed up (at least once: compilation) and timed ``rounds`` times."""
+    watch = Stopwatch(next(gen.pipe.denoiser.parameters()).device)
+    out = Timings(samples={c.name: [] for c in combos})
+    eager = [c for c in combos if not c.compile]
+    for rnd in range(-warmup, rounds):
+        for combo in list(eager):
+            try:
+                with installed(gen, combo):
+                    ms = watch(gen)
+            except Exception as exc:  # one broken combination must not end the run
+                out.errors[combo.name] = describe_error(exc)
+                eager.remove(combo)
+                continue
+            out.log.append((rnd, combo.name))
+            if rnd >= 0:
+                out.samples[combo.name].append(ms)
+            if advance is not None:
+                advance()
+    for combo in (c for c in combos if c.compile):
+        try:
+            with installed(gen, combo):
+                for rnd in range(-max(warmup, 1), rounds):
+                    ms = watch(gen)
+                    out.log.append((rnd, combo.name))
+                    if rnd >= 0:
+                        out.samples[combo.name].append(ms)
+                    if advance is not None:
+                        advance()
+        except Exception as exc:
+            out.errors[combo.name] = describe_error(exc)
+    return out
+
+
+def add_part_speedups(rows: list[dict[str, Any]], combos: Sequence[Combination]) -> None:
+    """``speedup_over_part``: the same combination without ToMA over this one (ToMA's gain on top)."""
+    median = {r["name"]: r.get("median_ms") for r in rows}
+    for row, combo in zip(rows, combos, strict=True):
+        base = median.get(combo.without_toma().name) if combo.toma is not None else None
+        row["speedup_over_part"] = base / row["median_ms"] if base and row.get("median_ms") else None
+
+
+def bench_compose(
+    arch: str,
+    parts: Sequence[str],
+    steps: int,
+    device: str,
+    dtype: str,
+    rounds: int,
+    warmup: int,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """The run record of ``arch``: every combination of ToMA with ``parts``, per generation."""
+    console = console or Console()
+    family = models.spec(arch).family
+    meta = models.meta_model(arch)
+    combos, skipped = combinations(family, parts, meta)
+    with console.status(f"building {arch} for {steps}-step generations on {device} ({dtype})"):
+        gen = generation.build_generation(arch, steps, device, dtype, seed, height, width, meta=meta)
+    result = time_combinations(gen, combos, rounds, warmup)
+    variants = VariantSet([c.variant for c in combos], skipped.skipped)
+    run = generation.run_record(gen, variants, result, rounds, warmup, mode="compose")
+    add_part_speedups(run["variants"], combos)
+    run["notes"]["compose"] = ORDER_NOTE
+    return run

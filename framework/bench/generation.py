@@ -1,0 +1,580 @@
+"""Whole-generation timing on random-weight models: every denoising step and the VAE decode.
+
+``tokenreduce bench --generation --steps N`` builds the denoiser of each ``--arch`` from its
+published config (random weights, as the per-step benchmark does), the family's real diffusers
+scheduler and a random-weight VAE from the published VAE config, and times a full generation:
+``set_timesteps``, ``N`` steps with classifier-free guidance as the family's pipeline does it,
+``scheduler.step``, then the VAE decode. Every variant is applied with ``tokenreduce.apply`` to a
+pipeline-shaped object (denoiser + scheduler), so the step clock, the reuse policy and the merge
+schedule run exactly as inside a diffusers pipeline. Text encoding is excluded: it runs once per
+generation and is the same for every variant.
+
+What a family's generation looks like (scheduler, guidance, latents, VAE) is model knowledge: the
+adapter plugins register a :class:`GenerationRecipe` per adapter family with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from tokenreduce import __version__
+from tokenreduce.api import TokenReduceHandle, apply
+from tokenreduce.bench import models, report
+from tokenreduce.bench.timing import Stopwatch, Timings, describe_error
+from tokenreduce.bench.variants import (
+    IDEAL_COMPONENTS,
+    Variant,
+    VariantSet,
+    _derived,
+    _validated,
+    check_against,
+    toma_preset,
+)
+from tokenreduce.config import ConfigError
+from tokenreduce.generate import environment
+from tokenreduce.manager import get_registry
+
+TEXT_NOTE = (
+    "generation: set_timesteps, every denoising step with the family's classifier-free guidance and "
+    "scheduler.step, then the VAE decode; text encoding is excluded (it runs once per generation and is "
+    "the same for every variant): the conditioning is random tensors of the text encoders' shapes"
+)
+INTERLEAVE_NOTE = (
+    "variants run interleaved round by round on one model instance (apply, one generation, remove); "
+    "the configs are applied to a pipeline-shaped object, so its scheduler drives the step clock, the "
+    "reuse policy and the merge schedule as in a diffusers pipeline"
+)
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+class GenerationRecipe:
+    """How one adapter family's pipeline runs a generation (subclassed by the adapter plugins).
+
+    ``call`` is the bench's :class:`~tokenreduce.bench.models.DenoiserCall` for the architecture:
+    random conditioning of the pipeline's shapes, and a latent whose shape the recipe reads.
+    """
+
+    #: Denoiser calls per step: 1 (guidance in one batch, or embedded), 2 (conditional and
+    #: unconditional passes apart).
+    guidance_passes: int = 1
+
+    def scheduler(self, arch: str, height: int, width: int) -> Any:
+        """The family's diffusers scheduler with the published scheduler config."""
+        raise NotImplementedError
+
+    def set_timesteps(self, scheduler: Any, steps: int, latents: torch.Tensor, device: Any) -> torch.Tensor:
+        """Call ``scheduler.set_timesteps`` as the pipeline does; the latents scaled as it scales them then."""
+        scheduler.set_timesteps(steps, device=device)
+        return latents
+
+    def initial_latents(self, call: models.DenoiserCall, generator: torch.Generator) -> torch.Tensor:
+        """Noise of one generation's latent (batch 1), in the form the scheduler steps."""
+        raise NotImplementedError
+
+    def predict(
+        self,
+        forward: Callable[..., Any],
+        call: models.DenoiserCall,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        scheduler: Any,
+        context: Callable[[str], Any],
+    ) -> torch.Tensor:
+        """The guided model output of one step (``context(name)`` wraps each pass as the pipeline's
+        ``cache_context`` does)."""
+        raise NotImplementedError
+
+    def vae(self, arch: str) -> nn.Module | None:
+        """The VAE of ``arch`` built on the meta device from its published config; ``None`` if unknown."""
+        return None
+
+    def decode(self, vae: nn.Module, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+RECIPES: dict[str, GenerationRecipe] = {}
+
+
+def register(family: str, recipe: GenerationRecipe) -> None:
+    """Add the generation recipe of an adapter family (called from a plugin's ``tokenreduce_register``)."""
+    RECIPES[family] = recipe
+
+
+def recipe_of(family: str) -> GenerationRecipe:
+    get_registry()  # loads the plugins, which register their recipes
+    if family not in RECIPES:
+        known = ", ".join(sorted(RECIPES)) or "(none)"
+        raise ValueError(f"no generation recipe for the {family!r} family; families with one: {known}")
+    return RECIPES[family]
+
+
+# --------------------------------------------------------------------------- the pipeline-shaped object
+
+
+class BenchPipeline:
+    """Denoiser + scheduler, the shape ``tokenreduce.apply`` looks for in a pipeline.
+
+    ``forward`` is what the loop calls (the denoiser, or the compiled denoiser); ``current_timestep``
+    is what diffusers' cache hooks read, as a pipeline's ``current_timestep`` property.
+    """
+
+    def __init__(self, family: str, denoiser: nn.Module, scheduler: Any) -> None:
+        attr = "unet" if _is_unet(denoiser) else "transformer"
+        setattr(self, attr, denoiser)
+        self.denoiser, self.scheduler, self.family = denoiser, scheduler, family
+        self.forward: Callable[..., Any] = denoiser
+        self.current_timestep: Any = None
+
+    # A pipeline call's boundaries, which ``tokenreduce.apply`` hooks as it hooks a pipeline's.
+    def progress_bar(self, total: int | None = None) -> Any:
+        """Entered around the denoising loop, as diffusers pipelines do (no bar is shown)."""
+        return nullcontext()
+
+    def maybe_free_model_hooks(self) -> None:
+        """Called at the end of a generation, as diffusers pipelines do."""
+
+
+def _is_unet(model: nn.Module) -> bool:
+    return type(model).__name__.startswith("UNet")
+
+
+@dataclass
+class Generation:
+    """One architecture, ready to generate: model, VAE, scheduler, inputs."""
+
+    arch: str
+    family: str
+    pipe: BenchPipeline
+    recipe: GenerationRecipe
+    call: models.DenoiserCall
+    vae: nn.Module | None
+    vae_note: str
+    steps: int
+    height: int
+    width: int
+    dtype: str
+    seed: int = 0
+    size: dict[str, int] = field(default_factory=dict)  # further sizes ``handle.prepare`` takes (frames)
+    latents: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        generator = torch.Generator(device=_device_of(self.pipe.denoiser)).manual_seed(self.seed)
+        self.latents = self.recipe.initial_latents(self.call, generator)
+
+    def context(self, name: str) -> Any:
+        cache_context = getattr(self.pipe.denoiser, "cache_context", None)
+        return cache_context(name) if cache_context is not None else nullcontext()
+
+    @torch.no_grad()
+    def __call__(self) -> torch.Tensor:
+        """One generation from the same noise; the decoded image or video (the latent without a VAE)."""
+        pipe, recipe = self.pipe, self.recipe
+        latents = recipe.set_timesteps(pipe.scheduler, self.steps, self.latents.clone(), self.latents.device)
+        with pipe.progress_bar(total=self.steps):
+            for t in pipe.scheduler.timesteps:
+                pipe.current_timestep = t
+                pred = recipe.predict(pipe.forward, self.call, latents, t, pipe.scheduler, self.context)
+                latents = pipe.scheduler.step(pred, t, latents, return_dict=False)[0]
+        pipe.current_timestep = None
+        out = latents if self.vae is None else recipe.decode(self.vae, latents, self.height, self.width)
+        pipe.maybe_free_model_hooks()
+        return out
+
+
+def _batch_of(call: models.DenoiserCall) -> int:
+    return int(next(v for v in call.kwargs.values() if isinstance(v, torch.Tensor)).shape[0])
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def build_generation(
+    arch: str,
+    steps: int,
+    device: str,
+    dtype: str,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    meta: nn.Module | None = None,
+) -> Generation:
+    """The denoiser and VAE of ``arch`` with random weights on ``device``, its scheduler and inputs."""
+    spec = models.spec(arch)
+    recipe = recipe_of(spec.family)
+    height = height or spec.size
+    width = width or getattr(spec, "width", None) or spec.size
+    torch_dtype = models.DTYPES[dtype]
+    model = models.build_model(arch, device, torch_dtype, seed, meta=meta)
+    batch = spec.batch
+    call = models.make_inputs(arch, model, batch, height, width, torch_dtype, device, seed)
+    vae = recipe.vae(arch)
+    if vae is None:
+        note = f"no published VAE config for {arch}: the VAE decode is not timed"
+    else:
+        vae = _materialise(vae, device, _vae_dtype(vae, torch_dtype), seed + 1)
+        source = "a small one of the published shape" if arch.startswith("tiny-") else "the published config"
+        note = f"{type(vae).__name__} from {source}, random weights, decode timed"
+    pipe = BenchPipeline(spec.family, model, recipe.scheduler(arch, height, width))
+    frames = getattr(spec, "frames", None)
+    size = {"frames": frames} if frames else {}
+    return Generation(
+        arch, spec.family, pipe, recipe, call, vae, note, steps, height, width, dtype, seed, size
+    )
+
+
+def _vae_dtype(vae: nn.Module, dtype: torch.dtype) -> torch.dtype:
+    # The pipelines decode in fp32 where the VAE's config asks for it in fp16 (SDXL's force_upcast).
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        return torch.float32
+    return dtype
+
+
+def _materialise(module: nn.Module, device: str, dtype: torch.dtype, seed: int) -> nn.Module:
+    buffers = [name for name, _ in module.named_buffers()]
+    if buffers:  # to_empty would leave them uninitialised
+        raise ValueError(
+            f"{type(module).__name__} has buffers {buffers[:3]}: cannot build it with random weights"
+        )
+    module = nn.Module.to(module, dtype=dtype).to_empty(device=device)
+    models.init_weights_(module, seed)
+    return module.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- variants
+
+
+def generation_variants(family: str, ratio_of_preset: bool = True, configs: Sequence[Any] = ()) -> VariantSet:
+    """Unmodified; each registered preset of the family's default (``toma-<family>``) and its
+    ``-fast`` preset, with their schedules; the ideal merge at the default preset's ratio (the
+    default's schedule and placement: the speed ceiling of that schedule)."""
+    presets = get_registry().presets
+    out = VariantSet([Variant("unmodified", "unmodified", None)])
+    default = toma_preset(family)
+    for name in (default, f"{default}-fast"):
+        if name not in presets:
+            if name == default:
+                out.skip(name, "toma", None, f"preset {name!r} is not registered")
+            continue
+        try:
+            config = _validated(name)
+        except (ConfigError, ValueError) as exc:
+            out.skip(name, "toma", None, str(exc))
+            continue
+        out.variants.append(Variant(name, "toma", config["ratio"], config))
+        if name == default:
+            ideal = _derived(config, **IDEAL_COMPONENTS)
+            out.variants.append(Variant(f"ideal@{config['ratio']:g}", "ideal", config["ratio"], ideal))
+    for source in configs:
+        config = _validated(source)
+        out.variants.append(Variant(str(getattr(source, "stem", source)), "config", config["ratio"], config))
+    return out
+
+
+# --------------------------------------------------------------------------- timing
+
+
+@contextmanager
+def applied(pipe: BenchPipeline, variant: Variant) -> Iterator[TokenReduceHandle | None]:
+    """The variant applied to the pipeline-shaped object (its scheduler drives the clock); removed on exit."""
+    if variant.config is None:
+        yield None
+        return
+    handle = apply(pipe, variant.config)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def time_generations(
+    gen: Generation,
+    variants: Sequence[Variant],
+    rounds: int,
+    warmup: int,
+    advance: Callable[[], None] | None = None,
+) -> Timings:
+    """Milliseconds per generation of every variant, interleaved round by round, same noise each time."""
+    watch = Stopwatch(_device_of(gen.pipe.denoiser))
+    out = Timings(samples={v.name: [] for v in variants})
+    active = list(variants)
+    for rnd in range(-warmup, rounds):
+        for variant in list(active):
+            try:
+                with applied(gen.pipe, variant):
+                    ms = watch(gen)
+            except Exception as exc:  # one broken variant must not end a long benchmark
+                out.errors[variant.name] = describe_error(exc)
+                active.remove(variant)
+                continue
+            out.log.append((rnd, variant.name))
+            if rnd >= 0:
+                out.samples[variant.name].append(ms)
+            if advance is not None:
+                advance()
+    return out
+
+
+def run_record(
+    gen: Generation,
+    variants: VariantSet,
+    result: Timings,
+    rounds: int,
+    warmup: int,
+    mode: str = "generation",
+    extra_notes: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    rows = []
+    for variant in variants.variants:
+        samples = result.samples.get(variant.name, [])
+        rows.append(
+            {
+                "name": variant.name,
+                "method": variant.method,
+                "ratio": variant.ratio,
+                "cycle_length": gen.steps,
+                **report.stats(samples),
+                "samples_ms": samples,
+                "peak_memory_gib": None,
+                "error": result.errors.get(variant.name),
+                "config": variant.config,
+            }
+        )
+    report.add_speedups(rows)
+    return {
+        "arch": gen.arch,
+        "mode": mode,
+        "unit": "generation",
+        "device": str(_device_of(gen.pipe.denoiser)),
+        "batch": 1,  # images per generation
+        "denoiser_batch": gen.call.args[0].shape[0] if gen.call.args else _batch_of(gen.call),
+        "dtype": gen.dtype,
+        "height": gen.height,
+        "width": gen.width,
+        "image_tokens": gen.call.tokens,
+        "steps": gen.steps,
+        "guidance_passes": gen.recipe.guidance_passes,
+        "scheduler": type(gen.pipe.scheduler).__name__,
+        "vae": gen.vae_note,
+        "text_encoding": "excluded (once per generation, the same for every variant)",
+        "rounds": rounds,
+        "warmup": warmup,
+        "weights": "random",
+        "variants": rows,
+        "skipped": variants.skipped,
+        "notes": {**result.notes, **(extra_notes or {})},
+    }
+
+
+def generation_record(runs: list[dict[str, Any]], notes: Sequence[str] = ()) -> dict[str, Any]:
+    return {
+        "tool": f"tokenreduce {__version__} bench --generation",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "env": environment(),
+        "runs": runs,
+        "notes": [report.EFFICIENCY_NOTE, TEXT_NOTE, INTERLEAVE_NOTE, *notes],
+    }
+
+
+def bench_generation(
+    arch: str,
+    steps: int,
+    device: str,
+    dtype: str,
+    rounds: int,
+    warmup: int,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    configs: Sequence[Any] = (),
+    methods: Sequence[str] = ("toma", "ideal"),
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """The run record of one architecture: every variant's generation time, interleaved."""
+    console = console or Console()
+    family = models.spec(arch).family
+    meta = models.meta_model(arch)
+    variants = only_methods(check_against(meta, generation_variants(family, configs=configs)), methods)
+    with console.status(f"building {arch} for {steps}-step generations on {device} ({dtype})"):
+        gen = build_generation(arch, steps, device, dtype, seed, height, width, meta=meta)
+    console.print(f"{arch}: {gen.vae_note}")
+    result = time_generations(gen, variants.variants, rounds, warmup)
+    return run_record(gen, variants, result, rounds, warmup)
+
+
+def only_methods(variants: VariantSet, methods: Sequence[str]) -> VariantSet:
+    """The unmodified model, extra configs, and the variants of ``methods`` ("toma", "ideal")."""
+    keep = {"unmodified", "config", *methods}
+    return VariantSet([v for v in variants.variants if v.method in keep], variants.skipped)
+
+
+# --------------------------------------------------------------------------- predicted vs measured
+
+
+def _without_schedule(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if config is None else {k: v for k, v in config.items() if k != "schedule"}
+
+
+def merged_step_speedups(
+    per_step: dict[str, Any], arch: str, mode: str = "eager"
+) -> list[tuple[dict, float]]:
+    """(config without its schedule, merged-step speedup) of every timed row of ``arch`` in a per-step
+    ``tokenreduce bench`` record (it times merged steps only)."""
+    out = []
+    for run in per_step.get("runs", []):
+        if run.get("arch") != arch or run.get("mode") != mode:
+            continue
+        for row in run["variants"]:
+            if row.get("config") is not None and row.get("speedup"):
+                out.append((_without_schedule(row["config"]), float(row["speedup"])))
+    return out
+
+
+def add_predictions(run: dict[str, Any], per_step: dict[str, Any], mode: str = "eager") -> str | None:
+    """Fill ``predicted_speedup`` of each row whose config (schedule aside) the per-step record timed:
+    the end-to-end speedup its merge schedule and reuse policy imply over ``steps`` steps. Returns a
+    note when no prediction can be made."""
+    try:
+        from tokenreduce.quality.speed import schedule_speedup
+    except ImportError:
+        return "no prediction: this version has no end-to-end speed model (tokenreduce.quality.speed)"
+    measured = merged_step_speedups(per_step, run["arch"], mode)
+    if not measured:
+        return f"no prediction: the per-step record has no {mode} run of {run['arch']}"
+    for row in run["variants"]:
+        row["predicted_speedup"] = None
+        key = _without_schedule(row.get("config"))
+        match = next((s for config, s in measured if config == key), None) if key else None
+        if match is not None:
+            row["predicted_speedup"] = schedule_speedup(row["config"], match, run["steps"])
+    return None
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """Per-generation table: median and quartiles, measured speedup, predicted where known."""
+    lines = ["", "## per generation: measured and predicted speedup", ""]
+    for run in record["runs"]:
+        lines += [
+            f"### {run['arch']}, {run['mode']}: {run['steps']} steps, {run['height']}x{run['width']}, "
+            f"{run['dtype']}, {run['scheduler']}; {run['vae']}",
+            "",
+            "| variant | median ms | q1 ms | q3 ms | speedup | predicted | over the part alone |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for v in run["variants"]:
+            cells = [report._fmt(v.get(k), ".1f") for k in ("median_ms", "q1_ms", "q3_ms")]
+            cells += [
+                report._fmt(v.get(k), ".3f") for k in ("speedup", "predicted_speedup", "speedup_over_part")
+            ]
+            lines.append(
+                f"| {v['name']} | " + " | ".join("failed" if v.get("error") else c for c in cells) + " |"
+            )
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def table(run: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    out = Table(title=f"{run['arch']}, {run['mode']}: {run['steps']} steps, ms per generation")
+    for column in ("variant", "median ms", "q1-q3 ms", "speedup", "predicted", "over part"):
+        out.add_column(column, justify="left" if column == "variant" else "right")
+    for v in run["variants"]:
+        if v.get("error"):
+            out.add_row(v["name"], "[red]failed[/red]", v["error"].splitlines()[0][:60], "", "", "")
+            continue
+        quartiles = f"{report._fmt(v['q1_ms'], '.1f')}-{report._fmt(v['q3_ms'], '.1f')}"
+        out.add_row(
+            v["name"],
+            report._fmt(v["median_ms"], ".1f"),
+            quartiles,
+            report._fmt(v["speedup"], ".3f"),
+            report._fmt(v.get("predicted_speedup"), ".3f"),
+            report._fmt(v.get("speedup_over_part"), ".3f"),
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@dataclass
+class GenerationSettings:
+    archs: list[str]
+    steps: int = 30
+    rounds: int = 5
+    warmup: int = 1
+    device: str | None = None
+    dtype: str | None = None
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    configs: list[Any] = field(default_factory=list)
+    compose: list[str] = field(default_factory=list)  # parts composed with ToMA (compose.PARTS)
+    methods: list[str] = field(default_factory=lambda: ["toma", "ideal"])
+    predict_from: Any = None  # a per-step bench.json
+    output: Any = "bench-results"
+
+
+def run_generation_bench(settings: GenerationSettings, console: Console | None = None) -> dict[str, Any]:
+    """Time whole generations of every architecture (and the compositions asked for); write the record."""
+    import json
+    from pathlib import Path
+
+    from tokenreduce.bench import compose
+
+    console = console or Console()
+    if settings.steps < 1 or settings.rounds < 1 or settings.warmup < 0:
+        raise ValueError("--steps and --rounds must be >= 1 and --warmup >= 0")
+    unknown = sorted(set(settings.compose) - set(compose.PARTS))
+    if unknown:
+        raise ValueError(
+            f"unknown --compose part(s) {', '.join(unknown)}; choose from {', '.join(compose.PARTS)}"
+        )
+    for arch in settings.archs:
+        recipe_of(models.spec(arch).family)  # every architecture has a recipe before anything runs
+    per_step = None
+    if settings.predict_from is not None:
+        per_step = json.loads(Path(settings.predict_from).read_text(encoding="utf-8"))
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.device(device).type == "cuda"
+    runs, notes = [], []
+    for arch in settings.archs:
+        dtype = settings.dtype or (models.spec(arch).dtype if cuda else "fp32")
+        common = dict(seed=settings.seed, height=settings.height, width=settings.width, console=console)
+        timing_args = (settings.steps, device, dtype, settings.rounds, settings.warmup)
+        if settings.compose:
+            run = compose.bench_compose(arch, settings.compose, *timing_args, **common)
+        else:
+            run = bench_generation(
+                arch, *timing_args, configs=settings.configs, methods=settings.methods, **common
+            )
+            if per_step is not None:
+                note = add_predictions(run, per_step)
+                if note:
+                    notes.append(f"{arch}: {note}")
+        runs.append(run)
+        console.print(table(run))
+    record = generation_record(runs, notes)
+    if per_step is not None:
+        record["predicted_from"] = str(settings.predict_from)
+        record["notes"].append(
+            "predicted = the end-to-end speedup the merge schedule and reuse policy imply over the steps, "
+            "from the merged-step speedup of the same config in the per-step record (eager)"
+        )
+    paths = report.write(record, Path(settings.output))
+    with paths["markdown"].open("a", encoding="utf-8") as f:
+        f.write(markdown(record))
+    console.print(f"results: {paths['json']}, {paths['markdown']}, {paths['plot']}")
+    return record

@@ -1,0 +1,132 @@
+"""Whole-generation timing on the tiny architectures (CPU): the loop runs as a pipeline does, every
+variant is timed, the compositions install and leave the model as found. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tokenreduce as tr
+from tokenreduce.api import get_handle
+from tokenreduce.bench import compose, generation
+from tokenreduce.bench.variants import Variant
+from tokenreduce.cli import main
+from tokenreduce.config import load_config
+
+#: Merging at every step, in versions with merge schedules (nothing to set in those without).
+EVERY_STEP = {"schedule": {"name": "always"}} if "schedule" in load_config("toma-flux").model_dump() else {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_registry():
+    tr.reset_manager()
+
+
+@pytest.fixture(scope="module")
+def flux() -> generation.Generation:
+    return generation.build_generation("tiny-flux", 4, "cpu", "fp32", seed=0)
+
+
+def test_generation_command_times_every_variant_of_every_tiny_arch(tmp_path) -> None:
+    args = ["bench", "--generation", "--arch", "tiny-sdxl", "tiny-flux", "tiny-wan", "--device", "cpu"]
+    assert main([*args, "--steps", "2", "--rounds", "1", "--warmup", "0", "-o", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["arch"] for r in record["runs"]] == ["tiny-sdxl", "tiny-flux", "tiny-wan"]
+    for run, family in zip(record["runs"], ("sdxl", "flux", "wan"), strict=True):
+        names = [v["name"] for v in run["variants"]]
+        ratio = run["variants"][1]["ratio"]
+        assert names[:3] == ["unmodified", f"toma-{family}", f"ideal@{ratio:g}"]
+        assert all(v["error"] is None and v["n"] == 1 and v["speedup"] > 0 for v in run["variants"])
+        assert run["steps"] == 2 and run["unit"] == "generation" and "decode timed" in run["vae"]
+        assert run["text_encoding"].startswith("excluded")
+    assert record["runs"][2]["guidance_passes"] == 2  # Wan: conditional and unconditional apart
+    assert "measured and predicted speedup" in (tmp_path / "bench.md").read_text()
+
+
+def test_the_scheduler_drives_the_clock_and_the_vae_decodes(flux: generation.Generation) -> None:
+    config = generation.generation_variants("flux").variants[1]
+    assert config.method == "toma"
+    with generation.applied(flux.pipe, config) as handle:
+        clock = handle.runtime.clock
+        assert clock.driver not in ("timestep", "manual")  # apply took it for a pipeline
+        steps = []
+        original = clock.end_step
+        clock.end_step = lambda: (steps.append(clock.step), original())[1]
+        image = flux()
+        del clock.end_step
+        assert steps == list(range(flux.steps))  # the scheduler closed every denoising step
+    assert get_handle(flux.pipe.denoiser) is None
+    assert image.shape == (1, 3, flux.height, flux.width) and torch.isfinite(image).all()
+    # The same noise every generation: the unmodified generation is reproducible.
+    torch.testing.assert_close(flux(), flux(), rtol=0, atol=0)
+
+
+def test_the_cache_composes_with_toma_and_is_removed(flux: generation.Generation) -> None:
+    plain = flux()
+    scheduled = generation.generation_variants("flux").variants[1]
+    # ToMA at every step: the token count stays the same from step to step, as the cache needs.
+    toma = Variant(scheduled.name, scheduled.method, scheduled.ratio, {**scheduled.config, **EVERY_STEP})
+    with compose.installed(flux, compose.Combination(None, cache=True)):
+        cached = flux()  # attention reused on some steps: a different image
+    with compose.installed(flux, compose.Combination(toma, cache=True)):
+        assert get_handle(flux.pipe.denoiser) is not None
+        both = flux()
+    assert not torch.equal(cached, plain) and torch.isfinite(both).all()
+    assert not flux.pipe.denoiser.is_cache_enabled and get_handle(flux.pipe.denoiser) is None
+    torch.testing.assert_close(flux(), plain, rtol=0, atol=0)  # nothing left installed
+
+    combos, skipped = compose.combinations("flux", ["cache"], flux.pipe.denoiser)
+    names = [c.name for c in combos]
+    assert names[:3] == ["unmodified", "cache", "toma-flux"]
+    if compose.merges_every_step(scheduled.config):
+        assert names[3:] == ["toma-flux+cache"] and not skipped.skipped
+    else:  # a partial merge schedule cannot run under the cache: said, and timed merging every step
+        assert names[3:] == ["toma-flux@every-step", "toma-flux@every-step+cache"]
+        assert [s["name"] for s in skipped.skipped] == ["toma-flux+cache"]
+    result = compose.time_combinations(flux, combos, rounds=1, warmup=0)
+    assert result.errors == {} and all(len(s) == 1 for s in result.samples.values())
+
+
+def test_predictions_match_configs_regardless_of_schedule(flux: generation.Generation) -> None:
+    variants = generation.generation_variants("flux")
+    toma = variants.variants[1]
+    timed = Variant("x", "toma", toma.ratio, {**toma.config, "schedule": {"name": "always"}})
+    per_step = {
+        "runs": [
+            {
+                "arch": "tiny-flux",
+                "mode": "eager",
+                "variants": [{"config": None, "speedup": 1.0}, {"config": timed.config, "speedup": 2.0}],
+            }
+        ]
+    }
+    run = generation.run_record(flux, variants, generation.Timings(), 1, 0)
+    note = generation.add_predictions(run, per_step)
+    try:
+        from tokenreduce.quality.speed import schedule_speedup
+    except ImportError:
+        assert note is not None and "no prediction" in note
+        return
+    assert note is None
+    predicted = {v["name"]: v["predicted_speedup"] for v in run["variants"]}
+    assert predicted["toma-flux"] == pytest.approx(schedule_speedup(toma.config, 2.0, flux.steps))
+    assert predicted["unmodified"] is None and predicted[variants.variants[2].name] is None
+    assert generation.add_predictions(run, {"runs": []}) is not None  # no run of this arch: said so
+
+
+@pytest.mark.slow
+def test_compile_composes_with_toma(flux: generation.Generation) -> None:
+    toma = generation.generation_variants("flux").variants[1]
+    combos = [compose.Combination(None, compile=True), compose.Combination(toma, compile=True)]
+    result = compose.time_combinations(flux, combos, rounds=1, warmup=0)
+    assert result.errors == {}
+    assert get_handle(flux.pipe.denoiser) is None and flux.pipe.forward is flux.pipe.denoiser
+
+
+def test_methods_choose_the_variants_and_unmodified_stays() -> None:
+    every = generation.generation_variants("wan")
+    assert [v.method for v in every.variants] == ["unmodified", "toma", "ideal"]
+    assert [v.name for v in generation.only_methods(every, ["toma"]).variants] == ["unmodified", "toma-wan"]
+    assert [v.name for v in generation.only_methods(every, []).variants] == ["unmodified"]
