@@ -60,20 +60,27 @@ class TokenReduceHandle:
                 object.__delattr__(owner, HANDLE_ATTR)
 
     def enable(self) -> None:
-        self.runtime.enabled = True
+        self.runtime.switch(True)
 
     def disable(self) -> None:
-        self.runtime.enabled = False
+        self.runtime.switch(False)
 
     @contextmanager
     def disabled(self) -> Iterator[TokenReduceHandle]:
         """Run the original computation inside the block (state is kept for later)."""
-        previous = self.runtime.enabled
-        self.runtime.enabled = False
+        previous = self.runtime.switched_on
+        self.runtime.switch(False)
         try:
             yield self
         finally:
-            self.runtime.enabled = previous
+            self.runtime.switch(previous)
+
+    def set_num_steps(self, num_steps: int) -> None:
+        """The number of denoising steps of the next generations, for merge schedules that depend on
+        it, where no scheduler says it (a bare denoiser); restarts the step clock."""
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        self.runtime.clock.reset(num_steps=num_steps)
 
     def prepare(self, height: int, width: int, **size: int) -> None:
         """Build the layouts for images of ``height x width`` pixels now (before a compiled call at
@@ -154,6 +161,7 @@ def prepare(
         check_combination(config.model_copy(update={"adapter": adapter.params}))
     resolved = resolve(config, adapter=adapter)
     runtime = Runtime(resolved)
+    runtime.clock.timestep_scale = adapter.timestep_scale
     try:
         runtime.check_rank(adapter.grid_rank)
         adapter.validate(model, config)
@@ -210,7 +218,8 @@ def apply(pipe_or_model: Any, config: Any = None, **overrides: Any) -> TokenRedu
 
 
 def _attach_scheduler(pipeline: Any, runtime: Runtime, patches: PatchSet) -> None:
-    """Reset the clock at each pipeline call and close each denoising step (host only)."""
+    """Reset the clock at each pipeline call (with its number of steps) and close each denoising step
+    (host only)."""
     scheduler = getattr(pipeline, "scheduler", None)
     if scheduler is None or not hasattr(scheduler, "step") or not hasattr(scheduler, "set_timesteps"):
         return
@@ -221,7 +230,7 @@ def _attach_scheduler(pipeline: Any, runtime: Runtime, patches: PatchSet) -> Non
         @functools.wraps(original)
         def set_timesteps(*args, **kwargs):
             out = original(*args, **kwargs)
-            clock.reset()
+            clock.start(scheduler)
             return out
 
         return set_timesteps
@@ -271,5 +280,7 @@ def disabled(pipe_or_model: Any) -> Iterator[None]:
 
 
 def begin_call(runtime: Runtime, timestep: Any) -> None:
-    """For adapters: call at the top of the denoiser's forward (before any site runs)."""
+    """For adapters: call at the top of the denoiser's forward (before any site runs) whenever
+    ``runtime.switched_on``; afterwards ``runtime.enabled`` says whether this call merges (off on a
+    step the merge schedule skips: then every site must run the original computation)."""
     runtime.clock.begin_call(timestep)

@@ -288,6 +288,8 @@ def wrap_transformer(
             *args: Any,
             **kwargs: Any,
         ) -> Any:
+            if runtime.switched_on:  # the clock runs on steps that do not merge too
+                begin_call(runtime, timestep)
             if not runtime.enabled:
                 return original(
                     hidden_states,
@@ -303,7 +305,6 @@ def wrap_transformer(
                 raise ValueError(
                     "Flux token merging does not support gradient checkpointing; disable one of them"
                 )
-            begin_call(runtime, timestep)
             ctx.grid = grids(img_ids, hidden_states.shape[1])
             ctx.text_len = encoder_hidden_states.shape[1]
             ctx.rope = {}
@@ -335,6 +336,7 @@ class FluxAdapter(ModelAdapter):
 
     name = "flux"
     default_preset = "toma-flux"
+    timestep_scale = 1.0  # the pipeline passes t / 1000
 
     class Params(StrictParams):
         name: Literal["flux"] = "flux"
