@@ -19,7 +19,6 @@ from tokenreduce.builtins.partition_stripe import StripePartitioner
 from tokenreduce.builtins.reuse_always import AlwaysPolicy
 from tokenreduce.builtins.reuse_every_k import EveryKPolicy
 from tokenreduce.builtins.reuse_never import NeverPolicy
-from tokenreduce.builtins.select_grid import GridSelector
 from tokenreduce.builtins.schedules import (
     SCHEDULES,
     AlwaysSchedule,
@@ -28,6 +27,7 @@ from tokenreduce.builtins.schedules import (
     TimestepSchedule,
     WindowSchedule,
 )
+from tokenreduce.builtins.select_grid import GridSelector
 from tokenreduce.builtins.select_random import RandomSelector
 from tokenreduce.hookspecs import hookimpl
 
