@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", default="tokenreduce-demo", help="output folder (default tokenreduce-demo)"
     )
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    p.add_argument("--ratio", type=float, default=0.5, help="merge ratio (default 0.5)")
+    p.add_argument("--ratio", type=float, default=None, help="merge ratio (default: each preset's)")
     p.add_argument(
         "--latent",
         action="store_true",

@@ -180,6 +180,8 @@ def test_demo_writes_table_picture_and_json(capsys, tmp_path: Path) -> None:
     for model in results["models"].values():
         assert model["step_ms_unmodified"] > 0 and model["step_ms_toma"] > 0
         assert 10 < model["psnr_db"] < 100
+        assert 0 < model["merged_steps"] <= 2
+    assert "not the GPU speedup" in out and 1 <= results["difference_gain"] <= 255
     from PIL import Image
 
     with Image.open(tmp_path / "side_by_side.png") as picture:
