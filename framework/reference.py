@@ -14,6 +14,7 @@ TITLES = {
     "merger": "Mergers (`merger:`)",
     "partitioner": "Partitioners (`partitioner:`)",
     "reuse": "Reuse policies (`reuse:`)",
+    "schedule": "Merge schedules (`schedule:`)",
 }
 
 
