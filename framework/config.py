@@ -307,7 +307,13 @@ def resolve(
     config: ConfigBase, registry: Registry | None = None, adapter: ModelAdapter | None = None
 ) -> Resolved:
     registry = registry or get_registry()
-    parts = {kind: instantiate(kind, getattr(config, kind), registry) for kind in COMPONENT_FIELDS}
+    # A registry without schedules (a plugin's own test registry) makes configs without `schedule`.
+    fields = type(config).model_fields
+    parts = {
+        kind: instantiate(kind, getattr(config, kind), registry)
+        for kind in COMPONENT_FIELDS
+        if kind in fields
+    }
     if adapter is None and config.adapter.name != "auto":
         adapter = instantiate("adapter", config.adapter, registry)  # type: ignore[assignment]
     return Resolved(config=config, adapter=adapter, **parts)  # type: ignore[arg-type]
