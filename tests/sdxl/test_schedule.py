@@ -208,3 +208,14 @@ def test_explain_shows_the_schedule():
     )
     text = out.getvalue()
     assert "merges 7 of 20 steps: 0, 3, 6, 9, 12, 15, 18" in text
+
+
+@pytest.mark.parametrize("model", ["sdxl", "flux"])
+def test_presets_merge_the_steps_their_comments_name(model):
+    """Defaults: every third step from step 2; `-fast`: more merged steps, same ratio."""
+    default = tr.load_config(f"toma-{model}")
+    fast = tr.load_config(f"toma-{model}-fast")
+    merged = [i for i, m in enumerate(tr.config.resolve(default).schedule.steps(20)) if m]
+    assert merged == list(range(2, 20, 3))
+    assert sum(tr.config.resolve(fast).schedule.steps(20)) > len(merged)
+    assert fast.ratio == default.ratio and fast.merger == default.merger and fast.reuse == default.reuse
