@@ -57,11 +57,17 @@ class Variant:
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` merged in; a component named differently replaces the base's whole
+    entry (its parameters belong to the other component)."""
     out = copy.deepcopy(base)
     for key, value in update.items():
-        out[key] = (
-            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        old = out.get(key)
+        same = (
+            isinstance(value, dict)
+            and isinstance(old, dict)
+            and value.get("name", old.get("name")) == old.get("name")
         )
+        out[key] = _merge(old, value) if same else copy.deepcopy(value)
     return out
 
 

@@ -141,3 +141,11 @@ def test_a_reused_frechet_distance_equals_a_fresh_one():
     first, second, again = distance(a), distance(b * 0.5), distance(a)
     assert first == again == metrics.frechet_distance(features, a, reference)
     assert second == metrics.frechet_distance(features, b * 0.5, reference)
+
+
+def test_a_variant_naming_another_component_replaces_the_presets_parameters():
+    """Swapping the preset's schedule `every` (k, offset) for `window` must not keep k and offset."""
+    config = fidelity.config_for("flux", "toma-flux", schedule={"name": "window", "start": 0.5})
+    assert config["schedule"] == {"name": "window", "start": 0.5}
+    assert fidelity.config_for("flux", "toma-flux", schedule={"offset": 0})["schedule"]["k"] == 3
+    prepare(_random_proxy("flux"), config)  # a valid config
