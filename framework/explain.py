@@ -14,7 +14,7 @@ from tokenreduce import archs
 from tokenreduce.api import prepare
 from tokenreduce.config import ConfigBase, load_config
 from tokenreduce.engine import Runtime
-from tokenreduce.interfaces import ModelAdapter, SiteSpec
+from tokenreduce.interfaces import MergeSchedule, ModelAdapter, SiteSpec
 from tokenreduce.layout import grid_text
 
 
@@ -63,10 +63,6 @@ def check_on_architecture(
             grids[site.group] = tuple(grid)
             runtime.layout(grids[site.group])
     return Checked(cfg, arch, model, adapter, runtime, sites, grids)
-
-
-from tokenreduce.config import load_config
-from tokenreduce.interfaces import MergeSchedule
 
 
 def schedule_line(schedule: MergeSchedule, steps: int) -> str:
