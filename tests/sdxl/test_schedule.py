@@ -219,3 +219,17 @@ def test_presets_merge_the_steps_their_comments_name(model):
     assert merged == list(range(2, 20, 3))
     assert sum(tr.config.resolve(fast).schedule.steps(20)) > len(merged)
     assert fast.ratio == default.ratio and fast.merger == default.merger and fast.reuse == default.reuse
+
+
+def test_wan_unmerged_steps_are_bit_exact():
+    from tokenreduce.testing.tiny_wan import tiny_wan_inputs, tiny_wan_transformer
+
+    model = tiny_wan_transformer(num_layers=2)
+    twin = copy.deepcopy(model)
+    tr.apply(model, "toma-wan", schedule={"name": "every", "k": 2, "offset": 1})
+    inputs = tiny_wan_inputs(model, batch=2)
+    with torch.no_grad():
+        for step, t in enumerate(TIMESTEPS[:4]):
+            step_inputs = {**inputs, "timestep": torch.full((2,), t)}
+            same = torch.equal(model(**step_inputs).sample, twin(**step_inputs).sample)
+            assert same == (step % 2 == 0), step
