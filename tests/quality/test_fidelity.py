@@ -71,7 +71,12 @@ def test_evaluate_scores_each_variant_against_the_unmodified_images():
             "sdxl", "toma", "methods", "toma@0", fidelity.config_for("sdxl", "toma-sdxl", ratio=0.0)
         ),
         fidelity.Variant(
-            "sdxl", "toma", "methods", "toma@0.75", fidelity.config_for("sdxl", "toma-sdxl", ratio=0.75)
+            "sdxl",
+            "toma",
+            "methods",
+            "toma@0.75",
+            # Both steps merge (the preset's schedule merges from step 2 on).
+            fidelity.config_for("sdxl", "toma-sdxl", ratio=0.75, schedule={"name": "always"}),
         ),
     ]
     protocol = fidelity.Protocol(seeds_per_class=1, steps=2, batches=(1, 4), reference_crops=16)
