@@ -77,20 +77,27 @@ class TokenReduceHandle:
                 object.__delattr__(owner, HANDLE_ATTR)
 
     def enable(self) -> None:
-        self.runtime.enabled = True
+        self.runtime.switch(True)
 
     def disable(self) -> None:
-        self.runtime.enabled = False
+        self.runtime.switch(False)
 
     @contextmanager
     def disabled(self) -> Iterator[TokenReduceHandle]:
         """Run the original computation inside the block (state is kept for later)."""
-        previous = self.runtime.enabled
-        self.runtime.enabled = False
+        previous = self.runtime.switched_on
+        self.runtime.switch(False)
         try:
             yield self
         finally:
-            self.runtime.enabled = previous
+            self.runtime.switch(previous)
+
+    def set_num_steps(self, num_steps: int) -> None:
+        """The number of denoising steps of the next generations, for merge schedules that depend on
+        it, where no scheduler says it (a bare denoiser); restarts the step clock."""
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        self.runtime.clock.reset(num_steps=num_steps)
 
     def prepare(self, height: int, width: int, **size: int) -> None:
         """Build the layouts for images of ``height x width`` pixels now (before a compiled call at
@@ -200,6 +207,7 @@ def prepare(
         check_combination(config.model_copy(update={"adapter": adapter.params}))
     resolved = resolve(config, adapter=adapter)
     runtime = Runtime(resolved)
+    runtime.clock.timestep_scale = adapter.timestep_scale
     try:
         runtime.check_rank(adapter.grid_rank)
         adapter.validate(model, config)
@@ -288,7 +296,7 @@ class SchedulerFollower:
         def on_set_timesteps(original):
             def set_timesteps(*args, **kwargs):
                 out = original(*args, **kwargs)
-                clock.start_generation()
+                clock.start_generation(scheduler)
                 return out
 
             return set_timesteps
@@ -323,7 +331,7 @@ def _attach_pipeline(pipeline: Any, runtime: Runtime, patches: PatchSet) -> None
     def on_progress_bar(original):
         def progress_bar(*args, **kwargs):
             follower.follow()  # `pipe.scheduler` may have been replaced since the last call
-            clock.start_generation()
+            clock.start_generation(follower.scheduler)
             return original(*args, **kwargs)
 
         return progress_bar
@@ -374,5 +382,7 @@ def disabled(pipe_or_model: Any) -> Iterator[None]:
 
 
 def begin_call(runtime: Runtime, timestep: Any) -> None:
-    """For adapters: call at the top of the denoiser's forward (before any site runs)."""
+    """For adapters: call at the top of the denoiser's forward (before any site runs) whenever
+    ``runtime.switched_on``; afterwards ``runtime.enabled`` says whether this call merges (off on a
+    step the merge schedule skips: then every site must run the original computation)."""
     runtime.clock.begin_call(timestep)

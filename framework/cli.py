@@ -73,7 +73,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from tokenreduce.explain import explain
 
     explain(
-        args.config, arch=args.arch, height=args.height, width=args.width, frames=args.frames, console=console
+        args.config,
+        arch=args.arch,
+        height=args.height,
+        width=args.width,
+        frames=args.frames,
+        steps=args.steps,
+        console=console,
     )
     return 0
 
@@ -195,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="show what a config merges where, with token counts per level")
     p.add_argument("config", help="config file or preset name")
     add_architecture_arguments(p)
+    p.add_argument("--steps", type=int, default=20, help="denoising steps, to show which merge (default 20)")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser(
@@ -204,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", default="tokenreduce-demo", help="output folder (default tokenreduce-demo)"
     )
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    p.add_argument("--ratio", type=float, default=0.5, help="merge ratio (default 0.5)")
+    p.add_argument("--ratio", type=float, default=None, help="merge ratio (default: each preset's)")
     p.add_argument(
         "--latent",
         action="store_true",

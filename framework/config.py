@@ -9,6 +9,7 @@ A config names one adapter, one ratio and one entry per component kind, each ``{
     merger: {name: attention, temperature: 0.001}
     partitioner: {name: tile, size: [8, 8]}
     reuse: {name: step_sharing, destinations_every: 10, weights_every: 5}
+    schedule: {name: every, k: 3}       # which denoising steps merge at all (default: always)
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ from pydantic import (
     model_validator,
 )
 
-from tokenreduce.interfaces import Component, Merger, ModelAdapter, Partitioner, ReusePolicy, Selector
+from tokenreduce.interfaces import (
+    Component,
+    Merger,
+    MergeSchedule,
+    ModelAdapter,
+    Partitioner,
+    ReusePolicy,
+    Selector,
+)
 from tokenreduce.manager import get_registry
 from tokenreduce.params import AdapterParams, StrictParams, plain_numbers
 from tokenreduce.registry import Registry, UnknownComponentError
@@ -42,7 +51,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-COMPONENT_FIELDS = ("selector", "merger", "partitioner", "reuse")
+COMPONENT_FIELDS = ("selector", "merger", "partitioner", "reuse", "schedule")
 
 
 class ConfigError(ValueError):
@@ -83,6 +92,7 @@ _DEFAULTS = {
     "merger": {"name": "attention"},
     "partitioner": {"name": "tile"},
     "reuse": {"name": "step_sharing"},
+    "schedule": {"name": "always"},
 }
 
 # id(registry) -> (weak reference to it, component count, model). The reference guards against a
@@ -282,6 +292,7 @@ class Resolved:
     partitioner: Partitioner
     reuse: ReusePolicy
     adapter: ModelAdapter | None  # None while the adapter is "auto" and no model is known
+    schedule: MergeSchedule | None = None  # None: merge at every step
 
 
 def instantiate(kind: str, params: StrictParams, registry: Registry | None = None) -> Component:
@@ -297,7 +308,13 @@ def resolve(
     config: ConfigBase, registry: Registry | None = None, adapter: ModelAdapter | None = None
 ) -> Resolved:
     registry = registry or get_registry()
-    parts = {kind: instantiate(kind, getattr(config, kind), registry) for kind in COMPONENT_FIELDS}
+    # A registry without schedules (a plugin's own test registry) makes configs without `schedule`.
+    fields = type(config).model_fields
+    parts = {
+        kind: instantiate(kind, getattr(config, kind), registry)
+        for kind in COMPONENT_FIELDS
+        if kind in fields
+    }
     if adapter is None and config.adapter.name != "auto":
         adapter = instantiate("adapter", config.adapter, registry)  # type: ignore[assignment]
     return Resolved(config=config, adapter=adapter, **parts)  # type: ignore[arg-type]
@@ -312,6 +329,7 @@ def check_combination(config: ConfigBase, registry: Registry | None = None) -> N
         resolved.merger,
         resolved.partitioner,
         resolved.reuse,
+        resolved.schedule,
         resolved.adapter,
     ):
         if component is None:

@@ -14,7 +14,7 @@ from tokenreduce import archs
 from tokenreduce.api import prepare
 from tokenreduce.config import ConfigBase, load_config
 from tokenreduce.engine import Runtime
-from tokenreduce.interfaces import ModelAdapter, SiteSpec
+from tokenreduce.interfaces import MergeSchedule, ModelAdapter, SiteSpec
 from tokenreduce.layout import grid_text
 
 
@@ -65,6 +65,23 @@ def check_on_architecture(
     return Checked(cfg, arch, model, adapter, runtime, sites, grids)
 
 
+def schedule_line(schedule: MergeSchedule, steps: int) -> str:
+    """Which of ``steps`` steps a schedule merges. Timestep schedules assume evenly spaced
+    timesteps from 1 (noise) down, ``1 - i / steps`` (a real scheduler's spacing may differ)."""
+    timesteps = [1 - i / steps for i in range(steps)] if schedule.needs == "timestep" else None
+    try:
+        merged = [i for i, m in enumerate(schedule.steps(steps, timesteps)) if m]
+    except ValueError as exc:
+        return f"schedule {schedule.name}: {exc}"
+    params = ", ".join(f"{k}={v}" for k, v in schedule.params.model_dump().items() if k != "name")
+    listed = ", ".join(map(str, merged[:24])) + (" ..." if len(merged) > 24 else "")
+    note = " (timesteps assumed evenly spaced from 1 down)" if timesteps is not None else ""
+    return (
+        f"schedule {schedule.name}{f' ({params})' if params else ''}: merges {len(merged)} of {steps} "
+        f"steps: {listed or 'none'}{note}; the other steps run the unmodified model"
+    )
+
+
 def explain(
     config: Any,
     *,
@@ -72,6 +89,7 @@ def explain(
     height: int = 1024,
     width: int = 1024,
     frames: int | None = None,
+    steps: int = 20,
     console: Console,
 ) -> None:
     checked = check_on_architecture(config, arch=arch, height=height, width=width, frames=frames)
@@ -89,6 +107,7 @@ def explain(
         f"selector {cfg.selector.name}, merger {cfg.merger.name}, partitioner {cfg.partitioner.name}, "
         f"reuse {cfg.reuse.name}"
     )
+    console.print(schedule_line(runtime.schedule, steps))
     if getattr(adapter.params, "size_weighting", False):
         console.print(
             "size-weighted attention: on (each merged key's logit + log(group size); head dim padded to a "

@@ -1,4 +1,4 @@
-"""The five extension points. Each implementation carries a ``name`` and a pydantic ``Params`` model.
+"""The six extension points. Each implementation carries a ``name`` and a pydantic ``Params`` model.
 
 Components are plain objects resolved once at apply time; the per-block hot path calls only
 their tensor methods (no registry look-ups, no config parsing, no host synchronisation).
@@ -203,6 +203,39 @@ class ReusePolicy(Component):
         """The decision for denoising step ``step`` (0-based within one pipeline call)."""
 
 
+# --------------------------------------------------------------------------- MergeSchedule
+
+
+class MergeSchedule(Component):
+    """(step, number of steps, timestep) -> whether this denoising step merges at all.
+
+    On a step that does not merge every site runs the unmodified computation. The decision is
+    made on the host once per step by the clock, never inside a block. ``needs`` says what a
+    decision reads, so the clock can say clearly when it is not known:
+
+    - ``"nothing"``: the same answer at every step (``merges`` is called with step 0);
+    - ``"step"``: the step index (0-based within one generation);
+    - ``"num_steps"``: the step index and the number of steps of the generation;
+    - ``"timestep"``: the step's normalised timestep ``t / num_train_timesteps`` in [0, 1]
+      (1: pure noise; the scheduler's timesteps, or what the denoiser receives).
+    """
+
+    kind = "schedule"
+    needs: ClassVar[Literal["nothing", "step", "num_steps", "timestep"]] = "step"
+
+    @abstractmethod
+    def merges(self, step: int, num_steps: int | None, timestep: float | None) -> bool:
+        """Whether step ``step`` merges. ``num_steps`` / ``timestep`` are ``None`` where unknown;
+        a schedule that needs one of them raises ``ValueError`` saying how to provide it."""
+
+    def steps(self, num_steps: int, timesteps: Sequence[float] | None = None) -> list[bool]:
+        """The decision for every step of a ``num_steps``-step generation (``explain``, speed estimates)."""
+        return [
+            self.merges(i, num_steps, None if timesteps is None else float(timesteps[i]))
+            for i in range(num_steps)
+        ]
+
+
 # --------------------------------------------------------------------------- ModelAdapter
 
 
@@ -224,6 +257,9 @@ class ModelAdapter(Component):
     grid_rank: ClassVar[int] = 2
     #: The preset ``apply(pipe)`` uses when no config is given (``None``: the generic ``toma``).
     default_preset: ClassVar[str | None] = None
+    #: The timestep the denoiser receives at pure noise (SDXL's UNet: 1000; Flux's transformer,
+    #: which receives ``t / 1000``: 1); timestep schedules of bare denoisers divide by it.
+    timestep_scale: ClassVar[float] = 1000.0
 
     @classmethod
     @abstractmethod
@@ -250,7 +286,8 @@ class ModelAdapter(Component):
         """Install the wrappers through ``patches`` (a :class:`tokenreduce.engine.PatchSet`).
 
         Wrap sub-modules' ``forward`` on the instance; never copy a block's forward. Call
-        :func:`tokenreduce.api.begin_call` at the top of the denoiser's forward. If this raises
+        :func:`tokenreduce.api.begin_call` at the top of the denoiser's forward while
+        ``runtime.switched_on``; sites merge only while ``runtime.enabled``. If this raises
         part-way, the caller undoes what ``patches`` holds.
         """
 

@@ -14,6 +14,7 @@ TITLES = {
     "merger": "Mergers (`merger:`)",
     "partitioner": "Partitioners (`partitioner:`)",
     "reuse": "Reuse policies (`reuse:`)",
+    "schedule": "Merge schedules (`schedule:`)",
 }
 
 
@@ -33,6 +34,8 @@ def _type_name(annotation: Any) -> str:
 
 
 def _default(field: Any) -> str:
+    if field.is_required():
+        return "required"
     if field.default_factory is not None:
         return repr(field.default_factory())
     return repr(field.default)

@@ -7,7 +7,15 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 
-from tokenreduce.interfaces import Component, Merger, ModelAdapter, Partitioner, ReusePolicy, Selector
+from tokenreduce.interfaces import (
+    Component,
+    Merger,
+    MergeSchedule,
+    ModelAdapter,
+    Partitioner,
+    ReusePolicy,
+    Selector,
+)
 from tokenreduce.params import StrictParams
 
 KINDS: dict[str, type[Component]] = {
@@ -15,6 +23,7 @@ KINDS: dict[str, type[Component]] = {
     "merger": Merger,
     "partitioner": Partitioner,
     "reuse": ReusePolicy,
+    "schedule": MergeSchedule,
     "adapter": ModelAdapter,
 }
 
@@ -105,7 +114,9 @@ def _kind_of(cls: type) -> str:
     for kind, base in KINDS.items():
         if isinstance(cls, type) and issubclass(cls, base):
             return kind
-    raise RegistryError(f"{cls!r} is not a Selector, Merger, Partitioner, ReusePolicy or ModelAdapter")
+    raise RegistryError(
+        f"{cls!r} is not a Selector, Merger, Partitioner, ReusePolicy, MergeSchedule or ModelAdapter"
+    )
 
 
 def _check_params(cls: type[Component], name: str) -> None:

@@ -81,13 +81,14 @@ def wrap_transformer(model: nn.Module, runtime: Runtime, state: CallState) -> Ca
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
         def forward(hidden_states: torch.Tensor, timestep: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if runtime.switched_on:  # the clock runs on steps that do not merge too
+                begin_call(runtime, timestep)
             if not runtime.enabled:
                 return original(hidden_states, timestep, *args, **kwargs)
             if model.gradient_checkpointing and torch.is_grad_enabled():
                 raise ValueError(
                     "Wan token merging does not support gradient checkpointing; disable one of them"
                 )
-            begin_call(runtime, timestep)
             _, _, f, h, w = hidden_states.shape
             state.begin((f // patch[0], h // patch[1], w // patch[2]))
             try:

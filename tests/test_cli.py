@@ -182,13 +182,15 @@ def test_generate_rejects_a_folder_that_is_not_a_pipeline(capsys, tmp_path: Path
 
 @pytest.mark.slow
 def test_demo_writes_table_picture_and_json(capsys, tmp_path: Path) -> None:
-    code, out, err = run(capsys, "demo", "-o", str(tmp_path), "--steps", "2")
+    code, out, err = run(capsys, "demo", "-o", str(tmp_path), "--steps", "3")  # the presets merge step 2
     assert code == 0, err
     results = json.loads((tmp_path / "demo.json").read_text())
     assert set(results["models"]) == {"SDXL-shaped UNet", "Flux-shaped transformer"}
     for model in results["models"].values():
         assert model["step_ms_unmodified"] > 0 and model["step_ms_toma"] > 0
         assert 10 < model["psnr_db"] < 100
+        assert 0 < model["merged_steps"] <= 3
+    assert "not the GPU speedup" in out and 1 <= results["difference_gain"] <= 255
     from PIL import Image
 
     with Image.open(tmp_path / "side_by_side.png") as picture:

@@ -173,7 +173,8 @@ def test_malformed_params_are_rejected(cls: type, message: str) -> None:
 )
 def test_non_components_are_rejected(obj: object) -> None:
     with pytest.raises(
-        RegistryError, match="is not a Selector, Merger, Partitioner, ReusePolicy or ModelAdapter"
+        RegistryError,
+        match="is not a Selector, Merger, Partitioner, ReusePolicy, MergeSchedule or ModelAdapter",
     ):
         Registry().add(obj)  # type: ignore[arg-type]
 

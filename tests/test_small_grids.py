@@ -69,7 +69,10 @@ def test_flux_grid_too_small_at_run_time_runs_unmerged() -> None:
     model = tiny_flux_transformer()
     small = tiny_flux_inputs(model, height_tokens=2, width_tokens=3)
     reference = run(model, small)
-    with tr.apply(model, "toma-flux"), warnings.catch_warnings(record=True) as caught:
+    with (
+        tr.apply(model, "toma-flux", schedule={"name": "always"}),
+        warnings.catch_warnings(record=True) as caught,
+    ):
         warnings.simplefilter("always")
         assert torch.equal(run(model, small), reference)
         run(model, small)

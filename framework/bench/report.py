@@ -14,10 +14,16 @@ from tokenreduce.bench.variants import METHODS, REFERENCES
 
 EFFICIENCY_NOTE = (
     "speedup = unmodified median / variant median (same run); efficiency = (speedup - 1) / "
-    "(ideal speedup - 1) with the ideal merge at the same ratio and the ToMA preset's placement, null for "
+    "(ideal speedup - 1) with the ideal merge at the same ratio and the ToMA preset's placement (a speed "
+    "ceiling: it keeps the first tokens, so its images are no quality reference), null for "
     "the reference variants and where that ideal is missing or not faster than the unmodified model "
     "(no headroom); the ideal runs through the framework's runtime, so it includes the per-block cost the "
     "runtime adds to any merger"
+)
+STEP_NOTE = (
+    "eager and graph modes time merged steps only (a config's merge schedule is set to `always` there); "
+    "the end-to-end speedup of a schedule that merges some steps mixes these with unmodified steps "
+    "(tokenreduce.quality.speed)"
 )
 GRAPH_NOTE = (
     "graph mode: one CUDA graph per distinct reuse decision of a variant's cycle, replayed in the "

@@ -268,6 +268,7 @@ def run_bench(settings: BenchSettings, console: Console | None = None) -> dict[s
         "runs": [],
         "notes": [
             report.EFFICIENCY_NOTE,
+            report.STEP_NOTE,
             "eager: each round applies, primes (untimed) and times one cycle per variant",
         ],
     }

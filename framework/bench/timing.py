@@ -59,11 +59,15 @@ def cycle_of(variant: Variant) -> list[Decision]:
 
 @contextmanager
 def applied(model: nn.Module, variant: Variant) -> Iterator[TokenReduceHandle | None]:
-    """The variant applied to ``model`` with a manual clock; removed on exit (``None``: unmodified)."""
+    """The variant applied to ``model`` with a manual clock; removed on exit (``None``: unmodified).
+
+    Merged steps only: the config's merge schedule is replaced by ``always`` (the per-step time of
+    each step kind is what the end-to-end speed of a schedule is computed from).
+    """
     if variant.config is None:
         yield None
         return
-    handle = apply(model, variant.config)
+    handle = apply(model, variant.config, schedule={"name": "always"})
     try:
         handle.runtime.clock.driver = "manual"
         yield handle

@@ -2,8 +2,8 @@
 
 Per architecture family: the unmodified model; ``identity`` (the ToMA preset's placement with a
 merger that reduces nothing: the framework's own overhead); and per ratio ``ideal`` (the ToMA
-placement with the zero-overhead ``ideal`` merger: the ceiling), ``toma`` and the baselines'
-presets registered for the family. Anything that cannot be built is recorded with the reason.
+placement with the zero-overhead ``ideal`` merger: a speed ceiling, whose images are no quality
+reference), ``toma`` and the baselines' presets registered for the family. Anything that cannot be built is recorded with the reason.
 """
 
 from __future__ import annotations

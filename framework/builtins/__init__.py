@@ -2,7 +2,8 @@
 
 Partitioners ``global`` and ``stripe``; selectors ``random`` and ``grid``; mergers ``identity``
 (no reduction, overhead measurement), ``ideal`` (the zero-overhead ceiling) and ``hard_mean``;
-reuse policies ``always``, ``never`` and ``every_k``. Any of them combines with any other
+reuse policies ``always``, ``never`` and ``every_k``; merge schedules ``always``, ``every``,
+``window``, ``timesteps`` and ``steps``. Any of them combines with any other
 plugin's components through the config.
 """
 
@@ -18,6 +19,14 @@ from tokenreduce.builtins.partition_stripe import StripePartitioner
 from tokenreduce.builtins.reuse_always import AlwaysPolicy
 from tokenreduce.builtins.reuse_every_k import EveryKPolicy
 from tokenreduce.builtins.reuse_never import NeverPolicy
+from tokenreduce.builtins.schedules import (
+    SCHEDULES,
+    AlwaysSchedule,
+    EverySchedule,
+    StepListSchedule,
+    TimestepSchedule,
+    WindowSchedule,
+)
 from tokenreduce.builtins.select_grid import GridSelector
 from tokenreduce.builtins.select_random import RandomSelector
 from tokenreduce.hookspecs import hookimpl
@@ -36,12 +45,15 @@ COMPONENTS = (
     AlwaysPolicy,
     NeverPolicy,
     EveryKPolicy,
+    *SCHEDULES,
 )
 
 __all__ = [
     "COMPONENTS",
     "AlwaysPolicy",
+    "AlwaysSchedule",
     "EveryKPolicy",
+    "EverySchedule",
     "GlobalPartitioner",
     "GridSelector",
     "HardMeanMerger",
@@ -49,7 +61,10 @@ __all__ = [
     "IdentityMerger",
     "NeverPolicy",
     "RandomSelector",
+    "StepListSchedule",
     "StripePartitioner",
+    "TimestepSchedule",
+    "WindowSchedule",
 ]
 
 

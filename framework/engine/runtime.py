@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from tokenreduce.builtins.schedules import AlwaysSchedule
 from tokenreduce.engine.clock import Clock
 from tokenreduce.interfaces import Decision, MergePlan, Merger, SelectContext
 from tokenreduce.layout import Layout, build_layout, grid_fits, grid_text, kept_per_region, unmerged_layout
@@ -74,6 +75,10 @@ class Runtime:
         self.merger = resolved.merger
         self.partitioner = resolved.partitioner
         self.reuse = resolved.reuse
+        self.schedule = resolved.schedule if resolved.schedule is not None else AlwaysSchedule()
+        # `switched_on` is the user's switch (handle.enable/disable); `enabled`, what the sites read,
+        # is also off on a step the schedule does not merge. The clock sets it once per step.
+        self.switched_on = True
         self.enabled = True
         self.groups: dict[str, Group] = {}
         self.clock = Clock(self)
@@ -205,6 +210,11 @@ class Runtime:
             gen.manual_seed(self.config.seed)
             self._generators[key] = gen
         return gen
+
+    def switch(self, on: bool) -> None:
+        """The user's switch: off, every site runs the original computation."""
+        self.switched_on = on
+        self.enabled = on and self.clock.merging
 
     def mark_all(self, decision: Decision) -> None:
         for group in self.groups.values():

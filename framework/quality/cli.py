@@ -69,7 +69,7 @@ def add_eval_parser(subparsers: Any, func: Callable[[argparse.Namespace], int]) 
         "--batch-size",
         type=int,
         default=None,
-        help="images per pipeline call (default 1; --proxy: 64)",
+        help="--model: images per pipeline call (default 1)",
     )
 
     g = p.add_argument_group("real weights (--model)")
@@ -147,6 +147,14 @@ def add_eval_parser(subparsers: Any, func: Callable[[argparse.Namespace], int]) 
     )
     x.add_argument(
         "--proxy-weights", metavar="DIR", default=None, help="weights folder (default: the committed proxies)"
+    )
+    x.add_argument(
+        "--batches",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="B",
+        help="images per pipeline call, each scored on its own, in this order (default: 1 64)",
     )
     x.add_argument("--no-knobs", action="store_true", help="only the methods, not ToMA's knobs one at a time")
     x.add_argument(

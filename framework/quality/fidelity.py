@@ -1,11 +1,14 @@
 """``tokenreduce eval --proxy``: the fidelity benchmark on the trained proxy models.
 
 Every variant (method x ratio, and ToMA's knobs one at a time) generates the same images as the
-unmodified proxy, from the same seeds and classes, in the same batches. Reported per variant:
+unmodified proxy, from the same seeds and classes, in the same batches, once per batch size:
+first one image per call (what a user generating one image gets; classifier-free guidance in one
+batch), then batched (ToMA's batch-summed selection sees more images). Reported per variant:
 PSNR, SSIM and feature similarity against the unmodified images, and the Frechet distance of
 the features to crops of the held-out photo bands (the unmodified model's own distance is the
 floor). Outputs: JSON, a markdown table, an image grid and, given ``tokenreduce bench`` results,
-a speed-versus-fidelity plot.
+a speed-versus-fidelity plot whose speed is the end-to-end generation speedup implied by each
+config's merge schedule (:mod:`tokenreduce.quality.speed`).
 """
 
 from __future__ import annotations
@@ -54,11 +57,17 @@ class Variant:
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` merged in; a component named differently replaces the base's whole
+    entry (its parameters belong to the other component)."""
     out = copy.deepcopy(base)
     for key, value in update.items():
-        out[key] = (
-            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        old = out.get(key)
+        same = (
+            isinstance(value, dict)
+            and isinstance(old, dict)
+            and value.get("name", old.get("name")) == old.get("name")
         )
+        out[key] = _merge(old, value) if same else copy.deepcopy(value)
     return out
 
 
@@ -147,8 +156,18 @@ class Protocol:
     seeds_per_class: int = 32
     steps: int = 30
     guidance: float = 3.0
-    batch: int = 64  # images per pipeline call (ToMA's batch-summed selection depends on the batch)
+    # Images per pipeline call, each scored separately, batch 1 first (ToMA's batch-summed
+    # selection depends on the batch).
+    batches: tuple[int, ...] = (1, 64)
     reference_crops: int = 2048
+
+    def __post_init__(self) -> None:
+        if (
+            not self.batches
+            or any(b < 1 for b in self.batches)
+            or len(set(self.batches)) != len(self.batches)
+        ):
+            raise ValueError(f"batch sizes must be distinct positive integers, got {self.batches}")
 
     def items(self, num_classes: int) -> tuple[list[int], list[int]]:
         labels = [c for _ in range(self.seeds_per_class) for c in range(num_classes)]
@@ -156,15 +175,15 @@ class Protocol:
         return labels, seeds
 
 
-def generate(pipe: ProxyPipeline, protocol: Protocol) -> tuple[torch.Tensor, float]:
-    """All images of the protocol (in fixed batches) and the seconds it took."""
+def generate(pipe: ProxyPipeline, protocol: Protocol, batch: int) -> tuple[torch.Tensor, float]:
+    """All images of the protocol (``batch`` per call) and the seconds it took."""
     labels, seeds = protocol.items(len(pipe.class_names))
     if pipe.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     chunks = [
-        pipe(labels[i : i + protocol.batch], seeds[i : i + protocol.batch], protocol.steps, protocol.guidance)
-        for i in range(0, len(labels), protocol.batch)
+        pipe(labels[i : i + batch], seeds[i : i + batch], protocol.steps, protocol.guidance)
+        for i in range(0, len(labels), batch)
     ]
     if pipe.device.type == "cuda":
         torch.cuda.synchronize()
@@ -224,10 +243,20 @@ def evaluate(
     distance = metrics.FrechetDistance(features, heldout_crops(protocol.reference_crops))
     rows: list[dict[str, Any]] = []
     samples: dict[str, torch.Tensor] = {}
-    for kind, pipe in pipes.items():
-        unmodified, seconds = generate(pipe, protocol)
-        samples[f"{kind}/unmodified"] = unmodified
-        row = {"kind": kind, "method": "unmodified", "group": "methods", "label": "unmodified", "ratio": 0.0}
+    for batch, kind in ((b, k) for b in protocol.batches for k in pipes):
+        pipe = pipes[kind]
+        first = batch == protocol.batches[0]  # the image grid shows the first batch size's images
+        unmodified, seconds = generate(pipe, protocol, batch)
+        if first:
+            samples[f"{kind}/unmodified"] = unmodified
+        row = {
+            "kind": kind,
+            "batch": batch,
+            "method": "unmodified",
+            "group": "methods",
+            "label": "unmodified",
+        }
+        row["ratio"] = 0.0
         # Same-seed metrics of the unmodified model against itself are exact: no PSNR (infinite).
         same = {"psnr": None, "psnr_sem": None, "ssim": 1.0, "ssim_sem": 0.0}
         same |= {"feature_similarity": 1.0, "feature_similarity_sem": 0.0}
@@ -236,12 +265,14 @@ def evaluate(
         for variant in (v for v in variants if v.kind == kind):
             handle = apply(pipe, variant.config)
             try:
-                images, seconds = generate(pipe, protocol)
+                images, seconds = generate(pipe, protocol, batch)
             finally:
                 handle.remove()
-            samples[variant.name] = images
+            if first:
+                samples[variant.name] = images
             row = {
                 "kind": kind,
+                "batch": batch,
                 "method": variant.method,
                 "group": variant.group,
                 "label": variant.label,
@@ -253,7 +284,7 @@ def evaluate(
                 r = rows[-1]
                 psnr = "identical" if r["psnr"] is None else f"{r['psnr']:.2f} dB"
                 console.print(
-                    f"{variant.name}: PSNR {psnr}, SSIM {r['ssim']:.3f}, "
+                    f"{variant.name} (batch {batch}): PSNR {psnr}, SSIM {r['ssim']:.3f}, "
                     f"feature sim {r['feature_similarity']:.4f}, FD {r['fd_heldout']:.3f}"
                 )
     record = {
@@ -275,13 +306,14 @@ def markdown_table(record: dict[str, Any]) -> str:
     lines = [
         f"Proxy fidelity ({record['date']}, {record['env'].get('gpu', 'cpu')}): "
         f"{record['protocol']['seeds_per_class']} seeds x classes, {record['protocol']['steps']} steps, "
-        f"guidance {record['protocol']['guidance']}, batches of {record['protocol']['batch']}. "
+        f"guidance {record['protocol']['guidance']}; each batch size (images per call) scored on its "
+        "own, one image per call first. "
         "PSNR/SSIM/feature similarity against the unmodified proxy's same-seed images (higher is closer); "
         "FD: Frechet distance of the features to held-out photo crops (lower is better; the unmodified "
         "row is the reference). ± is the standard error of the mean over images.",
         "",
-        "| proxy | group | variant | ratio | PSNR (dB) | SSIM | feature sim. | FD held-out | gen. s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| batch | proxy | group | variant | ratio | PSNR (dB) | SSIM | feature sim. | FD held-out | gen. s |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
 
     def pm(r: dict[str, Any], key: str, digits: int) -> str:
@@ -295,7 +327,7 @@ def markdown_table(record: dict[str, Any]) -> str:
 
     for r in record["runs"]:
         lines.append(
-            f"| {r['kind']} | {r['group']} | {r['label']} | {r['ratio']:g} | {pm(r, 'psnr', 2)} | "
+            f"| {r['batch']} | {r['kind']} | {r['group']} | {r['label']} | {r['ratio']:g} | {pm(r, 'psnr', 2)} | "
             f"{pm(r, 'ssim', 3)} | {pm(r, 'feature_similarity', 4)} | {r['fd_heldout']:.2f} | {r['seconds']:.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -335,37 +367,61 @@ def speed_table(bench: dict[str, Any], mode: str) -> dict[tuple[str, str, float]
     return out
 
 
+#: One colour per method in every panel and plot.
+METHOD_COLOURS = {
+    "unmodified": "black",
+    "toma": "tab:blue",
+    "toma-block": "tab:cyan",
+    "toma-attn1": "tab:purple",
+    "tomesd": "tab:orange",
+    "tofu": "tab:green",
+    "todo": "tab:red",
+}
+
+
 def speed_fidelity_plot(record: dict[str, Any], bench: dict[str, Any], mode: str, path: Path) -> int:
-    """Speedup (from the bench file) vs feature similarity (proxy); returns the points plotted."""
+    """End-to-end speedup vs feature similarity at the first batch size; returns the points plotted.
+
+    Speed: the bench's per-step speedup of a merged step, mixed with unmerged steps as each
+    config's merge schedule runs them over the protocol's steps (:func:`schedule_speedup`).
+    """
     import matplotlib
+
+    from tokenreduce.quality.speed import schedule_speedup
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     speeds = speed_table(bench, mode)
     kinds = sorted({r["kind"] for r in record["runs"]})
+    batch = record["protocol"]["batches"][0]
+    steps = record["protocol"]["steps"]
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.2), squeeze=False)
     plotted = 0
     for ax, kind in zip(axes[0], kinds, strict=True):
         by_method: dict[str, list[tuple[float, float, float]]] = {}
         for r in record["runs"]:
-            if r["kind"] != kind or r["group"] != "methods":
+            if r["kind"] != kind or r["group"] != "methods" or r["batch"] != batch:
                 continue
             if r["method"] == "unmodified":
                 by_method.setdefault("unmodified", []).append((1.0, r["feature_similarity"], 0.0))
                 continue
             speed = speeds.get((spec(kind).arch, r["method"], r["ratio"]))
             if speed is not None:
+                speed = schedule_speedup(record["configs"][f"{kind}/{r['label']}"], speed, steps)
                 by_method.setdefault(r["method"], []).append((speed, r["feature_similarity"], r["ratio"]))
         for method, points in sorted(by_method.items()):
             points.sort(key=lambda p: p[2])
-            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method)
+            colour = METHOD_COLOURS.get(method, "tab:gray")
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=colour, label=method)
             for x, y, ratio in points:
                 if ratio:
                     ax.annotate(f"{ratio:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
             plotted += len(points)
-        ax.set_title(f"{kind}: speed ({mode}, {bench.get('env', {}).get('gpu', '?')}) vs proxy fidelity")
-        ax.set_xlabel("speedup over unmodified (tokenreduce bench)")
+        ax.set_title(
+            f"{kind}: speed ({mode}, {bench.get('env', {}).get('gpu', '?')}) vs proxy fidelity, batch {batch}"
+        )
+        ax.set_xlabel(f"end-to-end speedup over unmodified, {steps} steps (bench step times x schedule)")
         ax.set_ylabel("feature similarity to unmodified (proxy)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -387,11 +443,12 @@ def write_reports(
     table = Table(title="proxy fidelity (vs the unmodified proxy, same seeds)")
     for column in ("proxy", "variant", "PSNR dB", "SSIM", "feat. sim", "FD held-out"):
         table.add_column(column)
+    table.add_column("batch", justify="right")
     for r in record["runs"]:
         if r["group"] == "methods":
             table.add_row(
                 r["kind"], r["label"], "-" if r["psnr"] is None else f"{r['psnr']:.2f}", f"{r['ssim']:.3f}",
-                f"{r['feature_similarity']:.4f}", f"{r['fd_heldout']:.3f}",
+                f"{r['feature_similarity']:.4f}", f"{r['fd_heldout']:.3f}", str(r["batch"]),
             )  # fmt: skip
     console.print(table)
     written = ["fidelity.json", "fidelity.md", "fidelity-grid.png"]
@@ -416,11 +473,13 @@ def run_proxy_eval(args: Any, console: Console) -> int:
         seeds_per_class=args.num_seeds or defaults.seeds_per_class,
         steps=args.steps or defaults.steps,
         guidance=defaults.guidance if args.guidance_scale is None else args.guidance_scale,
-        batch=args.batch_size or defaults.batch,
+        batches=tuple(args.batches or defaults.batches),
         reference_crops=args.reference_crops,
     )
     if args.seeds:
         raise ValueError("--proxy uses seeds 0..N-1 per class: give --num-seeds N, not --seeds")
+    if args.batch_size:
+        raise ValueError("--proxy scores several batch sizes: give --batches B [B ...], not --batch-size")
     variants = sweep(kinds, tuple(args.ratios or RATIOS), knobs=not args.no_knobs)
     # Everything is loaded and validated before the first image is generated.
     pipes = {kind: load_proxy(kind, weights, device) for kind in kinds}

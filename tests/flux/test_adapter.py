@@ -19,6 +19,8 @@ from tokenreduce.testing.tiny_flux import (
 )
 
 ALL_BLOCKS = {"name": "flux", "skip_double": 0, "skip_single": 0}
+# The preset merges every third step from step 2; these tests look at merged calls.
+EVERY_STEP = {"name": "always"}
 
 
 def patched_modules(model: torch.nn.Module) -> list[str]:
@@ -37,7 +39,8 @@ def run(model, inputs) -> torch.Tensor:
 def test_apply_steps_remove_is_bit_identical() -> None:
     model, pristine = tiny_flux_transformer(), tiny_flux_transformer()
     inputs = tiny_flux_inputs(model, batch=2)
-    handle = tr.apply(model, "toma-flux", adapter=ALL_BLOCKS)
+    # Merging at every step (the preset merges every third step only).
+    handle = tr.apply(model, "toma-flux", adapter=ALL_BLOCKS, schedule={"name": "always"})
     assert patched_modules(model)
     for t in (1.0, 0.75, 0.5):  # a few denoising steps
         inputs["timestep"] = torch.full((2,), t)
@@ -66,7 +69,7 @@ def test_pipeline_apply_steps_remove_is_bit_identical() -> None:
 
     with torch.no_grad():
         plain = generate(pristine)
-        handle = tr.apply(pipe, "toma-flux", adapter=ALL_BLOCKS)
+        handle = tr.apply(pipe, "toma-flux", schedule=EVERY_STEP, adapter=ALL_BLOCKS)
         assert handle.model is pipe.transformer and handle.pipeline is pipe
         merged = generate(pipe)
         cfg_merged = generate(pipe, negative_prompt="blur", true_cfg_scale=2.0, num_images_per_prompt=2)
@@ -86,7 +89,7 @@ def test_pipeline_apply_steps_remove_is_bit_identical() -> None:
 def test_ratio_zero_reproduces_the_model_exactly(grid, batch) -> None:
     model, pristine = tiny_flux_transformer(), tiny_flux_transformer()
     inputs = tiny_flux_inputs(model, batch=batch, height_tokens=grid[0], width_tokens=grid[1])
-    tr.apply(model, "toma-flux", ratio=0.0, adapter=ALL_BLOCKS)
+    tr.apply(model, "toma-flux", schedule=EVERY_STEP, ratio=0.0, adapter=ALL_BLOCKS)
     assert torch.equal(run(model, inputs), run(pristine, inputs))
 
 
@@ -104,7 +107,7 @@ def test_merging_changes_outputs_but_stays_close() -> None:
     input_change = ((run(model, other) - plain).norm() / plain.norm()).item()
     errors = []
     for ratio in (0.25, 0.75):
-        handle = tr.apply(model, "toma-flux", ratio=ratio, adapter=ALL_BLOCKS)
+        handle = tr.apply(model, "toma-flux", schedule=EVERY_STEP, ratio=ratio, adapter=ALL_BLOCKS)
         merged = run(model, inputs)
         handle.remove()
         assert torch.isfinite(merged).all() and not torch.equal(merged, plain)
@@ -115,14 +118,16 @@ def test_merging_changes_outputs_but_stays_close() -> None:
 def test_reapply_replaces_the_previous_application() -> None:
     model, pristine = tiny_flux_transformer(), tiny_flux_transformer()
     inputs = tiny_flux_inputs(model)
-    first = tr.apply(model, "toma-flux", adapter=ALL_BLOCKS)
+    first = tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter=ALL_BLOCKS)
     installed = patched_modules(model)
     once = run(model, inputs)
-    second = tr.apply(model, "toma-flux", adapter=ALL_BLOCKS)
+    second = tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter=ALL_BLOCKS)
     assert not first.active and second.active
     assert patched_modules(model) == installed  # not stacked
     assert torch.equal(run(model, inputs), once)
-    third = tr.apply(model, "toma-flux", ratio=0.25, adapter={"name": "flux", "blocks": [0]})
+    third = tr.apply(
+        model, "toma-flux", schedule=EVERY_STEP, ratio=0.25, adapter={"name": "flux", "blocks": [0]}
+    )
     assert patched_modules(model) == ["", "transformer_blocks.0.attn"]
     third.remove()
     assert torch.equal(run(model, inputs), run(pristine, inputs))
@@ -131,7 +136,7 @@ def test_reapply_replaces_the_previous_application() -> None:
 def test_disabled_runs_the_original_and_keeps_the_handle() -> None:
     model, pristine = tiny_flux_transformer(), tiny_flux_transformer()
     inputs = tiny_flux_inputs(model, height_tokens=6, width_tokens=10)
-    handle = tr.apply(model, "toma-flux", adapter=ALL_BLOCKS)
+    handle = tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter=ALL_BLOCKS)
     merged = run(model, inputs)
     with handle.disabled():
         assert torch.equal(run(model, inputs), run(pristine, inputs))
@@ -143,7 +148,7 @@ def test_disabled_runs_the_original_and_keeps_the_handle() -> None:
 
 def test_default_filter_skips_the_first_five_of_each_kind() -> None:
     model = tiny_flux_transformer(num_layers=7, num_single_layers=8)
-    handle = tr.apply(model, "toma-flux")
+    handle = tr.apply(model, "toma-flux", schedule=EVERY_STEP)
     assert [s.path for s in handle.sites] == [
         "transformer_blocks.5.attn",
         "transformer_blocks.6.attn",
@@ -178,12 +183,18 @@ def test_block_filters(params, double, single) -> None:
 def test_groups_follow_the_sharing_mode() -> None:
     model = tiny_flux_transformer()
     inputs = tiny_flux_inputs(model)
-    handle = tr.apply(model, "toma-flux", adapter={"name": "flux", "skip_double": 3, "skip_single": 4})
+    handle = tr.apply(
+        model, "toma-flux", schedule=EVERY_STEP, adapter={"name": "flux", "skip_double": 3, "skip_single": 4}
+    )
     run(model, inputs)
     assert set(handle.runtime.groups) == {"double", "single"}
     block_cfg = {"name": "step_sharing", "destinations_every": 1, "weights_every": 1, "sharing": "block"}
     handle = tr.apply(
-        model, "toma-flux", adapter={"name": "flux", "skip_double": 4, "skip_single": 5}, reuse=block_cfg
+        model,
+        "toma-flux",
+        schedule=EVERY_STEP,
+        adapter={"name": "flux", "skip_double": 4, "skip_single": 5},
+        reuse=block_cfg,
     )
     run(model, inputs)
     assert set(handle.runtime.groups) == {
@@ -221,7 +232,7 @@ def test_groups_follow_the_sharing_mode() -> None:
 def test_bad_input_fails_before_patching(overrides, message) -> None:
     model = tiny_flux_transformer()
     with pytest.raises(ConfigError, match=message):
-        tr.apply(model, "toma-flux", **overrides)
+        tr.apply(model, "toma-flux", schedule=EVERY_STEP, **overrides)
     assert patched_modules(model) == []
     assert tr.get_handle(model) is None
 
@@ -241,7 +252,7 @@ def test_grid_is_read_once_per_img_ids(monkeypatch) -> None:
     monkeypatch.setattr(flux_module, "grid_from_ids", lambda ids, n: reads.append(n) or real(ids, n))
     model = tiny_flux_transformer()
     inputs = tiny_flux_inputs(model, height_tokens=6, width_tokens=10, text_len=11)
-    tr.apply(model, "toma-flux", adapter=ALL_BLOCKS)
+    tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter=ALL_BLOCKS)
     for _ in range(3):
         run(model, inputs)
     assert reads == [60]
@@ -254,7 +265,7 @@ def test_grid_is_read_once_per_img_ids(monkeypatch) -> None:
 
 def test_inference_mode_works() -> None:
     model, pristine = tiny_flux_transformer(), tiny_flux_transformer()
-    tr.apply(model, "toma-flux", adapter=ALL_BLOCKS, ratio=0.0)
+    tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter=ALL_BLOCKS, ratio=0.0)
     with torch.inference_mode():
         inputs = tiny_flux_inputs(model, height_tokens=6, width_tokens=10)
         assert torch.equal(model(**inputs).sample, pristine(**inputs).sample)
@@ -273,15 +284,15 @@ def test_non_raster_ids_need_an_explicit_grid() -> None:
     model, pristine = tiny_flux_transformer(), tiny_flux_transformer()
     inputs = tiny_flux_inputs(model, height_tokens=6, width_tokens=10)
     inputs["img_ids"] = inputs["img_ids"].flip(0)  # not raster order
-    tr.apply(model, "toma-flux", adapter=ALL_BLOCKS)
+    tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter=ALL_BLOCKS)
     with pytest.raises(ValueError, match="grid"):
         run(model, inputs)
-    tr.apply(model, "toma-flux", adapter={**ALL_BLOCKS, "grid": [6, 10]})
+    tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter={**ALL_BLOCKS, "grid": [6, 10]})
     out = run(model, inputs)
     assert torch.isfinite(out).all() and not torch.equal(out, run(pristine, inputs))
-    tr.apply(model, "toma-flux", adapter={**ALL_BLOCKS, "grid": [10, 6]})
+    tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter={**ALL_BLOCKS, "grid": [10, 6]})
     run(model, inputs)  # another factorisation of 60 tokens is the user's call
-    tr.apply(model, "toma-flux", adapter={**ALL_BLOCKS, "grid": [8, 8]})
+    tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter={**ALL_BLOCKS, "grid": [8, 8]})
     with pytest.raises(ValueError, match="8x8"):
         run(model, inputs)
 
@@ -290,10 +301,10 @@ def test_non_raster_ids_need_an_explicit_grid() -> None:
 def test_text_length_comes_from_the_inputs(text_len) -> None:
     model, pristine = tiny_flux_transformer(), tiny_flux_transformer()
     inputs = tiny_flux_inputs(model, text_len=text_len)
-    tr.apply(model, "toma-flux", adapter=ALL_BLOCKS)
+    tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter=ALL_BLOCKS)
     out = run(model, inputs)
     assert out.shape == (1, 64, 16) and torch.isfinite(out).all()
-    tr.apply(model, "toma-flux", ratio=0.0, adapter=ALL_BLOCKS)
+    tr.apply(model, "toma-flux", schedule=EVERY_STEP, ratio=0.0, adapter=ALL_BLOCKS)
     assert torch.equal(run(model, inputs), run(pristine, inputs))
 
 
@@ -303,7 +314,7 @@ def test_text_length_comes_from_the_inputs(text_len) -> None:
 def test_blocks_called_outside_the_transformer_run_unchanged() -> None:
     model = tiny_flux_transformer(num_layers=1, num_single_layers=1)
     pristine = copy.deepcopy(model)
-    tr.apply(model, "toma-flux", adapter=ALL_BLOCKS)
+    tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter=ALL_BLOCKS)
     gen = torch.Generator().manual_seed(0)
     hidden, text, temb = (
         torch.randn(1, 64, 32, generator=gen),
@@ -331,17 +342,17 @@ def test_ip_adapter_outputs_are_unmerged() -> None:
     inputs = tiny_flux_inputs(model, batch=2, height_tokens=6, width_tokens=10)
     inputs["joint_attention_kwargs"] = {"ip_hidden_states": [torch.randn(2, 4, 8)]}
     plain = run(pristine, inputs)
-    tr.apply(model, "toma-flux", adapter=ALL_BLOCKS)
+    tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter=ALL_BLOCKS)
     merged = run(model, inputs)
     assert merged.shape == plain.shape and torch.isfinite(merged).all() and not torch.equal(merged, plain)
-    tr.apply(model, "toma-flux", ratio=0.0, adapter=ALL_BLOCKS)
+    tr.apply(model, "toma-flux", schedule=EVERY_STEP, ratio=0.0, adapter=ALL_BLOCKS)
     assert torch.equal(run(model, inputs), plain)
 
 
 def test_unsupported_attention_mask_and_checkpointing_are_errors() -> None:
     model = tiny_flux_transformer(num_layers=1, num_single_layers=1)
     inputs = tiny_flux_inputs(model)
-    tr.apply(model, "toma-flux", adapter=ALL_BLOCKS)
+    tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter=ALL_BLOCKS)
     with pytest.raises(ValueError, match="attention_mask"):
         run(
             model,
@@ -358,7 +369,7 @@ def test_unsupported_attention_mask_and_checkpointing_are_errors() -> None:
 def test_merged_rope_is_built_once_per_plan_and_table() -> None:
     model = tiny_flux_transformer(num_layers=1, num_single_layers=3)
     inputs = tiny_flux_inputs(model, height_tokens=6, width_tokens=10, text_len=5)
-    handle = tr.apply(model, "toma-flux", adapter=ALL_BLOCKS)
+    handle = tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter=ALL_BLOCKS)
     calls = []
     original_cat = torch.cat
 

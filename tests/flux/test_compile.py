@@ -15,7 +15,13 @@ pytestmark = pytest.mark.slow
 def test_compiled_transformer_matches_eager_with_bounded_graphs() -> None:
     model = tiny_flux_transformer(num_layers=1, num_single_layers=2)
     inputs = tiny_flux_inputs(model, batch=2, height_tokens=6, width_tokens=10, text_len=5)
-    tr.apply(model, "toma-flux", adapter={"name": "flux", "skip_double": 0, "skip_single": 0})
+    # Merging at every step: a compiled bare denoiser cannot follow a merge schedule (see below).
+    tr.apply(
+        model,
+        "toma-flux",
+        adapter={"name": "flux", "skip_double": 0, "skip_single": 0},
+        schedule={"name": "always"},
+    )
     timesteps = torch.linspace(1.0, 0.1, 10)
     with torch.no_grad():
         # One eager call reads the token grid from img_ids; compiled calls reuse it for the same N.
@@ -28,3 +34,19 @@ def test_compiled_transformer_matches_eager_with_bounded_graphs() -> None:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # The first call creates the plan slots; later calls find them: at most two graphs for ten steps.
     assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+
+
+def test_a_compiled_bare_denoiser_refuses_a_schedule_it_cannot_follow() -> None:
+    """Inside the graph the timestep cannot be read, so the step is unknown: the call fails with a
+    message that says what to do instead of merging on the wrong steps."""
+    model = tiny_flux_transformer(num_layers=1, num_single_layers=2)
+    inputs = tiny_flux_inputs(model, batch=2, height_tokens=6, width_tokens=10, text_len=5)
+    tr.apply(model, "toma-flux", adapter={"name": "flux", "skip_double": 0, "skip_single": 0})
+    with torch.no_grad():
+        model(**inputs)  # eager: reads the token grid
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        with pytest.raises(
+            Exception, match="merge schedule 'every' cannot follow .* apply tokenreduce to the pipeline"
+        ):
+            compiled(**inputs)

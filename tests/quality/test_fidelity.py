@@ -71,12 +71,19 @@ def test_evaluate_scores_each_variant_against_the_unmodified_images():
             "sdxl", "toma", "methods", "toma@0", fidelity.config_for("sdxl", "toma-sdxl", ratio=0.0)
         ),
         fidelity.Variant(
-            "sdxl", "toma", "methods", "toma@0.75", fidelity.config_for("sdxl", "toma-sdxl", ratio=0.75)
+            "sdxl",
+            "toma",
+            "methods",
+            "toma@0.75",
+            # Both steps merge (the preset's schedule merges from step 2 on).
+            fidelity.config_for("sdxl", "toma-sdxl", ratio=0.75, schedule={"name": "always"}),
         ),
     ]
-    protocol = fidelity.Protocol(seeds_per_class=1, steps=2, batch=4, reference_crops=16)
+    protocol = fidelity.Protocol(seeds_per_class=1, steps=2, batches=(1, 4), reference_crops=16)
     result = fidelity.evaluate({"sdxl": pipe}, features, variants, protocol)
-    rows = {r["label"]: r for r in result["record"]["runs"]}
+    runs = result["record"]["runs"]
+    assert [r["batch"] for r in runs] == [1] * 3 + [4] * 3  # one image per call first
+    rows = {r["label"]: r for r in runs if r["batch"] == 1}
     assert rows["unmodified"]["psnr"] is None and rows["unmodified"]["feature_similarity"] == 1.0
     assert rows["toma@0"]["psnr"] is None  # ratio 0: the same images
     assert rows["toma@0"]["fd_heldout"] == pytest.approx(rows["unmodified"]["fd_heldout"], rel=1e-6)
@@ -114,7 +121,7 @@ def test_eval_proxy_command_writes_every_output(tmp_path, capsys):
         "toma-block@0.5",
         "toma-attn1@0.5",
     } == labels
-    assert "| sdxl | methods | toma@0.5 |" in (out / "fidelity.md").read_text()
+    assert "| 1 | sdxl | methods | toma@0.5 |" in (out / "fidelity.md").read_text()
     for picture in ("fidelity-grid.png", "speed-fidelity.png"):
         assert (out / picture).stat().st_size > 1000
 
@@ -125,6 +132,8 @@ def test_eval_proxy_refuses_bad_input_before_generating(tmp_path, capsys):
     assert "train-proxies" in capsys.readouterr().err
     assert main(["eval", "--proxy", "--seeds", "1", "2", "-o", str(out)]) == 2
     assert "--num-seeds" in capsys.readouterr().err
+    assert main(["eval", "--proxy", "--batch-size", "4", "-o", str(out)]) == 2
+    assert "--batches" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -137,3 +146,11 @@ def test_a_reused_frechet_distance_equals_a_fresh_one():
     first, second, again = distance(a), distance(b * 0.5), distance(a)
     assert first == again == metrics.frechet_distance(features, a, reference)
     assert second == metrics.frechet_distance(features, b * 0.5, reference)
+
+
+def test_a_variant_naming_another_component_replaces_the_presets_parameters():
+    """Swapping the preset's schedule `every` (k, offset) for `window` must not keep k and offset."""
+    config = fidelity.config_for("flux", "toma-flux", schedule={"name": "window", "start": 0.5})
+    assert config["schedule"] == {"name": "window", "start": 0.5}
+    assert fidelity.config_for("flux", "toma-flux", schedule={"offset": 0})["schedule"]["k"] == 3
+    prepare(_random_proxy("flux"), config)  # a valid config

@@ -217,7 +217,7 @@ def test_fidelity_benchmark_scores_latent_images():
     torch.manual_seed(0)
     config = fidelity.config_for("flux-latent", "toma-flux", ratio=0.0)
     variants = [fidelity.Variant("flux-latent", "toma", "methods", "toma@0", config)]
-    protocol = fidelity.Protocol(seeds_per_class=1, steps=2, batch=3, reference_crops=8)
+    protocol = fidelity.Protocol(seeds_per_class=1, steps=2, batches=(3,), reference_crops=8)
     result = fidelity.evaluate({"flux-latent": pipe}, ProxyFeatures().eval(), variants, protocol)
     rows = {r["label"]: r for r in result["record"]["runs"]}
     assert rows["toma@0"]["psnr"] is None  # bit-exact at ratio 0, through the decoder

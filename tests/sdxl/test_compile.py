@@ -93,3 +93,36 @@ def test_compiled_model_at_a_new_resolution_after_prepare():
     compiled = torch.compile(unet, fullgraph=True, backend="eager")
     got = run(compiled, inputs)
     torch.testing.assert_close(got, run(unet, inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_a_merge_schedule_compiles_two_graphs():
+    """Merged and unmerged steps: the schedule's decision is a host-side constant per step, so
+    steps of ``every k: 3`` (new plans at every merged step) run two graphs, merged and unmerged,
+    plus the one-off graph of the very first merged call, which also creates the plan slots (see
+    above). A second generation compiles nothing new, and each step equals an eager twin driven
+    the same way (unmerged steps: the unmodified UNet)."""
+    unet = tiny_sdxl_unet(seed=0)
+    twin = copy.deepcopy(unet)
+    cfg = config(schedule={"name": "every", "k": 3, "offset": 1})
+    handles = [tr.apply(model, cfg) for model in (unet, twin)]
+    clocks = [handle.runtime.clock for handle in handles]
+    for clock in clocks:
+        clock.driver = "manual"
+        clock.reset(num_steps=10)
+    inputs = tiny_sdxl_inputs(unet, batch=2, seed=2)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(unet, fullgraph=True, backend="eager")
+    graphs = []
+    for _generation in range(2):
+        merged = []
+        for clock in clocks:
+            clock.reset()
+        for t in torch.linspace(900.0, 100.0, 10):
+            assert torch.equal(run(compiled, at(inputs, float(t))), run(twin, at(inputs, float(t))))
+            merged.append(handles[0].runtime.enabled)
+            for clock in clocks:
+                clock.end_step()
+        assert merged == [i in range(1, 10, 3) for i in range(10)]
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs == [3, 3]
