@@ -136,12 +136,13 @@ def test_explain_flux(capsys) -> None:
 
 
 def test_explain_shows_size_weighting(capsys, tmp_path: Path) -> None:
-    assert "size-weighted attention: off" in run(capsys, "explain", "toma-flux")[1]
+    assert "size-weighted attention: off" in run(capsys, "explain", "toma-sdxl")[1]
+    assert "size-weighted attention: on" in run(capsys, "explain", "toma-flux")[1]
     config = tmp_path / "c.yaml"
-    config.write_text("adapter: {name: flux, size_weighting: true}\nratio: 0.5\n")
+    config.write_text("adapter: {name: flux, size_weighting: false}\nratio: 0.5\n")
     code, out, err = run(capsys, "explain", str(config))
     assert code == 0, err
-    assert "size-weighted attention: on" in out
+    assert "size-weighted attention: off" in out
 
 
 @pytest.mark.slow

@@ -15,6 +15,8 @@ from tokenreduce.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet
 from tokenreduce.toma_plugin.tile import TilePartitioner
 
 FLUX = {"name": "flux", "skip_double": 1, "skip_single": 1}
+#: every call merges (the presets merge on some steps only; these tests look at single calls)
+ALWAYS = {"name": "always"}
 
 
 def flux_output(
@@ -38,7 +40,7 @@ def flux_output(
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_flux_tile_order_matches_raster_order(batch: int) -> None:
-    cfg = ("toma-flux", {"adapter": FLUX})
+    cfg = ("toma-flux", {"adapter": FLUX, "schedule": ALWAYS})
     got, handle = flux_output(cfg, batch=batch, grid=(8, 12))
     assert handle.runtime.reorders((8, 12))  # the path under test is taken
     want, _ = flux_output(cfg, batch=batch, grid=(8, 12), raster=True)
@@ -47,7 +49,7 @@ def test_flux_tile_order_matches_raster_order(batch: int) -> None:
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_flux_fused_single_blocks_match_the_generic_path(batch: int) -> None:
-    cfg = ("toma-flux", {"adapter": FLUX})
+    cfg = ("toma-flux", {"adapter": FLUX, "schedule": ALWAYS})
     got, _ = flux_output(cfg, batch=batch, grid=(8, 8))
     want, _ = flux_output(cfg, batch=batch, grid=(8, 8), generic=True)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
@@ -58,18 +60,24 @@ def test_flux_fused_single_blocks_match_the_generic_path(batch: int) -> None:
 
 
 def test_flux_ragged_grid_stays_in_raster_order() -> None:
-    cfg = ("toma-flux", {"adapter": FLUX})
+    cfg = ("toma-flux", {"adapter": FLUX, "schedule": ALWAYS})
     _, handle = flux_output(cfg, batch=1, grid=(6, 10))
     assert not handle.runtime.reorders((6, 10))
 
 
 @pytest.mark.parametrize("sites", [["stack"], ["block"], ["attn1", "ff"]])
 def test_sdxl_tile_order_matches_raster_order(sites: list[str]) -> None:
-    overrides = {"adapter": {"name": "sdxl", "sites": sites}, "partitioner": {"name": "tile", "size": 4}}
+    overrides = {
+        "adapter": {"name": "sdxl", "sites": sites},
+        "partitioner": {"name": "tile", "size": 4},
+        "schedule": ALWAYS,
+    }
     outs = []
     for raster in (False, True):
         unet = tiny_sdxl_unet(0, sample_size=32).double()
         inputs = tiny_sdxl_inputs(unet)
+        with torch.no_grad():
+            unmerged = unet(**inputs).sample
         handle = tr.apply(unet, "toma-sdxl", **overrides)
         assert handle.runtime.tiles((16, 16)) == (4, 4)
         with pytest.MonkeyPatch.context() as mp, torch.no_grad():
@@ -78,6 +86,7 @@ def test_sdxl_tile_order_matches_raster_order(sites: list[str]) -> None:
             outs.append(unet(**inputs).sample)
         handle.remove()
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
+    assert (outs[0] - unmerged).abs().max() > 1e-6  # merging happened
 
 
 def test_sequence_layout_is_the_tile_gather_as_a_view() -> None:

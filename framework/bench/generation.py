@@ -30,12 +30,11 @@ from tokenreduce.api import TokenReduceHandle, apply
 from tokenreduce.bench import models, report
 from tokenreduce.bench.timing import Stopwatch, Timings, describe_error
 from tokenreduce.bench.variants import (
-    IDEAL_COMPONENTS,
     Variant,
     VariantSet,
-    _derived,
     _validated,
     check_against,
+    ideal_of,
     toma_preset,
 )
 from tokenreduce.config import ConfigError
@@ -273,7 +272,7 @@ def generation_variants(family: str, ratio_of_preset: bool = True, configs: Sequ
             continue
         out.variants.append(Variant(name, "toma", config["ratio"], config))
         if name == default:
-            ideal = _derived(config, **IDEAL_COMPONENTS)
+            ideal = ideal_of(config)
             out.variants.append(Variant(f"ideal@{config['ratio']:g}", "ideal", config["ratio"], ideal))
     for source in configs:
         config = _validated(source)

@@ -75,6 +75,15 @@ def _derived(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
     return _validated({**base, **changes})
 
 
+def ideal_of(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """The ideal merge at ``base``'s placement: its adapter without size-weighted attention (the
+    ideal's kept tokens stand for no group, and the ceiling carries no cost it does not need)."""
+    adapter = dict(base["adapter"])
+    if adapter.get("size_weighting"):
+        adapter["size_weighting"] = False
+    return _derived(base, adapter=adapter, **IDEAL_COMPONENTS, **changes)
+
+
 def default_variants(
     family: str,
     ratios: Sequence[float] = DEFAULT_RATIOS,
@@ -109,7 +118,7 @@ def default_variants(
         name="identity",
     )
     for ratio in ratios:
-        add("ideal", ratio, toma, lambda r=ratio: _derived(_validated(toma), ratio=r, **IDEAL_COMPONENTS))
+        add("ideal", ratio, toma, lambda r=ratio: ideal_of(_validated(toma), ratio=r))
         add("toma", ratio, toma, lambda r=ratio: _validated(toma, ratio=r))
         for method in BASELINES:
             if method not in OWN_RATIO:

@@ -24,17 +24,18 @@ from tokenreduce.config import load_config
 from tokenreduce.demo import DEMO_CLASSES
 from tokenreduce.quality import metrics
 
-#: (label, schedule); ``None``: the preset's own schedule.
+#: (label, schedule); ``None``: the preset's own schedule. Every field is given: an override with
+#: the preset's component name is merged into the preset's entry, so an omitted offset would be inherited.
 SCHEDULES: tuple[tuple[str, dict[str, Any] | None], ...] = (
     ("preset", None),
     ("always", {"name": "always"}),
-    ("every 2, offset 0", {"name": "every", "k": 2}),
-    ("every 3, offset 0", {"name": "every", "k": 3}),
+    ("every 2, offset 0", {"name": "every", "k": 2, "offset": 0}),
+    ("every 3, offset 0", {"name": "every", "k": 3, "offset": 0}),
     ("every 3, offset 2", {"name": "every", "k": 3, "offset": 2}),
-    ("every 4, offset 0", {"name": "every", "k": 4}),
+    ("every 4, offset 0", {"name": "every", "k": 4, "offset": 0}),
     ("every 4, offset 2", {"name": "every", "k": 4, "offset": 2}),
-    ("skip first 25%", {"name": "window", "start": 0.25}),
-    ("skip first 50%", {"name": "window", "start": 0.5}),
+    ("skip first 25%", {"name": "window", "start": 0.25, "stop": 1.0}),
+    ("skip first 50%", {"name": "window", "start": 0.5, "stop": 1.0}),
 )
 
 

@@ -71,7 +71,7 @@ def eval_args(assets: dict[str, Path], output: Path, **changes: str | None) -> l
         "--configs": "toma-sdxl",
         "--ratios": "0.75",
         "--num-seeds": "2",
-        "--steps": "5",  # the preset merges steps 2 and 5 on
+        "--steps": "6",  # the preset merges steps 2 and 5
         "--reference": str(assets["reference"]),
         "--clip-model": str(assets["clip"]),
         "--dino-model": str(assets["dino"]),
@@ -164,8 +164,8 @@ def test_other_settings_in_the_same_output_folder_are_refused(capsys, assets, tm
     args = {"--reference": None, "--num-seeds": None, "--limit": "1"}
     assert run(capsys, eval_args(assets, out, **args))[0] == 0
     before = images(out)
-    code, _, err = run(capsys, eval_args(assets, out, **args, **{"--steps": "6"}))
-    assert code == 2 and "steps: 5 there, 6 now" in err
+    code, _, err = run(capsys, eval_args(assets, out, **args, **{"--steps": "7"}))
+    assert code == 2 and "steps: 6 there, 7 now" in err
     assert images(out) == before
 
 

@@ -182,6 +182,14 @@ def validate_runs(pipe: Any, runs: Sequence[Run], size: tuple[int, int] | None) 
                     grids = {}
                 for grid in set(grids.values()):
                     runtime.layout(grid)
+                if runtime.unmerged:
+                    # Generation would run those levels unmerged (with a warning): an evaluation
+                    # must measure the config it names, so refuse the size instead.
+                    small = ", ".join("x".join(map(str, g)) for g in sorted(runtime.unmerged))
+                    raise ValueError(
+                        f"token grid {small} is smaller than partitioner {runtime.partitioner.name!r} needs "
+                        f"{runtime.partitioner.min_grid()}; choose a larger size or a smaller partitioner"
+                    )
         except (ConfigError, UnsupportedModelError) as exc:
             raise type(exc)(f"{run.name}: {exc}") from None
         except ValueError as exc:
