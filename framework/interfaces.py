@@ -112,6 +112,8 @@ class MergePlan(ABC):
     convex: bool = False
     #: the merged tokens are the first ``prefix`` input tokens, unchanged (merging is a slice)
     prefix: int | None = None
+    #: ``True`` when nothing is merged: sites then run the original code (exact at ratio 0)
+    is_identity: ClassVar[bool] = False
 
     @abstractmethod
     def merge(self, x: torch.Tensor) -> torch.Tensor:
