@@ -6,6 +6,7 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from tokenreduce.interfaces import (
     Component,
@@ -17,6 +18,9 @@ from tokenreduce.interfaces import (
     Selector,
 )
 from tokenreduce.params import StrictParams
+
+if TYPE_CHECKING:
+    from tokenreduce.archs import Architecture
 
 KINDS: dict[str, type[Component]] = {
     "selector": Selector,
@@ -63,6 +67,7 @@ class Registry:
 
     components: dict[str, dict[str, Entry]] = field(default_factory=lambda: {k: {} for k in KINDS})
     presets: dict[str, Preset] = field(default_factory=dict)
+    architectures: dict[str, Architecture] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # entry point -> error
     _source: str = "unknown"
 
@@ -86,6 +91,12 @@ class Registry:
         if name in self.presets:
             raise RegistryError(f"preset {name!r} is already registered by {self.presets[name].source}")
         self.presets[name] = Preset(name, package, resource, self._source, description)
+
+    def add_architecture(self, arch: Architecture) -> None:
+        """Register a published denoiser configuration (for ``bench`` and ``explain``)."""
+        if arch.name in self.architectures:
+            raise RegistryError(f"architecture {arch.name!r} is already registered")
+        self.architectures[arch.name] = arch
 
     def get(self, kind: str, name: str) -> type[Component]:
         table = self.components[kind]

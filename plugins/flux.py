@@ -30,23 +30,13 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
+from tokenreduce.archs import Architecture, Inputs
 from tokenreduce.engine.sites import JOINT_TEXT_FIRST, CallInfo, Stack, StackedTransformerAdapter
+from tokenreduce.engine.sites.stack import check_blocks, check_grid
 from tokenreduce.hookspecs import hookimpl
 from tokenreduce.params import StrictParams
 
 DOUBLE, SINGLE = "double", "single"
-
-
-def check_blocks(value: list[int] | None) -> list[int] | None:
-    if value is not None and any(i < 0 for i in value):
-        raise ValueError(f"block indices must be >= 0, got {value}")
-    return value
-
-
-def check_grid(value: list[int] | None) -> list[int] | None:
-    if value is not None and (len(value) != 2 or min(value) < 1):
-        raise ValueError(f"grid must be [H, W] with positive sides, got {value}")
-    return value
 
 
 class FluxAdapter(StackedTransformerAdapter):
@@ -125,6 +115,99 @@ class FluxAdapter(StackedTransformerAdapter):
         return read
 
 
+def flux_inputs(
+    model: nn.Module,
+    batch: int,
+    height: int,
+    width: int,
+    text_tokens: int,
+    dtype: torch.dtype,
+    device: Any,
+    generator: torch.Generator,
+) -> Inputs:
+    """What the Flux pipeline passes: 2x2-packed latents (16 px per token), T5 text, pooled CLIP, ids."""
+    cfg = model.config
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+
+    h, w = height // 16, width // 16
+    rows = torch.arange(h, device=device).repeat_interleave(w)
+    cols = torch.arange(w, device=device).repeat(h)
+    kwargs = {
+        "hidden_states": randn(batch, h * w, cfg.in_channels),
+        "encoder_hidden_states": randn(batch, text_tokens, cfg.joint_attention_dim),
+        "pooled_projections": randn(batch, cfg.pooled_projection_dim),
+        "timestep": torch.full((batch,), 0.5, device=device, dtype=dtype),  # the pipeline passes t / 1000
+        "img_ids": torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).to(dtype),
+        "txt_ids": torch.zeros(text_tokens, 3, device=device, dtype=dtype),
+    }
+    if cfg.guidance_embeds:
+        kwargs["guidance"] = torch.full((batch,), 3.5, device=device, dtype=dtype)
+    return Inputs((), kwargs, h * w)
+
+
+def _model() -> type[nn.Module]:
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel
+
+
+def _tiny_config() -> dict[str, Any]:
+    from tokenreduce.testing.tiny_flux import tiny_flux_transformer
+
+    return dict(tiny_flux_transformer().config)
+
+
+# black-forest-labs/FLUX.1-dev, transformer/config.json
+FLUX_DEV: dict[str, Any] = {
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": True,
+    "in_channels": 64,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "patch_size": 1,
+    "pooled_projection_dim": 768,
+}
+
+ARCHITECTURES = (
+    Architecture(
+        name="flux",
+        adapter="flux",
+        model=_model,
+        config=FLUX_DEV,
+        subfolder="transformer",
+        batch=1,  # guidance is embedded
+        dtype="bf16",
+        size=1024,
+        text_tokens=512,
+        multiple=16,
+        inputs=flux_inputs,
+        description="Flux.1-dev transformer (12 B parameters)",
+        h100=(45.0, 185.0, 180.0),
+        bench_default=True,
+    ),
+    # The test kit's toy model, for running the benchmark on a CPU: 128 px -> an 8x8 token grid.
+    Architecture(
+        name="tiny-flux",
+        adapter="flux",
+        model=_model,
+        config=_tiny_config,
+        subfolder="transformer",
+        batch=1,
+        dtype="fp32",
+        size=128,
+        text_tokens=8,
+        multiple=16,
+        inputs=flux_inputs,
+        description="the test kit's tiny Flux transformer",
+    ),
+)
+
+
 @hookimpl
 def tokenreduce_register(registry: Any) -> None:
     registry.add(FluxAdapter)
@@ -134,3 +217,5 @@ def tokenreduce_register(registry: Any) -> None:
         "toma-flux.yaml",
         "ToMA on Flux: r=0.5, facility location on 4x4 tiles, attention merge, new plans every step",
     )
+    for arch in ARCHITECTURES:
+        registry.add_architecture(arch)

@@ -56,3 +56,31 @@ def wrap_joint_attn(site: Site, rope: Rope, what: str) -> Wrapper:
         return forward
 
     return make
+
+
+def wrap_image_self_attn(site: Site, what: str) -> Wrapper:
+    """An image-only self-attention in a joint block (SD3.5's ``attn2``): merge, attend, unmerge.
+
+    Uses the plan of the same call and group (computed by the block's joint attention just before).
+    """
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def forward(
+            hidden_states: torch.Tensor,
+            encoder_hidden_states: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None,
+            **kwargs: Any,
+        ) -> Any:
+            ctx = site.ctx
+            if not ctx.on or encoder_hidden_states is not None:
+                return original(hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+            plan = site.runtime.plan(site.group, hidden_states, ctx.grid)
+            if plan.is_identity:
+                return original(hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+            no_mask(attention_mask, what)
+            return plan.unmerge(original(plan.merge(hidden_states), None, None, **kwargs))
+
+        return forward
+
+    return make

@@ -16,7 +16,7 @@ from torch import nn
 from tokenreduce.config import instantiate
 from tokenreduce.engine.sites.call import CallContext, CallInfo, Site, Wrapper, wrap_denoiser
 from tokenreduce.engine.sites.grid import GridResolver
-from tokenreduce.engine.sites.joint_stream import wrap_joint_attn
+from tokenreduce.engine.sites.joint_stream import wrap_image_self_attn, wrap_joint_attn
 from tokenreduce.engine.sites.rope import Rope
 from tokenreduce.engine.sites.single_stream import (
     wrap_single_attn,
@@ -45,6 +45,21 @@ class Stack:
     skip: str | None = None  # Params field: the first N blocks are not merged
     enable: str | None = None  # Params field: merge in this stack at all
     noun: str = "transformer"  # in messages: "<n> <noun> blocks"
+    extra_self: str | None = None  # joint blocks: an optional image-only self-attention on the same tokens
+
+
+def check_blocks(value: list[int] | None) -> list[int] | None:
+    """Validator of a ``blocks`` parameter."""
+    if value is not None and any(i < 0 for i in value):
+        raise ValueError(f"block indices must be >= 0, got {value}")
+    return value
+
+
+def check_grid(value: list[int] | None) -> list[int] | None:
+    """Validator of a ``grid`` parameter."""
+    if value is not None and (len(value) != 2 or min(value) < 1):
+        raise ValueError(f"grid must be [H, W] with positive sides, got {value}")
+    return value
 
 
 class StackedTransformerAdapter(ModelAdapter):
@@ -137,7 +152,7 @@ class StackedTransformerAdapter(ModelAdapter):
             for stack, path in self._paths(model)
         ]
 
-    def grids_for(self, model: nn.Module, height: int, width: int) -> dict[str, tuple[int, int]]:
+    def grids_for(self, model: nn.Module, height: int, width: int, **size: int) -> dict[str, tuple[int, ...]]:
         grid = self.token_grid(model, height, width)
         return {s.kind: grid for s in self.stacks} | {path: grid for _, path in self._paths(model)}
 
@@ -153,6 +168,9 @@ class StackedTransformerAdapter(ModelAdapter):
             site = Site(ctx, runtime, runtime.group(stack.kind, path, position))
             if stack.site == "joint":
                 patches.wrap_forward(block.attn, wrap_joint_attn(site, self.rope, what))
+                extra = getattr(block, stack.extra_self, None) if stack.extra_self else None
+                if extra is not None:
+                    patches.wrap_forward(extra, wrap_image_self_attn(site, what))
             elif stack.site == "single_fused":
                 patches.wrap_forward(block.attn, wrap_single_fused(site, self.rope, what))
             else:
@@ -169,8 +187,8 @@ class StackedTransformerAdapter(ModelAdapter):
         self._grids = GridResolver(getattr(self.params, "grid", None), self.name)
         return self._grids
 
-    def prepare(self, model: nn.Module, runtime: Any, height: int, width: int) -> None:
-        super().prepare(model, runtime, height, width)
+    def prepare(self, model: nn.Module, runtime: Any, height: int, width: int, **size: int) -> None:
+        super().prepare(model, runtime, height, width, **size)
         grid = self.token_grid(model, height, width)
         if self._grids is not None:  # compiled calls cannot read ids: tell them this size's grid
             self._grids.by_tokens[grid[0] * grid[1]] = grid
