@@ -112,6 +112,12 @@ class Registry:
             raise UnknownComponentError(f"unknown {kind} {name!r}{guess}; valid {kind}s: {valid}{hint}")
         return table[name].cls
 
+    def adapter_of(self, config: object) -> type[ModelAdapter] | None:
+        """The adapter class a config names (``None`` for ``auto`` or an unknown name)."""
+        name = getattr(getattr(config, "adapter", None), "name", None)
+        entry = self.components["adapter"].get(name) if isinstance(name, str) else None
+        return None if entry is None else entry.cls  # type: ignore[return-value]
+
     def names(self, kind: str) -> list[str]:
         return sorted(self.components[kind])
 

@@ -38,6 +38,7 @@ class SD3Adapter(StackedTransformerAdapter):
     label = "SD3"
     stacks = (Stack(JOINT, "transformer_blocks", "joint", skip="skip", noun="joint", extra_self="attn2"),)
     rope = NO_ROPE
+    shared_positions = False  # positions are added before the blocks: nothing positional is merged
 
     class Params(StrictParams):
         name: Literal["sd3"] = "sd3"

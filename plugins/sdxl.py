@@ -20,7 +20,7 @@ of its ``Transformer2DModel``, so any latent size works (non-square, not divisib
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -37,6 +37,9 @@ from tokenreduce.params import AdapterParams
 from tokenreduce.plugins import _unet_wrappers as w
 from tokenreduce.plugins._unet_levels import UNetBlock, describe_levels, grid_at, latent_size, unet_blocks
 
+if TYPE_CHECKING:
+    from tokenreduce.config import ConfigBase
+
 Site = Literal["attn1", "attn2", "ff", "block", "stack"]
 SITE_ORDER: tuple[Site, ...] = ("attn1", "attn2", "ff")  # execution order inside a block
 
@@ -52,6 +55,7 @@ def level_kind(level: int) -> str:
 class SDXLAdapter(ModelAdapter):
     name = "sdxl"
     default_preset = "toma-sdxl"
+    kv_only_sites = True  # attn1: full-length queries over shortened keys/values
 
     class Params(AdapterParams):
         name: Literal["sdxl"] = "sdxl"
@@ -107,7 +111,7 @@ class SDXLAdapter(ModelAdapter):
 
     # ------------------------------------------------------------------ validation (no changes)
 
-    def check(self, config: Any) -> None:
+    def check(self, config: ConfigBase) -> None:
         merger = get_registry().get("merger", config.merger.name)
         if merger.kv_only and self.params.sites != ["attn1"]:
             raise ValueError(
@@ -140,7 +144,7 @@ class SDXLAdapter(ModelAdapter):
             )
         return chosen
 
-    def validate(self, model: nn.Module, config: Any) -> None:
+    def validate(self, model: nn.Module, config: ConfigBase) -> None:
         self.check(config)
         sites = self.params.sites
         for b in self.selected_blocks(model):
@@ -171,7 +175,7 @@ class SDXLAdapter(ModelAdapter):
                     "needs 'layer_norm' blocks (use features 'block_input')"
                 )
 
-    def sites(self, model: nn.Module, config: Any) -> list[SiteSpec]:
+    def sites(self, model: nn.Module, config: ConfigBase) -> list[SiteSpec]:
         by_kind = instantiate("reuse", config.reuse).sharing == "kind"
         latent = latent_size(model)
         specs = []

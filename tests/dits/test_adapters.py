@@ -131,7 +131,7 @@ def test_one_plan_per_block_kind_and_call(case: Case, sharing: str) -> None:
         reuse={"name": "step_sharing", "destinations_every": 1, "weights_every": 1, "sharing": sharing},
     )
     run(model, inputs)
-    assert PLANS == [60] * (len(case.groups) if sharing == "kind" else case.blocks)
+    assert [60] * (len(case.groups) if sharing == "kind" else case.blocks) == PLANS
 
 
 @models

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from torch import nn
 
@@ -28,7 +28,7 @@ from tokenreduce.interfaces import ModelAdapter, SiteSpec
 from tokenreduce.manager import get_registry
 
 if TYPE_CHECKING:
-    from tokenreduce.config import Config
+    from tokenreduce.config import ConfigBase
     from tokenreduce.engine.patch import PatchSet
     from tokenreduce.engine.runtime import Runtime
 
@@ -70,6 +70,7 @@ class StackedTransformerAdapter(ModelAdapter):
     label: ClassVar[str]  # the model's name in error messages
     #: Image size (pixels) of the pipeline's default call: ``apply`` checks the site grids at it.
     default_size: ClassVar[int] = 1024
+    shared_positions: ClassVar[bool] = True  # RoPE rows of merged tokens: one table for the batch
     _grids: GridResolver | None = None
 
     def reader(self, model: nn.Module) -> Callable[..., CallInfo]:
@@ -105,7 +106,7 @@ class StackedTransformerAdapter(ModelAdapter):
     def _counts(self, model: nn.Module) -> str:
         return " and ".join(f"{len(self._blocks(model, s))} {s.noun}" for s in self.stacks) + " blocks"
 
-    def check(self, config: Config) -> None:
+    def check(self, config: ConfigBase) -> None:
         merger = get_registry().get("merger", config.merger.name)
         if merger.kv_only:
             raise ValueError(
@@ -114,7 +115,7 @@ class StackedTransformerAdapter(ModelAdapter):
                 "(queries included) and needs a merger that can unmerge"
             )
 
-    def validate(self, model: nn.Module, config: Config) -> None:
+    def validate(self, model: nn.Module, config: ConfigBase) -> None:
         self.check(config)
         total = sum(len(self._blocks(model, s)) for s in self.stacks)
         blocks = getattr(self.params, "blocks", None)
@@ -137,7 +138,7 @@ class StackedTransformerAdapter(ModelAdapter):
             for i in chosen
         ]
 
-    def sites(self, model: nn.Module, config: Config) -> list[SiteSpec]:
+    def sites(self, model: nn.Module, config: ConfigBase) -> list[SiteSpec]:
         per_block = instantiate("reuse", config.reuse).sharing == "block"
         g = getattr(self.params, "grid", None)
         size = self.default_size
@@ -187,7 +188,7 @@ class StackedTransformerAdapter(ModelAdapter):
         self._grids = GridResolver(getattr(self.params, "grid", None), self.name)
         return self._grids
 
-    def prepare(self, model: nn.Module, runtime: Any, height: int, width: int, **size: int) -> None:
+    def prepare(self, model: nn.Module, runtime: Runtime, height: int, width: int, **size: int) -> None:
         super().prepare(model, runtime, height, width, **size)
         grid = self.token_grid(model, height, width)
         if self._grids is not None:  # compiled calls cannot read ids: tell them this size's grid
