@@ -308,7 +308,7 @@ class ModelAdapter(Component):
     def validate(self, model: nn.Module, config: ConfigBase) -> None:  # noqa: B027 - optional hook
         """Raise ``ValueError`` for a model/config combination this adapter cannot serve."""
 
-    def grids_for(self, model: nn.Module, height: int, width: int) -> dict[str, tuple[int, ...]]:
+    def grids_for(self, model: nn.Module, height: int, width: int, **size: int) -> dict[str, tuple[int, ...]]:
         """Token grid per sharing group for an image of ``height x width`` pixels."""
         raise NotImplementedError(f"adapter {self.name!r} cannot predict token grids from an image size")
 

@@ -23,7 +23,6 @@ from tokenreduce.archs import Architecture
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-
 @dataclass(frozen=True)
 class ArchSpec:
     """Benchmark defaults of an architecture registered as a bare builder (``archs.register``);
