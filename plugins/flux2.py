@@ -37,6 +37,7 @@ class Flux2Adapter(StackedTransformerAdapter):
 
     name = "flux2"
     label = "Flux.2"
+    default_preset = "toma-flux2"
     stacks = (
         Stack(
             DOUBLE, "transformer_blocks", "joint", skip="skip_double", enable="double", noun="double-stream"

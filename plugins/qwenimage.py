@@ -53,6 +53,7 @@ class QwenImageAdapter(StackedTransformerAdapter):
 
     name = "qwenimage"
     label = "Qwen-Image"
+    default_preset = "toma-qwenimage"
     stacks = (Stack(JOINT, "transformer_blocks", "joint", skip="skip", noun="dual-stream"),)
     rope = Rope("split")
 

@@ -36,6 +36,7 @@ class SD3Adapter(StackedTransformerAdapter):
 
     name = "sd3"
     label = "SD3"
+    default_preset = "toma-sd3"
     stacks = (Stack(JOINT, "transformer_blocks", "joint", skip="skip", noun="joint", extra_self="attn2"),)
     rope = NO_ROPE
     shared_positions = False  # positions are added before the blocks: nothing positional is merged

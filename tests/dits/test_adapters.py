@@ -197,3 +197,10 @@ def test_explain_builds_the_published_architecture(preset: str, arch: str, block
     explain(preset, console=Console(width=200))
     out = capsys.readouterr().out
     assert arch in out and "64x64" in out and f" {blocks} " in out
+
+
+@models
+def test_apply_without_a_config_uses_the_models_preset(case: Case) -> None:
+    tr.reset_manager()  # the presets come with the first-party plugins
+    handle = tr.apply(case.make())
+    assert handle.config.adapter.name == case.every_block["name"] and handle.config.ratio == 0.5
