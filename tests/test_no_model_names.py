@@ -24,6 +24,8 @@ EXEMPT = {
     "demo.py": "runs the embedded SDXL- and Flux-shaped proxy models",
     "bench/components.py": "times ToMA's parts at SDXL and Flux shapes, keyed by their presets",
     "quality/fidelity.py": "the fidelity protocol's proxy models are SDXL- and Flux-shaped",
+    "quality/cli.py": "the proxy training command chooses among the SDXL-, Flux- and Wan-shaped proxies",
+    "quality/proxy/latent.py": "defines the latent SDXL-, Flux- and Wan-shaped proxies",
     "quality/proxy/models.py": "defines the SDXL- and Flux-shaped proxy denoisers",
     "quality/proxy/train.py": "trains those proxies with each family's noise schedule",
     "testing/": "the test kit ships tiny models of each supported family, named after it",
