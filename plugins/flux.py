@@ -34,7 +34,7 @@ from tokenreduce.archs import Architecture, Inputs
 from tokenreduce.engine.sites import JOINT_TEXT_FIRST, CallInfo, Stack, StackedTransformerAdapter
 from tokenreduce.engine.sites.stack import check_blocks, check_grid
 from tokenreduce.hookspecs import hookimpl
-from tokenreduce.params import StrictParams
+from tokenreduce.params import AdapterParams
 
 DOUBLE, SINGLE = "double", "single"
 
@@ -60,7 +60,7 @@ class FluxAdapter(StackedTransformerAdapter):
     )
     rope = JOINT_TEXT_FIRST
 
-    class Params(StrictParams):
+    class Params(AdapterParams):
         name: Literal["flux"] = "flux"
         skip_double: int = Field(5, ge=0, description="The first N double-stream blocks are not merged.")
         skip_single: int = Field(5, ge=0, description="The first N single-stream blocks are not merged.")

@@ -27,7 +27,7 @@ from tokenreduce.archs import Architecture, Inputs
 from tokenreduce.engine.sites import JOINT_TEXT_FIRST, CallInfo, Stack, StackedTransformerAdapter
 from tokenreduce.engine.sites.stack import check_blocks, check_grid
 from tokenreduce.hookspecs import hookimpl
-from tokenreduce.params import StrictParams
+from tokenreduce.params import AdapterParams
 
 DOUBLE, SINGLE = "double", "single"
 
@@ -53,7 +53,7 @@ class Flux2Adapter(StackedTransformerAdapter):
     )
     rope = JOINT_TEXT_FIRST
 
-    class Params(StrictParams):
+    class Params(AdapterParams):
         name: Literal["flux2"] = "flux2"
         skip_double: int = Field(2, ge=0, description="The first N double-stream blocks are not merged.")
         skip_single: int = Field(5, ge=0, description="The first N single-stream blocks are not merged.")

@@ -26,7 +26,7 @@ from tokenreduce.archs import Architecture, Inputs
 from tokenreduce.engine.sites import CallInfo, Rope, Stack, StackedTransformerAdapter
 from tokenreduce.engine.sites.stack import check_blocks
 from tokenreduce.hookspecs import hookimpl
-from tokenreduce.params import StrictParams
+from tokenreduce.params import AdapterParams
 
 JOINT = "joint"
 
@@ -57,7 +57,7 @@ class QwenImageAdapter(StackedTransformerAdapter):
     stacks = (Stack(JOINT, "transformer_blocks", "joint", skip="skip", noun="dual-stream"),)
     rope = Rope("split")
 
-    class Params(StrictParams):
+    class Params(AdapterParams):
         name: Literal["qwenimage"] = "qwenimage"
         skip: int = Field(5, ge=0, description="The first N transformer blocks are not merged.")
         blocks: list[int] | None = Field(None, description="Explicit block indices to merge; overrides skip.")

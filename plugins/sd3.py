@@ -26,7 +26,7 @@ from tokenreduce.archs import Architecture, Inputs
 from tokenreduce.engine.sites import NO_ROPE, CallInfo, Stack, StackedTransformerAdapter
 from tokenreduce.engine.sites.stack import check_blocks
 from tokenreduce.hookspecs import hookimpl
-from tokenreduce.params import StrictParams
+from tokenreduce.params import AdapterParams
 
 JOINT = "joint"
 
@@ -40,8 +40,9 @@ class SD3Adapter(StackedTransformerAdapter):
     stacks = (Stack(JOINT, "transformer_blocks", "joint", skip="skip", noun="joint", extra_self="attn2"),)
     rope = NO_ROPE
     shared_positions = False  # positions are added before the blocks: nothing positional is merged
+    text_first = False  # joint attention runs over [image; text]
 
-    class Params(StrictParams):
+    class Params(AdapterParams):
         name: Literal["sd3"] = "sd3"
         skip: int = Field(5, ge=0, description="The first N transformer blocks are not merged.")
         blocks: list[int] | None = Field(None, description="Explicit block indices to merge; overrides skip.")

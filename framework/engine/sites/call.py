@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from tokenreduce.api import begin_call
+from tokenreduce.engine.attention import KeyWeightsCache, SizeWeighting
 from tokenreduce.engine.runtime import Group, Runtime
 from tokenreduce.interfaces import MergePlan
 
@@ -30,11 +31,36 @@ class CallContext:
 
 
 class Site:
-    """One merged block: the runtime, its sharing group and (single-stream blocks) this call's plan."""
+    """One merged block: the runtime, its sharing group and (single-stream blocks) this call's plan.
 
-    def __init__(self, ctx: CallContext, runtime: Runtime, group: Group) -> None:
+    ``weighting``: the size weighting of the attention module the site wraps (``None`` when off);
+    ``weights``: the key weights of the group's plan, shared by the group's sites; ``text_first``:
+    whether the model's joint attention puts the text keys before the image keys.
+    """
+
+    def __init__(
+        self,
+        ctx: CallContext,
+        runtime: Runtime,
+        group: Group,
+        weighting: SizeWeighting | None = None,
+        weights: KeyWeightsCache | None = None,
+        text_first: bool = True,
+    ) -> None:
         self.ctx, self.runtime, self.group = ctx, runtime, group
         self.plan: MergePlan | None = None  # split single-stream blocks: set by `norm`, used after
+        self.weighting, self.weights, self.text_first = weighting, weights, text_first
+
+    def attend(
+        self, plan: MergePlan, text_len: int, original: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        """``original(*args, **kwargs)``: attention over ``text_len`` text keys and the merged image
+        keys, size-weighted when enabled."""
+        weighting = self.weighting
+        if weighting is None:
+            return original(*args, **kwargs)
+        weights = self.weights.get(plan, text_len, self.text_first)
+        return weighting.call(weights, original, *args, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ Order: an explicit grid from the adapter parameters (``H * W == N``); else read 
 (``(N, k)``, axis 1 = row, axis 2 = column, raster order) on the host once per distinct ids
 tensor (pipelines pass the same tensor at every step); under ``torch.compile`` nothing can be
 read from the device, so the grid last read (or prepared) for the same ``N`` is used, else a
-square grid when ``N`` is a perfect square, else a ``ValueError`` asks for an explicit grid.
+``ValueError`` names ``handle.prepare`` (dynamic shapes specialise per prepared size); eager
+calls without ids use a square grid when ``N`` is a perfect square, else a ``ValueError`` asks
+for an explicit grid.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from tokenreduce.engine.runtime import compiled_new_size_message
 
 
 def grid_from_ids(
@@ -55,6 +59,10 @@ class GridResolver:
                 )
             return self.explicit
         if torch.compiler.is_compiling() or img_ids is None:
+            if torch.compiler.is_compiling():
+                num_tokens = int(num_tokens)  # specialise dynamic shapes: layouts are static per size
+                if num_tokens not in self.by_tokens:
+                    raise ValueError(compiled_new_size_message(f"an image of {num_tokens} tokens"))
             grid = self.by_tokens.get(num_tokens)
             if grid is None:
                 side = math.isqrt(num_tokens)

@@ -4,7 +4,7 @@ The block's ``attn`` receives the normalised, modulated image tokens and the tex
 wrapper merges the image tokens with the group's plan (computed from them in the group's first
 block, applied by later ones), calls the original attention on the merged image tokens (so image
 Q/K/V are projected from them and joint attention runs over text and merged image, in whatever
-order the model concatenates), and unmerges the image output after ``to_out``; unmerge rows sum to
+order the model concatenates; size-weighted when enabled, see :meth:`Site.attend`), and unmerges the image output after ``to_out``; unmerge rows sum to
 1, so the residuals, the MLP and the text stream stay full length and exact.
 
 Fits Flux double-stream blocks, SD3/SD3.5 ``JointTransformerBlock``, Qwen-Image
@@ -49,7 +49,9 @@ def wrap_joint_attn(site: Site, rope: Rope, what: str) -> Wrapper:
                 kwargs[rope.arg] = args[0]
             if rope.arg in kwargs:
                 kwargs[rope.arg] = rope.merged(site, plan, kwargs[rope.arg], encoder_hidden_states.shape[1])
-            out = original(plan.merge(hidden_states), encoder_hidden_states, None, **kwargs)
+            text_len = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+            merged = plan.merge(hidden_states)
+            out = site.attend(plan, text_len, original, merged, encoder_hidden_states, None, **kwargs)
             # (image, text[, image-shaped extras such as an IP-adapter output])
             return (plan.unmerge(out[0]), out[1], *(plan.unmerge(o) for o in out[2:]))
 
@@ -79,7 +81,9 @@ def wrap_image_self_attn(site: Site, what: str) -> Wrapper:
             if plan.is_identity:
                 return original(hidden_states, encoder_hidden_states, attention_mask, **kwargs)
             no_mask(attention_mask, what)
-            return plan.unmerge(original(plan.merge(hidden_states), None, None, **kwargs))
+            return plan.unmerge(
+                site.attend(plan, 0, original, plan.merge(hidden_states), None, None, **kwargs)
+            )
 
         return forward
 

@@ -10,6 +10,7 @@ gate and residual, which stay full length. Two shapes of block:
 - **fused** (Flux.2): one module takes the normalised ``[text; image]`` and returns the summed
   attention and MLP output (QKV/MLP-in and out projections fused); it is wrapped alone.
 
+The attention runs through :meth:`Site.attend` (size-weighted when enabled: text keys first).
 The block's own ``forward`` is never replaced.
 """
 
@@ -64,10 +65,16 @@ def wrap_single_attn(site: Site, rope: Rope, what: str) -> Wrapper:
             **kwargs: Any,
         ) -> Any:
             plan = site.plan
-            if plan is not None:
-                no_mask(attention_mask, what)
-                image_rotary_emb = rope.merged(site, plan, image_rotary_emb, site.ctx.text_len)
-            return original(hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
+            if plan is None:
+                return original(
+                    hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs
+                )
+            no_mask(attention_mask, what)
+            t = site.ctx.text_len
+            image_rotary_emb = rope.merged(site, plan, image_rotary_emb, t)
+            return site.attend(
+                plan, t, original, hidden_states, encoder_hidden_states, None, image_rotary_emb, **kwargs
+            )
 
         return forward
 
@@ -120,7 +127,7 @@ def wrap_single_fused(site: Site, rope: Rope, what: str) -> Wrapper:
             if rope.arg in kwargs:
                 kwargs[rope.arg] = rope.merged(site, plan, kwargs[rope.arg], t)
             merged = torch.cat((hidden_states[:, :t], plan.merge(image)), dim=1)
-            out = original(merged, None, **kwargs)
+            out = site.attend(plan, t, original, merged, None, **kwargs)
             return torch.cat((out[:, :t], plan.unmerge(out[:, t:])), dim=1)
 
         return forward

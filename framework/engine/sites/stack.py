@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from torch import nn
 
 from tokenreduce.config import instantiate
+from tokenreduce.engine.attention import KeyWeightsCache, SizeWeighting, route
 from tokenreduce.engine.sites.call import CallContext, CallInfo, Site, Wrapper, wrap_denoiser
 from tokenreduce.engine.sites.grid import GridResolver
 from tokenreduce.engine.sites.joint_stream import wrap_image_self_attn, wrap_joint_attn
@@ -30,7 +31,7 @@ from tokenreduce.manager import get_registry
 if TYPE_CHECKING:
     from tokenreduce.config import ConfigBase
     from tokenreduce.engine.patch import PatchSet
-    from tokenreduce.engine.runtime import Runtime
+    from tokenreduce.engine.runtime import Group, Runtime
 
 SiteKind = Literal["joint", "single_split", "single_fused"]
 
@@ -71,6 +72,8 @@ class StackedTransformerAdapter(ModelAdapter):
     #: Image size (pixels) of the pipeline's default call: ``apply`` checks the site grids at it.
     default_size: ClassVar[int] = 1024
     shared_positions: ClassVar[bool] = True  # RoPE rows of merged tokens: one table for the batch
+    #: Joint attention's key order: ``[text; image]`` (else ``[image; text]``), for size weighting.
+    text_first: ClassVar[bool] = True
     _grids: GridResolver | None = None
 
     def reader(self, model: nn.Module) -> Callable[..., CallInfo]:
@@ -130,6 +133,23 @@ class StackedTransformerAdapter(ModelAdapter):
             raise ValueError(
                 f"the block filter selects no block: the model has {self._counts(model)} ({settings})"
             )
+        if getattr(self.params, "size_weighting", False):
+            for path, attn in self._attentions(model):
+                try:
+                    route(attn)
+                except ValueError as exc:
+                    raise ValueError(f"{path}: {exc}") from None
+
+    def _attentions(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The attention modules that see merged keys, with their paths."""
+        found = []
+        for stack, path in self._paths(model):
+            block = model.get_submodule(path)
+            found.append((f"{path}.attn", block.attn))
+            extra = getattr(block, stack.extra_self, None) if stack.extra_self else None
+            if extra is not None:
+                found.append((f"{path}.{stack.extra_self}", extra))
+        return found
 
     def _paths(self, model: nn.Module) -> list[tuple[Stack, str]]:
         return [
@@ -163,15 +183,25 @@ class StackedTransformerAdapter(ModelAdapter):
         ctx = CallContext()
         paths = self._paths(model)
         what = self.label
+        weighted = bool(getattr(self.params, "size_weighting", False))
+        caches: dict[str, KeyWeightsCache] = {}  # one per group: key weights built once per plan
+
+        def site_for(group: Group, attn: nn.Module) -> Site:
+            if not weighted:
+                return Site(ctx, runtime, group)
+            cache = caches.setdefault(group.name, KeyWeightsCache())
+            return Site(ctx, runtime, group, SizeWeighting(attn, patches), cache, self.text_first)
+
         for place, (stack, path) in enumerate(paths):
             position = place / (len(paths) - 1) if len(paths) > 1 else 0.0
             block = model.get_submodule(path)
-            site = Site(ctx, runtime, runtime.group(stack.kind, path, position))
+            group = runtime.group(stack.kind, path, position)
+            site = site_for(group, block.attn)
             if stack.site == "joint":
                 patches.wrap_forward(block.attn, wrap_joint_attn(site, self.rope, what))
                 extra = getattr(block, stack.extra_self, None) if stack.extra_self else None
                 if extra is not None:
-                    patches.wrap_forward(extra, wrap_image_self_attn(site, what))
+                    patches.wrap_forward(extra, wrap_image_self_attn(site_for(group, extra), what))
             elif stack.site == "single_fused":
                 patches.wrap_forward(block.attn, wrap_single_fused(site, self.rope, what))
             else:
