@@ -65,20 +65,9 @@ class Architecture:
         return dict(self.config() if callable(self.config) else self.config)
 
 
-#: Architectures registered as a bare builder (name -> model on the meta device), see ``register``;
-#: their benchmark defaults are registered with ``tokenreduce.bench.models.register``.
-BUILDERS: dict[str, Callable[[], nn.Module]] = {}
-
-
-def register(name: str, builder: Callable[[], nn.Module]) -> None:
-    """Add an architecture as a builder of its meta-device model (``Registry.add_architecture``
-    registers a full :class:`Architecture` instead)."""
-    BUILDERS[name] = builder
-
-
 def names() -> list[str]:
-    """Every architecture ``build`` knows."""
-    return [*registered(), *BUILDERS]
+    """Every registered architecture."""
+    return list(registered())
 
 
 def build(
@@ -92,9 +81,6 @@ def build(
 
     ``overrides``: config entries to change (e.g. fewer layers of the same shapes, for op counts).
     """
-    if isinstance(arch, str) and arch not in registered() and arch in BUILDERS:
-        model = BUILDERS[arch]()
-        return model if str(device) == "meta" else model.to_empty(device=device).to(dtype=dtype).eval()
     spec = get(arch) if isinstance(arch, str) else arch
     context = torch.device("meta") if str(device) == "meta" else nullcontext()
     with context:

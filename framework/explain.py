@@ -22,13 +22,7 @@ def default_arch(adapter: str) -> str:
     """The architecture ``explain`` shows for an adapter: the first one it registers (for ``auto``
     or an adapter that registers none: the first architecture ``bench`` times by default)."""
     found = archs.for_adapter(adapter)
-    if found is not None:
-        return found.name
-    known = archs.names()
-    if adapter in known:
-        return adapter
-    legacy = next((a for a in reversed(known) if a.startswith(f"{adapter}-")), None)
-    return legacy if legacy is not None else archs.bench_defaults()[0]
+    return found.name if found is not None else archs.bench_defaults()[0]
 
 
 @dataclass(frozen=True)

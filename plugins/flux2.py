@@ -144,6 +144,12 @@ def _model() -> type[nn.Module]:
     return Flux2Transformer2DModel
 
 
+def _tiny_config() -> dict[str, Any]:
+    from tokenreduce.testing.tiny_flux2 import tiny_flux2_transformer
+
+    return dict(tiny_flux2_transformer().config)
+
+
 # black-forest-labs/FLUX.2-dev, transformer/config.json
 FLUX2_DEV: dict[str, Any] = {
     "attention_head_dim": 128,
@@ -185,5 +191,22 @@ def tokenreduce_register(registry: Any) -> None:
             multiple=16,
             inputs=flux2_inputs,
             description="Flux.2-dev transformer (32 B parameters)",
+        )
+    )
+    # The test kit's toy model, for running the benchmark on a CPU: 128 px -> an 8x8 token grid.
+    registry.add_architecture(
+        Architecture(
+            name="tiny-flux2",
+            adapter="flux2",
+            model=_model,
+            config=_tiny_config,
+            subfolder="transformer",
+            batch=1,
+            dtype="fp32",
+            size=128,
+            text_tokens=8,
+            multiple=16,
+            inputs=flux2_inputs,
+            description="the test kit's tiny Flux.2 transformer",
         )
     )

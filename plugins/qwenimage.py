@@ -116,10 +116,24 @@ def qwenimage_inputs(
     return Inputs((), kwargs, h * w)
 
 
+def restore_rope(model: nn.Module) -> None:
+    """Rebuild the RoPE frequency tables (plain tensors, not buffers: a meta-device build has no
+    values) where diffusers makes them, on the host; they are moved to the call's device on use."""
+    rope = model.pos_embed
+    with torch.device("cpu"):
+        model.pos_embed = type(rope)(theta=rope.theta, axes_dim=rope.axes_dim, scale_rope=rope.scale_rope)
+
+
 def _model() -> type[nn.Module]:
     from diffusers import QwenImageTransformer2DModel
 
     return QwenImageTransformer2DModel
+
+
+def _tiny_config() -> dict[str, Any]:
+    from tokenreduce.testing.tiny_qwenimage import tiny_qwenimage_transformer
+
+    return dict(tiny_qwenimage_transformer().config)
 
 
 # Qwen/Qwen-Image, transformer/config.json
@@ -158,6 +172,25 @@ def tokenreduce_register(registry: Any) -> None:
             text_tokens=128,  # prompt length varies (no padding); a long prompt's
             multiple=16,
             inputs=qwenimage_inputs,
+            restore_buffers=restore_rope,
             description="Qwen-Image transformer (20 B parameters)",
+        )
+    )
+    # The test kit's toy model, for running the benchmark on a CPU: 128 px -> an 8x8 token grid.
+    registry.add_architecture(
+        Architecture(
+            name="tiny-qwenimage",
+            adapter="qwenimage",
+            model=_model,
+            config=_tiny_config,
+            subfolder="transformer",
+            batch=1,
+            dtype="fp32",
+            size=128,
+            text_tokens=8,
+            multiple=16,
+            inputs=qwenimage_inputs,
+            restore_buffers=restore_rope,
+            description="the test kit's tiny Qwen-Image transformer",
         )
     )

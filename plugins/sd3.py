@@ -105,10 +105,34 @@ def sd3_inputs(
     return Inputs((), kwargs, (h // cfg.patch_size) * (w // cfg.patch_size))
 
 
+def restore_pos_embed(model: nn.Module) -> None:
+    """Recompute the sine-cosine position table (a constant buffer, not a weight) in place on its device."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    embed = model.pos_embed
+    table = embed.pos_embed  # (1, grid * grid, dim)
+    grid = embed.pos_embed_max_size or int(table.shape[1] ** 0.5)
+    values = get_2d_sincos_pos_embed(
+        table.shape[-1],
+        grid,
+        base_size=embed.base_size,
+        interpolation_scale=embed.interpolation_scale,
+        output_type="pt",
+    )
+    with torch.no_grad():
+        table.copy_(values.float().unsqueeze(0))
+
+
 def _model() -> type[nn.Module]:
     from diffusers import SD3Transformer2DModel
 
     return SD3Transformer2DModel
+
+
+def _tiny_config() -> dict[str, Any]:
+    from tokenreduce.testing.tiny_sd3 import tiny_sd3_transformer
+
+    return dict(tiny_sd3_transformer().config)
 
 
 # stabilityai/stable-diffusion-3.5-large, transformer/config.json
@@ -152,5 +176,24 @@ def tokenreduce_register(registry: Any) -> None:
             multiple=16,
             inputs=sd3_inputs,
             description="SD3.5-large transformer (8.1 B parameters)",
+            restore_buffers=restore_pos_embed,
+        )
+    )
+    # The test kit's toy model, for running the benchmark on a CPU: 128 px -> an 8x8 token grid.
+    registry.add_architecture(
+        Architecture(
+            name="tiny-sd3",
+            adapter="sd3",
+            model=_model,
+            config=_tiny_config,
+            subfolder="transformer",
+            batch=1,
+            dtype="fp32",
+            size=128,
+            text_tokens=8,
+            multiple=16,
+            inputs=sd3_inputs,
+            description="the test kit's tiny SD3 transformer",
+            restore_buffers=restore_pos_embed,
         )
     )

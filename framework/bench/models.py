@@ -9,8 +9,6 @@ in place with a seeded generator: no host copy of billions of parameters is ever
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,58 +21,21 @@ from tokenreduce.archs import Architecture
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-@dataclass(frozen=True)
-class ArchSpec:
-    """Benchmark defaults of an architecture registered as a bare builder (``archs.register``);
-    a registered :class:`~tokenreduce.archs.Architecture` carries these itself."""
-
-    family: str  # the adapter (preset family)
-    batch: int
-    dtype: str  # on CUDA; every architecture runs in fp32 on a CPU
-    size: int  # image height (and width unless ``width``) in pixels
-    text_tokens: int
-    pixels_per_latent: int  # VAE downsampling
-    width: int | None = None
-    frames: int | None = None  # video frames in pixel space
-    frames_per_latent: int = 4  # video VAE's temporal downsampling (after the first frame)
-    restore_buffers: Callable[[nn.Module], None] | None = field(default=None, compare=False, repr=False)
-    h100: tuple[float, float, float] | None = None
-
-    @property
-    def multiple(self) -> int:
-        return 2 * self.pixels_per_latent
-
-
-ARCHS: dict[str, ArchSpec] = {}
-
-
-def register(name: str, arch_spec: ArchSpec) -> None:
-    """Add the benchmark defaults of an architecture registered with ``tokenreduce.archs.register``."""
-    ARCHS[name] = arch_spec
-
-
 def names() -> list[str]:
     """Every benchmarkable architecture."""
-    return sorted(set(archs.names()) & (set(archs.registered()) | set(ARCHS)))
+    return sorted(archs.names())
 
 
 arch_names = names
 
 
-def spec(arch: str) -> Architecture | ArchSpec:
-    known = archs.registered()  # loads the plugins
-    if arch in known:
-        return known[arch]
-    if arch in ARCHS:
-        return ARCHS[arch]
-    raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(names())}")
+def spec(arch: str) -> Architecture:
+    return archs.get(arch)
 
 
-def spec_of_family(family: str) -> Architecture | ArchSpec:
+def spec_of_family(family: str) -> Architecture:
     """The first architecture an adapter registered (defaults for a pipeline of that family)."""
-    found: Architecture | ArchSpec | None = archs.for_adapter(family)
-    if found is None:
-        found = next((a for a in ARCHS.values() if a.family == family), None)
+    found = archs.for_adapter(family)
     if found is None:
         raise ValueError(f"no architecture is registered for adapter {family!r}")
     return found
@@ -135,8 +96,6 @@ def init_weights_(model: nn.Module, seed: int) -> None:
 def load_model(arch: str, path: str, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
     """Real weights: a denoiser folder, or a pipeline folder / hub id with the denoiser's subfolder."""
     s = spec(arch)
-    if not isinstance(s, Architecture):
-        raise ValueError(f"{arch}: real weights need an architecture registered with its model class")
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
     if not (Path(path) / "config.json").is_file():
         kwargs["subfolder"] = s.subfolder
@@ -169,47 +128,8 @@ def make_inputs(
 ) -> DenoiserCall:
     """Random inputs of the shapes the diffusers pipelines pass (on ``device``, made there)."""
     s = spec(arch)
-    if not isinstance(s, Architecture):
-        if s.frames is None:
-            raise ValueError(f"{arch}: no input maker is registered for this architecture")
-        return _video_inputs(s, model, batch, height, width, dtype, device, seed)
     if height % s.multiple or width % s.multiple:
         raise ValueError(f"height and width must be multiples of {s.multiple} pixels, got {height}x{width}")
     gen = torch.Generator(device=device).manual_seed(seed)
     made = s.inputs(model, batch, height, width, s.text_tokens, dtype, device, gen)
     return DenoiserCall(made.args, dict(made.kwargs), made.tokens)
-
-
-def _video_inputs(
-    s: ArchSpec,
-    model: nn.Module,
-    batch: int,
-    height: int,
-    width: int,
-    dtype: torch.dtype,
-    device: str | torch.device,
-    seed: int,
-) -> DenoiserCall:
-    """A video transformer's inputs: a ``(B, C, frames', H/8, W/8)`` latent, timesteps and the text
-    context (one guidance pass per call, as the Wan pipelines call the transformer)."""
-    cfg = model.config
-    scale, patch = s.pixels_per_latent, tuple(cfg.patch_size)
-    if height % (scale * patch[1]) or width % (scale * patch[2]):
-        raise ValueError(
-            f"height and width must be multiples of {scale * patch[1]} pixels, got {height}x{width}"
-        )
-    frames = (s.frames or 1) - 1
-    latent_frames = frames // s.frames_per_latent + 1
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
-
-    h, w = height // scale, width // scale
-    kwargs = {
-        "hidden_states": randn(batch, cfg.in_channels, latent_frames, h, w),
-        "timestep": torch.full((batch,), 500.0, device=device, dtype=dtype),
-        "encoder_hidden_states": randn(batch, s.text_tokens, cfg.text_dim),
-    }
-    tokens = (latent_frames // patch[0]) * (h // patch[1]) * (w // patch[2])
-    return DenoiserCall(args=(), kwargs=kwargs, tokens=tokens)

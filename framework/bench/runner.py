@@ -22,6 +22,7 @@ from rich.progress import (
 from rich.table import Table
 
 from tokenreduce import __version__, archs
+from tokenreduce.archs import Architecture
 from tokenreduce.bench import models, report, timing
 from tokenreduce.bench.record import provenance
 from tokenreduce.bench.variants import (
@@ -108,7 +109,7 @@ def resolve_modes(settings: BenchSettings, device: str) -> list[str]:
     return modes
 
 
-def dtype_name(settings: BenchSettings, spec: models.ArchSpec, device: str) -> str:
+def dtype_name(settings: BenchSettings, spec: Architecture, device: str) -> str:
     if settings.dtype:
         return settings.dtype
     return spec.dtype if torch.device(device).type == "cuda" else "fp32"
