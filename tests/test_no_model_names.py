@@ -23,6 +23,8 @@ EXEMPT = {
     "cli.py": "the quality proxy commands choose between the SDXL- and Flux-shaped proxy models",
     "demo.py": "runs the embedded SDXL- and Flux-shaped proxy models",
     "bench/components.py": "times ToMA's parts at SDXL and Flux shapes, keyed by their presets",
+    "bench/ops.py": "counts kernels on the SDXL and Flux architectures of record (their block classes "
+    "and shortened configs)",
     "quality/fidelity.py": "the fidelity protocol's proxy models are SDXL- and Flux-shaped",
     "quality/cli.py": "the proxy training command chooses among the SDXL-, Flux- and Wan-shaped proxies",
     "quality/proxy/latent.py": "defines the latent SDXL-, Flux- and Wan-shaped proxies",

@@ -25,9 +25,10 @@ class CallContext:
         self.on = False  # inside a wrapped denoiser call with the runtime enabled
         self.text_len = 0
         self.grid: tuple[int, int] = (0, 0)
-        # group name -> (plan, first RoPE table, merged tables); reset every call, so within a call
-        # every block of a group reuses the table and a new plan or new RoPE table rebuilds it.
-        self.rope: dict[str, tuple[MergePlan, torch.Tensor, Any]] = {}
+        self.sequence = False  # image tokens in region (tile) order in this call
+        # (group name, image first) -> (plan, first RoPE table, merged tables); reset every call, so
+        # within a call every block of a group reuses the table and a new plan or table rebuilds it.
+        self.rope: dict[tuple[str, bool], tuple[MergePlan, torch.Tensor, Any]] = {}
 
 
 class Site:
@@ -50,16 +51,26 @@ class Site:
         self.ctx, self.runtime, self.group = ctx, runtime, group
         self.plan: MergePlan | None = None  # split single-stream blocks: set by `norm`, used after
         self.weighting, self.weights, self.text_first = weighting, weights, text_first
+        # split single-stream blocks: how `norm` laid out the merged sequence for `attn` and
+        # `proj_out`: "cat" = [text; merged image]; "prefix" = [text; first image tokens] (a view);
+        # "image_first" = [merged image; text] (merged before the modulation, no concatenation)
+        self.route = "cat"
 
     def attend(
-        self, plan: MergePlan, text_len: int, original: Callable[..., Any], *args: Any, **kwargs: Any
+        self,
+        plan: MergePlan,
+        text_len: int,
+        original: Callable[..., Any],
+        *args: Any,
+        image_first: bool = False,
+        **kwargs: Any,
     ) -> Any:
         """``original(*args, **kwargs)``: attention over ``text_len`` text keys and the merged image
-        keys, size-weighted when enabled."""
+        keys (the model's order, or image first when ``image_first``), size-weighted when enabled."""
         weighting = self.weighting
         if weighting is None:
             return original(*args, **kwargs)
-        weights = self.weights.get(plan, text_len, self.text_first)
+        weights = self.weights.get(plan, text_len, self.text_first and not image_first)
         return weighting.call(weights, original, *args, **kwargs)
 
 
@@ -79,18 +90,36 @@ def no_mask(attention_mask: Any, what: str) -> None:
         )
 
 
+#: ``(grid, args, kwargs) -> (args, kwargs, inverse)`` with the image tokens (and everything indexed
+#: by them) in region order, or ``None`` to keep raster order (see ``Runtime.region_order``).
+Reorder = Callable[
+    [tuple[int, ...], tuple[Any, ...], dict[str, Any]], tuple[tuple, dict, torch.Tensor] | None
+]
+
+
+def to_raster(out: Any, inverse: torch.Tensor) -> Any:
+    """The denoiser's output (a tuple or an output object) with its sample back in raster order."""
+    if isinstance(out, tuple):
+        return (out[0].index_select(1, inverse), *out[1:])
+    out.sample = out.sample.index_select(1, inverse)
+    return out
+
+
 def wrap_denoiser(
     model: nn.Module,
     runtime: Runtime,
     ctx: CallContext,
     read: Callable[..., CallInfo],
     what: str,
+    reorder: Reorder | None = None,
 ) -> Wrapper:
     """The denoiser's forward: advance the step clock and set the per-call context.
 
     ``read`` takes the forward's arguments and returns the call's timestep, token grid and text
     length (it raises ``ValueError`` for inputs the adapter cannot serve). The arguments are passed
-    on unchanged.
+    on unchanged, unless ``reorder`` hands the blocks their image tokens region by region for the
+    whole call (merge and unmerge then need no gather in any block); the output is put back in
+    raster order.
     """
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -105,11 +134,16 @@ def wrap_denoiser(
             info = read(*args, **kwargs)
             begin_call(runtime, info.timestep)
             ctx.grid, ctx.text_len, ctx.rope = info.grid, info.text_len, {}
+            moved = None if reorder is None else reorder(info.grid, args, kwargs)
+            ctx.sequence = moved is not None
+            if moved is not None:
+                args, kwargs, inverse = moved
             ctx.on = True
             try:
-                return original(*args, **kwargs)
+                out = original(*args, **kwargs)
             finally:
                 ctx.on = False
+            return out if moved is None else to_raster(out, inverse)
 
         return forward
 

@@ -58,7 +58,8 @@ class GridResolver:
                     f"the {self.adapter} adapter's grid {h}x{w} does not match {num_tokens} image tokens"
                 )
             return self.explicit
-        if torch.compiler.is_compiling() or img_ids is None:
+        # Nothing can be read from the device inside a graph, nor from meta tensors (op counting).
+        if torch.compiler.is_compiling() or img_ids is None or img_ids.device.type == "meta":
             if torch.compiler.is_compiling():
                 num_tokens = int(num_tokens)  # specialise dynamic shapes: layouts are static per size
                 if num_tokens not in self.by_tokens:

@@ -39,7 +39,7 @@ def wrap_joint_attn(site: Site, rope: Rope, what: str) -> Wrapper:
             ctx = site.ctx
             if not ctx.on:
                 return original(hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-            plan = site.runtime.plan(site.group, hidden_states, ctx.grid)
+            plan = site.runtime.plan(site.group, hidden_states, ctx.grid, sequence=ctx.sequence)
             if plan.is_identity:
                 return original(hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
             no_mask(attention_mask, what)
@@ -77,7 +77,7 @@ def wrap_image_self_attn(site: Site, what: str) -> Wrapper:
             ctx = site.ctx
             if not ctx.on or encoder_hidden_states is not None:
                 return original(hidden_states, encoder_hidden_states, attention_mask, **kwargs)
-            plan = site.runtime.plan(site.group, hidden_states, ctx.grid)
+            plan = site.runtime.plan(site.group, hidden_states, ctx.grid, sequence=ctx.sequence)
             if plan.is_identity:
                 return original(hidden_states, encoder_hidden_states, attention_mask, **kwargs)
             no_mask(attention_mask, what)

@@ -35,12 +35,20 @@ class Rope:
         if self.layout not in ("joint", "split", "none"):
             raise ValueError(f"unknown RoPE layout {self.layout!r}; valid: joint, split, none")
 
-    def merged(self, site: Site, plan: MergePlan, rope: Any, text_len: int) -> Any:
-        """The table for ``[text; merged image]`` (or the split pair), cached per group and call."""
+    def merged(self, site: Site, plan: MergePlan, rope: Any, text_len: int, image_first: bool = False) -> Any:
+        """The table for ``[text; merged image]`` (or the split pair), cached per group and call.
+
+        ``image_first``: a joint table for the sequence ``[merged image; text]`` (the fused
+        single-block path). A prefix plan slices the table instead (no kernel).
+        """
         if rope is None or self.layout == "none":
             return rope
         first = rope[0]
-        cached = site.ctx.rope.get(site.group.name)
+        prefix = getattr(plan, "prefix", None)
+        if prefix is not None and not image_first and self.layout == "joint" and self.text_first:
+            return tuple(t[: text_len + prefix] for t in rope)  # [text; kept image]: a slice
+        key = (site.group.name, image_first)
+        cached = site.ctx.rope.get(key)
         if cached is not None and cached[0] is plan and cached[1] is first:
             return cached[2]
         positions = plan.positions
@@ -52,13 +60,16 @@ class Rope:
         if self.layout == "split":
             merged: Any = (rope[0].index_select(0, positions), *rope[1:])
         elif self.text_first:
-            merged = tuple(
-                torch.cat((t[:text_len], t[text_len:].index_select(0, positions)), dim=0) for t in rope
-            )
+
+            def rows(t: torch.Tensor) -> torch.Tensor:
+                text, image = t[:text_len], t[text_len:].index_select(0, positions)
+                return torch.cat((image, text) if image_first else (text, image), dim=0)
+
+            merged = tuple(rows(t) for t in rope)
         else:
             n = first.shape[0] - text_len
             merged = tuple(torch.cat((t[:n].index_select(0, positions), t[n:]), dim=0) for t in rope)
-        site.ctx.rope[site.group.name] = (plan, first, merged)
+        site.ctx.rope[key] = (plan, first, merged)
         return merged
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from tokenreduce.config import instantiate
 from tokenreduce.engine.attention import KeyWeightsCache, SizeWeighting, route
-from tokenreduce.engine.sites.call import CallContext, CallInfo, Site, Wrapper, wrap_denoiser
+from tokenreduce.engine.sites.call import CallContext, CallInfo, Reorder, Site, Wrapper, wrap_denoiser
 from tokenreduce.engine.sites.grid import GridResolver
 from tokenreduce.engine.sites.joint_stream import wrap_image_self_attn, wrap_joint_attn
 from tokenreduce.engine.sites.rope import Rope
@@ -205,13 +205,18 @@ class StackedTransformerAdapter(ModelAdapter):
             elif stack.site == "single_fused":
                 patches.wrap_forward(block.attn, wrap_single_fused(site, self.rope, what))
             else:
-                patches.wrap_forward(block.norm, wrap_single_norm(site))
+                patches.wrap_forward(block.norm, wrap_single_norm(site, block.norm))
                 patches.wrap_forward(block.attn, wrap_single_attn(site, self.rope, what))
-                patches.wrap_forward(block.proj_out, wrap_single_proj_out(site))
+                patches.wrap_forward(block.proj_out, wrap_single_proj_out(site, block.proj_out))
         patches.wrap_forward(model, self._denoiser(model, runtime, ctx))
 
+    def reorderer(self, runtime: Runtime) -> Reorder | None:
+        """How the denoiser's arguments are put in region order (``None``: the blocks see raster
+        order, e.g. when positions are added before the blocks or read from the grid)."""
+        return None
+
     def _denoiser(self, model: nn.Module, runtime: Runtime, ctx: CallContext) -> Wrapper:
-        return wrap_denoiser(model, runtime, ctx, self.reader(model), self.label)
+        return wrap_denoiser(model, runtime, ctx, self.reader(model), self.label, self.reorderer(runtime))
 
     def id_grids(self) -> GridResolver:
         """A resolver reading the grid from per-token ids (kept so :meth:`prepare` can seed it)."""
