@@ -47,6 +47,7 @@ class FluxAdapter(StackedTransformerAdapter):
     name = "flux"
     label = "Flux"
     default_preset = "toma-flux"
+    timestep_scale = 1.0  # the pipeline passes t / 1000
     stacks = (
         Stack(
             DOUBLE, "transformer_blocks", "joint", skip="skip_double", enable="double", noun="double-stream"
@@ -247,7 +248,13 @@ def tokenreduce_register(registry: Any) -> None:
         "toma-flux",
         "tokenreduce.toma_plugin.presets",
         "toma-flux.yaml",
-        "ToMA on Flux: r=0.5, facility location on 4x4 tiles, attention merge, new plans every step",
+        "ToMA on Flux: r=0.5 at every 3rd step from step 2, facility location on 4x4 tiles, attention merge",
+    )
+    registry.add_preset(
+        "toma-flux-fast",
+        "tokenreduce.toma_plugin.presets",
+        "toma-flux-fast.yaml",
+        "ToMA on Flux, faster than toma-flux: r=0.5 at every 2nd step, same components",
     )
     for arch in ARCHITECTURES:
         registry.add_architecture(arch)

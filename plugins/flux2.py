@@ -38,6 +38,7 @@ class Flux2Adapter(StackedTransformerAdapter):
     name = "flux2"
     label = "Flux.2"
     default_preset = "toma-flux2"
+    timestep_scale = 1.0  # the pipeline passes t / 1000
     stacks = (
         Stack(
             DOUBLE, "transformer_blocks", "joint", skip="skip_double", enable="double", noun="double-stream"

@@ -54,6 +54,7 @@ class QwenImageAdapter(StackedTransformerAdapter):
     name = "qwenimage"
     label = "Qwen-Image"
     default_preset = "toma-qwenimage"
+    timestep_scale = 1.0  # the pipeline passes t / 1000
     stacks = (Stack(JOINT, "transformer_blocks", "joint", skip="skip", noun="dual-stream"),)
     rope = Rope("split")
 

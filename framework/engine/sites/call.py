@@ -125,14 +125,16 @@ def wrap_denoiser(
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
         def forward(*args: Any, **kwargs: Any) -> Any:
+            if not runtime.switched_on:
+                return original(*args, **kwargs)
+            info = read(*args, **kwargs)
+            begin_call(runtime, info.timestep)  # the clock runs on steps that do not merge too
             if not runtime.enabled:
                 return original(*args, **kwargs)
             if getattr(model, "gradient_checkpointing", False) and torch.is_grad_enabled():
                 raise ValueError(
                     f"{what} token merging does not support gradient checkpointing; disable one of them"
                 )
-            info = read(*args, **kwargs)
-            begin_call(runtime, info.timestep)
             ctx.grid, ctx.text_len, ctx.rope = info.grid, info.text_len, {}
             moved = None if reorder is None else reorder(info.grid, args, kwargs)
             ctx.sequence = moved is not None
