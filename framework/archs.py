@@ -1,102 +1,112 @@
-"""Published denoiser architectures, built from their configs (random or empty weights, no download).
+"""Published denoiser architectures, registered by the adapters that serve them.
 
-Speed does not depend on the weight values, so ``explain`` and ``bench`` build the real SDXL-base
-UNet and Flux.1-dev transformer from these configs instead of fetching checkpoints.
+Speed does not depend on the weight values, so ``explain`` and ``bench`` build a published
+configuration (from its ``config.json`` values, empty or random weights, no download) instead of
+fetching checkpoints. Each adapter plugin registers the architectures it serves, with the inputs
+its pipeline passes; this module and the benchmark name none of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
-SDXL_BASE_UNET: dict[str, Any] = {
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 2048,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816,
-    "sample_size": 128,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "upcast_attention": False,
-    "use_linear_projection": True,
-}
-
-# black-forest-labs/FLUX.1-dev, transformer/config.json
-FLUX_DEV_TRANSFORMER: dict[str, Any] = {
-    "attention_head_dim": 128,
-    "axes_dims_rope": [16, 56, 56],
-    "guidance_embeds": True,
-    "in_channels": 64,
-    "joint_attention_dim": 4096,
-    "num_attention_heads": 24,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "patch_size": 1,
-    "pooled_projection_dim": 768,
-}
-
-ARCHITECTURES = {"sdxl": SDXL_BASE_UNET, "flux": FLUX_DEV_TRANSFORMER}
-
-#: Architectures that adapter plugins add (name -> builder on the meta device), see ``register``.
-BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {}
+from torch import nn
 
 
-def register(name: str, builder: Callable[[], torch.nn.Module]) -> None:
-    """Add an architecture (an adapter plugin's published config); ``builder`` builds it on the meta device."""
-    BUILDERS[name] = builder
+@dataclass(frozen=True)
+class Inputs:
+    """One denoiser call's arguments (the same tensors every time: CUDA graphs read them in place)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    tokens: int = 0  # image tokens at the first merged site (for the record)
+
+
+#: ``(model, batch, height_px, width_px, text_tokens, dtype, device, generator) -> Inputs``
+InputMaker = Callable[[nn.Module, int, int, int, int, torch.dtype, Any, torch.Generator], Inputs]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A denoiser configuration an adapter serves, and what one generation with it looks like."""
+
+    name: str  # e.g. "flux"; the benchmark's --arch
+    adapter: str  # the adapter (and preset family: "<method>-<adapter>") that serves it
+    model: Callable[[], type[nn.Module]]  # the diffusers class (imported lazily)
+    config: Mapping[str, Any] | Callable[[], Mapping[str, Any]]  # config.json values (or a maker)
+    subfolder: str  # inside a pipeline folder
+    batch: int  # denoiser batch of one generation (2 = classifier-free guidance in one call)
+    dtype: str  # on CUDA ("fp16", "bf16"); every architecture runs in fp32 on a CPU
+    size: int  # default image height and width in pixels
+    text_tokens: int  # encoder sequence length the pipeline passes
+    multiple: int  # height and width must be multiples of this many pixels
+    inputs: InputMaker
+    description: str = ""
+    #: Reference timings on one H100 at the defaults, for the benchmark's time estimate:
+    #: seconds to build, milliseconds per eager and per CUDA-graph denoiser call (None: unknown).
+    h100: tuple[float, float, float] | None = None
+    #: Timed by ``tokenreduce bench`` when no ``--arch`` is given.
+    bench_default: bool = False
+    width: int | None = None  # default width when not ``size``
+    frames: int | None = None  # video: frames in pixel space
+    #: Recomputes constant buffers (e.g. RoPE tables) on their device after ``to_empty``.
+    restore_buffers: Callable[[nn.Module], None] | None = None
+
+    @property
+    def family(self) -> str:
+        """The preset family (the adapter's name)."""
+        return self.adapter
+
+    def config_dict(self) -> dict[str, Any]:
+        return dict(self.config() if callable(self.config) else self.config)
 
 
 def names() -> list[str]:
-    """Every architecture ``build`` knows, plugins' included."""
-    from tokenreduce.manager import get_registry
-
-    get_registry()  # loads the plugins, which register their architectures
-    return [*ARCHITECTURES, *BUILDERS]
+    """Every registered architecture."""
+    return list(registered())
 
 
 def build(
-    arch: str,
+    arch: str | Architecture,
     *,
     device: str | torch.device = "meta",
     dtype: torch.dtype = torch.float32,
     overrides: dict[str, Any] | None = None,
-) -> torch.nn.Module:
-    """The denoiser of ``arch`` ("sdxl" or "flux"); on the meta device it holds no memory.
+) -> nn.Module:
+    """The denoiser of ``arch``; on the meta device it holds no memory.
 
     ``overrides``: config entries to change (e.g. fewer layers of the same shapes, for op counts).
     """
-    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
-
-    known = names()
-    if arch in BUILDERS:
-        model = BUILDERS[arch]()
-        return model if str(device) == "meta" else model.to_empty(device=device).to(dtype=dtype).eval()
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(known)}")
-    cls = UNet2DConditionModel if arch == "sdxl" else FluxTransformer2DModel
+    spec = get(arch) if isinstance(arch, str) else arch
     context = torch.device("meta") if str(device) == "meta" else nullcontext()
     with context:
-        model = cls.from_config({**ARCHITECTURES[arch], **(overrides or {})})
+        model = spec.model().from_config({**spec.config_dict(), **(overrides or {})})
     if str(device) != "meta":
         model = model.to(device=device, dtype=dtype)
     return model.eval()
+
+
+def registered() -> dict[str, Architecture]:
+    from tokenreduce.manager import get_registry
+
+    return get_registry().architectures
+
+
+def get(name: str) -> Architecture:
+    table = registered()
+    if name not in table:
+        raise ValueError(f"unknown architecture {name!r}; choose from {', '.join(sorted(names()))}")
+    return table[name]
+
+
+def bench_defaults() -> list[str]:
+    return [name for name, a in registered().items() if a.bench_default]
+
+
+def for_adapter(adapter: str) -> Architecture | None:
+    """The first architecture registered for ``adapter`` (what ``explain`` shows by default)."""
+    return next((a for a in registered().values() if a.adapter == adapter), None)

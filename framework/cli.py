@@ -166,7 +166,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def add_architecture_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--arch",
-        help="architecture: sdxl, flux, wan-1.3b, wan-14b (default: from the config's adapter, sdxl for 'auto')",
+        help="a registered architecture (default: the first one the config's adapter registers)",
     )
     p.add_argument("--height", type=int, default=1024, help="image height in pixels (default 1024)")
     p.add_argument("--width", type=int, default=1024, help="image width in pixels (default 1024)")

@@ -19,11 +19,10 @@ from tokenreduce.layout import grid_text
 
 
 def default_arch(adapter: str) -> str:
-    """The architecture ``explain`` shows for an adapter: its own name, else the first one it provides."""
-    known = archs.names()
-    if adapter in known:
-        return adapter
-    return next((a for a in reversed(known) if a.startswith(f"{adapter}-")), "sdxl")
+    """The architecture ``explain`` shows for an adapter: the first one it registers (for ``auto``
+    or an adapter that registers none: the first architecture ``bench`` times by default)."""
+    found = archs.for_adapter(adapter)
+    return found.name if found is not None else archs.bench_defaults()[0]
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,10 @@ from tokenreduce.params import StrictParams
 if TYPE_CHECKING:
     from torch import nn
 
+    from tokenreduce.config import ConfigBase
+    from tokenreduce.engine.patch import PatchSet
+    from tokenreduce.engine.runtime import Runtime
+
 
 class Component(ABC):
     """Common base: a registered name, a parameter model, and the parameters it was built with."""
@@ -112,6 +116,8 @@ class MergePlan(ABC):
     convex: bool = False
     #: the merged tokens are the first ``prefix`` input tokens, unchanged (merging is a slice)
     prefix: int | None = None
+    #: ``True`` when nothing is merged: sites then run the original code (exact at ratio 0)
+    is_identity: ClassVar[bool] = False
 
     @abstractmethod
     def merge(self, x: torch.Tensor) -> torch.Tensor:
@@ -250,7 +256,13 @@ class SiteSpec:
 
 
 class ModelAdapter(Component):
-    """Finds the sites in one model family, installs and removes the wrappers."""
+    """Finds the sites in one model family, installs and removes the wrappers.
+
+    Declared capabilities (read by other components' validation instead of adapter names):
+    ``shared_positions``: merged tokens carry positional data (e.g. RoPE rows, one table for the
+    whole batch), so every sample must keep the same tokens; ``kv_only_sites``: the adapter has a
+    site where a ``kv_only`` merger (shortened keys/values, full-length queries) can act.
+    """
 
     kind = "adapter"
     #: Rank of the token grids this adapter's sites see (2: images; 3: video frames x rows x cols).
@@ -260,6 +272,8 @@ class ModelAdapter(Component):
     #: The timestep the denoiser receives at pure noise (SDXL's UNet: 1000; Flux's transformer,
     #: which receives ``t / 1000``: 1); timestep schedules of bare denoisers divide by it.
     timestep_scale: ClassVar[float] = 1000.0
+    shared_positions: ClassVar[bool] = False
+    kv_only_sites: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -267,7 +281,7 @@ class ModelAdapter(Component):
         """Whether ``model`` (a denoiser, not a pipeline) is of this adapter's family."""
 
     @classmethod
-    def denoiser_of(cls, pipe: Any) -> nn.Module | None:
+    def denoiser_of(cls, pipe: object) -> nn.Module | None:
         """The denoiser inside a pipeline object, or ``None``."""
         for attr in ("unet", "transformer"):
             module = getattr(pipe, attr, None)
@@ -278,12 +292,12 @@ class ModelAdapter(Component):
         return None
 
     @abstractmethod
-    def sites(self, model: nn.Module, config: Any) -> list[SiteSpec]:
+    def sites(self, model: nn.Module, config: ConfigBase) -> list[SiteSpec]:
         """The sites the config selects, without modifying the model (used by validation and explain)."""
 
     @abstractmethod
-    def install(self, model: nn.Module, runtime: Any, patches: Any) -> None:
-        """Install the wrappers through ``patches`` (a :class:`tokenreduce.engine.PatchSet`).
+    def install(self, model: nn.Module, runtime: Runtime, patches: PatchSet) -> None:
+        """Install the wrappers through ``patches``.
 
         Wrap sub-modules' ``forward`` on the instance; never copy a block's forward. Call
         :func:`tokenreduce.api.begin_call` at the top of the denoiser's forward while
@@ -291,14 +305,14 @@ class ModelAdapter(Component):
         part-way, the caller undoes what ``patches`` holds.
         """
 
-    def validate(self, model: nn.Module, config: Any) -> None:  # noqa: B027 - optional hook
+    def validate(self, model: nn.Module, config: ConfigBase) -> None:  # noqa: B027 - optional hook
         """Raise ``ValueError`` for a model/config combination this adapter cannot serve."""
 
-    def grids_for(self, model: nn.Module, height: int, width: int) -> dict[str, tuple[int, ...]]:
+    def grids_for(self, model: nn.Module, height: int, width: int, **size: int) -> dict[str, tuple[int, ...]]:
         """Token grid per sharing group for an image of ``height x width`` pixels."""
         raise NotImplementedError(f"adapter {self.name!r} cannot predict token grids from an image size")
 
-    def prepare(self, model: nn.Module, runtime: Any, height: int, width: int, **size: int) -> None:
+    def prepare(self, model: nn.Module, runtime: Runtime, height: int, width: int, **size: int) -> None:
         """Build, on the model's device, everything a call at this image size builds lazily.
 
         A model compiled with ``fullgraph=True`` cannot run that set-up inside its graph: call this

@@ -6,6 +6,7 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from tokenreduce.interfaces import (
     Component,
@@ -17,6 +18,9 @@ from tokenreduce.interfaces import (
     Selector,
 )
 from tokenreduce.params import StrictParams
+
+if TYPE_CHECKING:
+    from tokenreduce.archs import Architecture
 
 KINDS: dict[str, type[Component]] = {
     "selector": Selector,
@@ -63,6 +67,7 @@ class Registry:
 
     components: dict[str, dict[str, Entry]] = field(default_factory=lambda: {k: {} for k in KINDS})
     presets: dict[str, Preset] = field(default_factory=dict)
+    architectures: dict[str, Architecture] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # entry point -> error
     _source: str = "unknown"
 
@@ -87,6 +92,12 @@ class Registry:
             raise RegistryError(f"preset {name!r} is already registered by {self.presets[name].source}")
         self.presets[name] = Preset(name, package, resource, self._source, description)
 
+    def add_architecture(self, arch: Architecture) -> None:
+        """Register a published denoiser configuration (for ``bench`` and ``explain``)."""
+        if arch.name in self.architectures:
+            raise RegistryError(f"architecture {arch.name!r} is already registered")
+        self.architectures[arch.name] = arch
+
     def get(self, kind: str, name: str) -> type[Component]:
         table = self.components[kind]
         if name not in table:
@@ -100,6 +111,12 @@ class Registry:
             guess = f" (did you mean {close[0]!r}?)" if close else ""
             raise UnknownComponentError(f"unknown {kind} {name!r}{guess}; valid {kind}s: {valid}{hint}")
         return table[name].cls
+
+    def adapter_of(self, config: object) -> type[ModelAdapter] | None:
+        """The adapter class a config names (``None`` for ``auto`` or an unknown name)."""
+        name = getattr(getattr(config, "adapter", None), "name", None)
+        entry = self.components["adapter"].get(name) if isinstance(name, str) else None
+        return None if entry is None else entry.cls  # type: ignore[return-value]
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.components[kind])

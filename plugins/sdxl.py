@@ -20,11 +20,13 @@ of its ``Transformer2DModel``, so any latent size works (non-square, not divisib
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from tokenreduce.archs import Architecture, Inputs
 from tokenreduce.config import instantiate
 from tokenreduce.engine import PatchSet, Runtime
 from tokenreduce.engine.attention import KeyWeightsCache, SizeWeighting, route
@@ -34,6 +36,9 @@ from tokenreduce.manager import get_registry
 from tokenreduce.params import AdapterParams
 from tokenreduce.plugins import _unet_wrappers as w
 from tokenreduce.plugins._unet_levels import UNetBlock, describe_levels, grid_at, latent_size, unet_blocks
+
+if TYPE_CHECKING:
+    from tokenreduce.config import ConfigBase
 
 Site = Literal["attn1", "attn2", "ff", "block", "stack"]
 SITE_ORDER: tuple[Site, ...] = ("attn1", "attn2", "ff")  # execution order inside a block
@@ -50,6 +55,7 @@ def level_kind(level: int) -> str:
 class SDXLAdapter(ModelAdapter):
     name = "sdxl"
     default_preset = "toma-sdxl"
+    kv_only_sites = True  # attn1: full-length queries over shortened keys/values
 
     class Params(AdapterParams):
         name: Literal["sdxl"] = "sdxl"
@@ -105,7 +111,7 @@ class SDXLAdapter(ModelAdapter):
 
     # ------------------------------------------------------------------ validation (no changes)
 
-    def check(self, config: Any) -> None:
+    def check(self, config: ConfigBase) -> None:
         merger = get_registry().get("merger", config.merger.name)
         if merger.kv_only and self.params.sites != ["attn1"]:
             raise ValueError(
@@ -138,7 +144,7 @@ class SDXLAdapter(ModelAdapter):
             )
         return chosen
 
-    def validate(self, model: nn.Module, config: Any) -> None:
+    def validate(self, model: nn.Module, config: ConfigBase) -> None:
         self.check(config)
         sites = self.params.sites
         for b in self.selected_blocks(model):
@@ -169,7 +175,7 @@ class SDXLAdapter(ModelAdapter):
                     "needs 'layer_norm' blocks (use features 'block_input')"
                 )
 
-    def sites(self, model: nn.Module, config: Any) -> list[SiteSpec]:
+    def sites(self, model: nn.Module, config: ConfigBase) -> list[SiteSpec]:
         by_kind = instantiate("reuse", config.reuse).sharing == "kind"
         latent = latent_size(model)
         specs = []
@@ -266,9 +272,118 @@ class SDXLAdapter(ModelAdapter):
             runtime.prepare_grid(grid, device)
 
 
+def unet_inputs(
+    model: nn.Module,
+    batch: int,
+    height: int,
+    width: int,
+    text_tokens: int,
+    dtype: torch.dtype,
+    device: Any,
+    generator: torch.Generator,
+) -> Inputs:
+    """What the SDXL pipeline passes: the latent (8x VAE), timestep, text states, added conditioning."""
+    cfg = model.config
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+
+    h, w = height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR
+    text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    time_ids = torch.tensor([height, width, 0, 0, height, width], device=device, dtype=dtype).repeat(batch, 1)
+    return Inputs(
+        # Positional sample and timestep, as the SDXL pipeline calls the UNet.
+        args=(randn(batch, cfg.in_channels, h, w), torch.full((batch,), 500.0, device=device)),
+        kwargs={
+            "encoder_hidden_states": randn(batch, text_tokens, cfg.cross_attention_dim),
+            "added_cond_kwargs": {"text_embeds": randn(batch, text_dim), "time_ids": time_ids},
+        },
+        tokens=(h // 2) * (w // 2),
+    )
+
+
+def _model() -> type[nn.Module]:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel
+
+
+def _tiny_config() -> dict[str, Any]:
+    from tokenreduce.testing.tiny_sdxl import tiny_sdxl_unet
+
+    # Adapters validate site grids at the config's sample size: make it the benchmark's latent (256 px).
+    return dict(tiny_sdxl_unet(sample_size=256 // VAE_SCALE_FACTOR).config)
+
+
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
+SDXL_BASE_UNET: dict[str, Any] = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": False,
+    "use_linear_projection": True,
+}
+
+ARCHITECTURES = (
+    Architecture(
+        name="sdxl",
+        adapter="sdxl",
+        model=_model,
+        config=SDXL_BASE_UNET,
+        subfolder="unet",
+        batch=2,  # classifier-free guidance in one batch
+        dtype="fp16",
+        size=1024,
+        text_tokens=77,
+        multiple=16,
+        inputs=unet_inputs,
+        description="SDXL-base UNet (2.6 B parameters)",
+        h100=(20.0, 130.0, 50.0),
+        bench_default=True,
+    ),
+    # The test kit's toy model, for running the benchmark on a CPU: 256 px -> grids of 16x16 and 8x8.
+    Architecture(
+        name="tiny-sdxl",
+        adapter="sdxl",
+        model=_model,
+        config=_tiny_config,
+        subfolder="unet",
+        batch=2,
+        dtype="fp32",
+        size=256,
+        text_tokens=8,
+        multiple=16,
+        inputs=unet_inputs,
+        description="the test kit's tiny SDXL-shaped UNet",
+    ),
+)
+
+
 @hookimpl
 def tokenreduce_register(registry: Any) -> None:
     registry.add(SDXLAdapter)
+    for arch in ARCHITECTURES:
+        registry.add_architecture(arch)
     registry.add_preset(
         "toma-sdxl",
         "tokenreduce.toma_plugin.presets",

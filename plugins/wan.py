@@ -29,6 +29,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from tokenreduce.api import begin_call
+from tokenreduce.archs import Architecture, Inputs
 from tokenreduce.config import instantiate
 from tokenreduce.engine.attention import route
 from tokenreduce.engine.patch import PatchSet
@@ -207,17 +208,6 @@ class WanAdapter(ModelAdapter):
 # --------------------------------------------------------------------------- published architectures
 
 
-def build_architecture(arch: str) -> nn.Module:
-    """The published Wan 2.1 transformer ``arch`` on the meta device (no memory)."""
-    from diffusers import WanTransformer3DModel
-
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown Wan architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
-    with torch.device("meta"):
-        model = WanTransformer3DModel.from_config(ARCHITECTURES[arch])
-    return model.eval()
-
-
 def restore_rope(model: nn.Module) -> None:
     """Rebuild the RoPE tables (constant, not weights) on the model's device, in float32 as Wan keeps them."""
     rope = model.rope
@@ -226,40 +216,103 @@ def restore_rope(model: nn.Module) -> None:
         model.rope = type(rope)(rope.attention_head_dim, rope.patch_size, rope.max_seq_len)
 
 
-def _bench_specs() -> dict[str, Any]:
-    from tokenreduce.bench.models import ArchSpec
+def wan_inputs(
+    model: nn.Module,
+    batch: int,
+    height: int,
+    width: int,
+    text_tokens: int,
+    dtype: torch.dtype,
+    device: Any,
+    generator: torch.Generator,
+    *,
+    frames: int,
+) -> Inputs:
+    """What the Wan pipelines pass (one guidance pass per call): a ``(B, C, frames', H/8, W/8)``
+    latent of a ``frames``-frame video, timesteps in [0, 1000] and the T5 context."""
+    cfg = model.config
+    patch = tuple(cfg.patch_size)
 
-    # One guidance pass per call (the Wan pipelines call the transformer for cond and uncond apart);
-    # 81 frames; T5 context of 512 tokens. 1.3B is published for 480p, 14B for 720p (both run 480p).
-    common = {"family": "wan", "batch": 1, "dtype": "bf16", "text_tokens": 512, "pixels_per_latent": 8}
-    video = {"frames": 81, "frames_per_latent": 4, "restore_buffers": restore_rope}
-    tiny = common | {"dtype": "fp32", "text_tokens": 8}
-    return {
-        "wan-1.3b": ArchSpec(size=480, width=832, **common, **video),
-        "wan-14b": ArchSpec(size=720, width=1280, **common, **video),
-        # The test kit's tiny model, for running the harness on a CPU: 9 frames -> 3 x 7 x 5 tokens.
-        "tiny-wan": ArchSpec(size=112, width=80, **tiny, **(video | {"frames": 9})),
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+
+    latent_frames = (frames - 1) // VAE_STRIDE[0] + 1
+    h, w = height // VAE_STRIDE[1], width // VAE_STRIDE[2]
+    kwargs = {
+        "hidden_states": randn(batch, cfg.in_channels, latent_frames, h, w),
+        "timestep": torch.full((batch,), 500.0, device=device, dtype=dtype),
+        "encoder_hidden_states": randn(batch, text_tokens, cfg.text_dim),
     }
+    grid = latent_grid(frames, height, width, patch)
+    return Inputs((), kwargs, grid[0] * grid[1] * grid[2])
 
 
-def _tiny_architecture() -> nn.Module:
+def _model() -> type[nn.Module]:
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel
+
+
+def _tiny_config() -> dict[str, Any]:
     from tokenreduce.testing.tiny_wan import tiny_wan_transformer
 
-    template = tiny_wan_transformer()
-    with torch.device("meta"):
-        return type(template).from_config(template.config).eval()
+    return dict(tiny_wan_transformer().config)
+
+
+def _architectures() -> tuple[Architecture, ...]:
+    # One guidance pass per call (the Wan pipelines call the transformer for cond and uncond apart);
+    # 81 frames; T5 context of 512 tokens. 1.3B is published for 480p, 14B for 720p.
+    common: dict[str, Any] = {
+        "adapter": "wan",
+        "model": _model,
+        "subfolder": "transformer",
+        "batch": 1,
+        "multiple": 16,  # 8x VAE, 2x2 patches
+        "restore_buffers": restore_rope,
+    }
+    video = {"dtype": "bf16", "text_tokens": 512, "frames": 81}
+    return (
+        Architecture(
+            name="wan-1.3b",
+            config=ARCHITECTURES["wan-1.3b"],
+            size=480,
+            width=832,
+            inputs=functools.partial(wan_inputs, frames=81),
+            description="Wan 2.1 text-to-video 1.3B transformer (81 frames at 480p)",
+            **common,
+            **video,
+        ),
+        Architecture(
+            name="wan-14b",
+            config=ARCHITECTURES["wan-14b"],
+            size=720,
+            width=1280,
+            inputs=functools.partial(wan_inputs, frames=81),
+            description="Wan 2.1 text-to-video 14B transformer (81 frames at 720p)",
+            **common,
+            **video,
+        ),
+        # The test kit's tiny model, for running the benchmark on a CPU: 9 frames -> 3 x 7 x 5 tokens.
+        Architecture(
+            name="tiny-wan",
+            config=_tiny_config,
+            size=112,
+            width=80,
+            dtype="fp32",
+            text_tokens=8,
+            frames=9,
+            inputs=functools.partial(wan_inputs, frames=9),
+            description="the test kit's tiny Wan transformer",
+            **common,
+        ),
+    )
 
 
 @hookimpl
 def tokenreduce_register(registry: Any) -> None:
-    from tokenreduce import archs
-    from tokenreduce.bench import models
-
     registry.add(WanAdapter)
-    for name, arch_spec in _bench_specs().items():
-        builder = _tiny_architecture if name == "tiny-wan" else functools.partial(build_architecture, name)
-        archs.register(name, builder)
-        models.register(name, arch_spec)
+    for arch in _architectures():
+        registry.add_architecture(arch)
     registry.add_preset(
         "toma-wan",
         "tokenreduce.toma_plugin.presets",

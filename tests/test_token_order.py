@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import tokenreduce as tr
+from tokenreduce.engine.sites import single_stream
 from tokenreduce.layout import build_layout
-from tokenreduce.plugins import flux as flux_module
 from tokenreduce.testing.tiny_flux import tiny_flux_inputs, tiny_flux_transformer
 from tokenreduce.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet
 from tokenreduce.toma_plugin.tile import TilePartitioner
@@ -29,7 +29,7 @@ def flux_output(
         if raster:
             mp.setattr(handle.runtime, "region_order", lambda grid, device: None)
         if generic:
-            mp.setattr(flux_module, "fusable_norm", lambda norm: False)
+            mp.setattr(single_stream, "fusable_norm", lambda norm: False)
             handle.remove()
             handle = tr.apply(model, cfg[0], **cfg[1])
         with torch.no_grad():

@@ -22,6 +22,7 @@ from pydantic import Field
 
 from tokenreduce.interfaces import MergePlan, Merger
 from tokenreduce.layout import Layout
+from tokenreduce.manager import get_registry
 from tokenreduce.params import StrictParams
 
 RATIO_TOLERANCE = 1e-6
@@ -102,10 +103,11 @@ class DownsampleMerger(Merger):
             problems.append(
                 f"it pools the whole token grid, so it needs partitioner 'global', not {config.partitioner.name!r}"
             )
-        if config.adapter.name == "flux":
+        adapter = get_registry().adapter_of(config)
+        if adapter is not None and not adapter.kv_only_sites:
             problems.append(
-                "ToDo is not supported on Flux joint attention: pooled image keys would need RoPE rows for "
-                "windows rather than tokens, and Flux has no separate self-attention to shorten"
+                f"ToDo is not supported by adapter {adapter.name!r}: it has no site where keys/values alone can "
+                "be shortened (joint attention merges the image tokens themselves, queries included)"
             )
         if problems:
             raise ValueError("; ".join(problems))

@@ -21,6 +21,7 @@ from tokenreduce.baselines.tomesd.matching import (
 )
 from tokenreduce.interfaces import MergePlan, Merger
 from tokenreduce.layout import Layout
+from tokenreduce.manager import get_registry
 from tokenreduce.params import StrictParams
 
 MatchingMode = Literal["per_sample", "shared"]
@@ -33,11 +34,12 @@ MATCHING_FIELD = Field(
 
 
 def check_matching_for_adapter(merger: Merger, mode: MatchingMode, config: Any) -> None:
-    """Per-sample kept sets have no batch-shared positions: reject adapters that need them (Flux RoPE)."""
-    if mode == "per_sample" and config.adapter.name == "flux":
+    """Per-sample kept sets have no batch-shared positions: reject adapters that declare they need them."""
+    adapter = get_registry().adapter_of(config)
+    if mode == "per_sample" and adapter is not None and adapter.shared_positions:
         raise ValueError(
-            f"with matching 'per_sample' every sample keeps its own tokens, but adapter 'flux' gives merged "
-            f"tokens one batch-shared RoPE table; set merger {{name: {merger.name}, matching: shared}}"
+            f"with matching 'per_sample' every sample keeps its own tokens, but adapter {adapter.name!r} gives "
+            f"merged tokens one batch-shared RoPE table; set merger {{name: {merger.name}, matching: shared}}"
         )
 
 

@@ -9,7 +9,8 @@ from typing import Any
 
 from rich.console import Console
 
-from tokenreduce.bench.models import DTYPES, names
+from tokenreduce.archs import bench_defaults
+from tokenreduce.bench.models import DTYPES, arch_names
 from tokenreduce.bench.runner import MODES, BenchSettings, run_bench
 from tokenreduce.bench.variants import DEFAULT_RATIOS, METHODS
 
@@ -24,7 +25,14 @@ def add_bench_parser(subparsers: Any, func: Callable[[argparse.Namespace], int])
             "default (speed does not depend on them). Exit code 1 if a variant failed (outputs are still written)."
         ),
     )
-    p.add_argument("--arch", nargs="+", choices=names(), default=["sdxl", "flux"], help="default: sdxl flux")
+    defaults = bench_defaults()
+    p.add_argument(
+        "--arch",
+        nargs="+",
+        choices=arch_names(),
+        default=defaults,
+        help=f"architectures registered by the adapter plugins (default: {' '.join(defaults)})",
+    )
     p.add_argument(
         "--components",
         action="store_true",
@@ -61,11 +69,19 @@ def add_bench_parser(subparsers: Any, func: Callable[[argparse.Namespace], int])
     )
     p.add_argument("--rounds", type=int, default=10, help="timed rounds (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
-    p.add_argument("--batch", type=int, default=None, help="default: 2 for sdxl (guidance), 1 for flux")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="default: the architecture's (2 where guidance runs in one call)",
+    )
     p.add_argument("--height", type=int, default=None, help="pixels (default 1024)")
     p.add_argument("--width", type=int, default=None, help="pixels (default 1024)")
     p.add_argument(
-        "--dtype", choices=list(DTYPES), default=None, help="default: fp16 sdxl, bf16 flux (fp32 on a CPU)"
+        "--dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="default: the architecture's on CUDA, fp32 on a CPU",
     )
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument(

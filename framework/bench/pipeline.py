@@ -11,33 +11,37 @@ from typing import Any
 
 import torch
 
+from tokenreduce import archs
 from tokenreduce.api import apply
 from tokenreduce.bench.timing import Stopwatch, Timings, describe_error
 from tokenreduce.bench.variants import Variant
 
 
 def pipeline_family(pipe: Any) -> str:
-    if getattr(pipe, "unet", None) is not None:
-        return "sdxl"
-    if getattr(pipe, "transformer", None) is not None:
-        return "flux"
-    raise ValueError(f"{type(pipe).__name__} has neither a `unet` nor a `transformer`")
+    """The adapter (preset family) whose registered architecture is this pipeline's denoiser."""
+    for arch in archs.registered().values():
+        module = getattr(pipe, arch.subfolder, None)
+        if module is not None and isinstance(module, arch.model()):
+            return arch.adapter
+    raise ValueError(f"{type(pipe).__name__}'s denoiser is not a registered architecture's class")
 
 
 def family_of_pipeline_folder(model: str) -> str:
-    """The family ("sdxl" or "flux") from a pipeline's ``model_index.json`` (read before loading any weights)."""
+    """The adapter (preset family) from a pipeline's ``model_index.json`` (read before loading any weights)."""
     from diffusers import DiffusionPipeline
 
     index = DiffusionPipeline.load_config(model)
-    if "unet" in index:
-        return "sdxl"
-    if "transformer" in index:
-        return "flux"
-    raise ValueError(f"{model!r} is a pipeline with neither a `unet` nor a `transformer`")
+    for arch in archs.registered().values():
+        entry = index.get(arch.subfolder)
+        if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] == arch.model().__name__:
+            return arch.adapter
+    raise ValueError(f"{model!r} is a pipeline whose denoiser is not a registered architecture's class")
 
 
 def denoiser_of(pipe: Any) -> torch.nn.Module:
-    return pipe.unet if pipeline_family(pipe) == "sdxl" else pipe.transformer
+    family = pipeline_family(pipe)
+    arch = next(a for a in archs.registered().values() if a.adapter == family)
+    return getattr(pipe, arch.subfolder)
 
 
 def load_pipeline(model: str, device: str, dtype: torch.dtype) -> Any:

@@ -21,7 +21,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from tokenreduce import __version__
+from tokenreduce import __version__, archs
+from tokenreduce.archs import Architecture
 from tokenreduce.bench import models, report, timing
 from tokenreduce.bench.record import provenance
 from tokenreduce.bench.variants import (
@@ -36,23 +37,17 @@ from tokenreduce.generate import environment
 
 MODES = ("eager", "graph", "compile")
 
-#: One H100, default batch, 1024x1024, milliseconds per denoiser call as this harness measures
-#: them (SDXL eager with the framework's wrappers is slower than the bare model's 70-100 ms).
-#: Merged variants are mostly faster, so estimates from these are upper bounds.
-H100_CALL_MS = {
-    ("sdxl", "eager"): 130.0,
-    ("sdxl", "graph"): 50.0,
-    ("flux", "eager"): 185.0,
-    ("flux", "graph"): 180.0,
-}
-H100_BUILD_S = {"sdxl": 20.0, "flux": 45.0}  # meta build, device init, first-call set-up
+# Reference H100 timings (build seconds, eager and graph milliseconds per denoiser call at the
+# default batch and 1024x1024, as this harness measures them) come with each registered
+# architecture (``Architecture.h100``). Merged variants are mostly faster, so estimates from them
+# are upper bounds.
 GRAPH_CAPTURE_S = 0.5  # per captured graph: synchronisation, cache flush, instantiation
 APPLY_S = 0.05  # per eager execution: apply (validation included) and remove
 
 
 @dataclass
 class BenchSettings:
-    archs: list[str] = field(default_factory=lambda: ["sdxl", "flux"])
+    archs: list[str] = field(default_factory=archs.bench_defaults)
     modes: list[str] | None = None  # default: eager and graph on CUDA, eager elsewhere
     ratios: list[float] = field(default_factory=lambda: list(DEFAULT_RATIOS))
     methods: list[str] = field(default_factory=lambda: list(METHODS))
@@ -114,7 +109,7 @@ def resolve_modes(settings: BenchSettings, device: str) -> list[str]:
     return modes
 
 
-def dtype_name(settings: BenchSettings, spec: models.ArchSpec, device: str) -> str:
+def dtype_name(settings: BenchSettings, spec: Architecture, device: str) -> str:
     if settings.dtype:
         return settings.dtype
     return spec.dtype if torch.device(device).type == "cuda" else "fp32"
@@ -144,22 +139,23 @@ def plan_arch(arch: str, settings: BenchSettings, device: str) -> ArchPlan:
 
 def estimate_seconds(plan: ArchPlan, modes: list[str], settings: BenchSettings) -> dict[str, float] | None:
     """Upper-bound seconds per mode on one H100 (``None`` for architectures without reference numbers)."""
-    if plan.arch not in H100_BUILD_S:
-        return None
     spec = models.spec(plan.arch)
+    if spec.h100 is None:
+        return None
+    build_s, eager_call_ms, graph_call_ms = spec.h100
     # The step is GPU-bound at larger sizes: scale by work when it exceeds the reference.
     scale = max(1.0, plan.batch / spec.batch * plan.height * plan.width / spec.size**2)
     rounds = settings.rounds + settings.warmup
     primed = sum(c + 1 for c in plan.cycles.values())  # priming call + cycle
-    eager_ms = H100_CALL_MS[(plan.arch, "eager")] * scale
-    out = {"build": H100_BUILD_S[plan.arch]}
+    eager_ms = eager_call_ms * scale
+    out = {"build": build_s}
     if "eager" in modes:
         executions = (rounds + 1) * len(plan.cycles)  # + one cycle each for peak memory
         out["eager"] = (rounds + 1) * primed * eager_ms / 1e3 + executions * APPLY_S
     if "graph" in modes:
         graphs = sum(plan.distinct.values())
         capture = graphs * ((settings.capture_warmup + 1) * eager_ms / 1e3 + GRAPH_CAPTURE_S)
-        replay = rounds * sum(plan.cycles.values()) * H100_CALL_MS[(plan.arch, "graph")] * scale / 1e3
+        replay = rounds * sum(plan.cycles.values()) * graph_call_ms * scale / 1e3
         out["graph"] = capture + replay
     return out
 
@@ -381,7 +377,7 @@ def run_pipeline_bench(settings: BenchSettings, console: Console, device: str) -
         raise ValueError("--rounds must be >= 1 and --warmup >= 0")
     family = pipeline_timing.family_of_pipeline_folder(settings.model)
     cuda = torch.device(device).type == "cuda"
-    dtype = settings.dtype or (models.spec(family).dtype if cuda else "fp32")
+    dtype = settings.dtype or (models.spec_of_family(family).dtype if cuda else "fp32")
     with console.status(f"loading {settings.model} ({dtype})"):
         pipe = pipeline_timing.load_pipeline(settings.model, device, models.DTYPES[dtype])
     record = time_pipeline_variants(pipe, settings, device, console, family, dtype)

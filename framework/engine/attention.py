@@ -28,6 +28,16 @@ is 1, exact in every float type, so only ``b`` is rounded (relative error of the
   module's ``to_q``, ``to_k``, ``to_v`` (pad each head) and ``to_out[0]`` (drop the padding) are
   wrapped on the instance, and ``q`` is scaled by ``sqrt(d'/d)`` to restore the original scale.
   Needs a module without q/k norms (they would see the padding).
+- ``sdpa``: other processors that call ``torch.nn.functional.scaled_dot_product_attention``
+  themselves (SD3's joint attention, ``AttnProcessor2_0`` with q/k norms). That function is
+  wrapped once per process while any model needs it (a pass-through when no size-weighted call of
+  this route is in flight) and pads ``q, k, v`` in its ``(B, H, S, d)`` layout after the norms.
+  Each route has its own in-flight slot, so a dispatch backend that itself calls the wrapped
+  function is not padded twice.
+
+**Key order.** The weighted keys are ``text_len`` unmerged (size 1) tokens and the merged image
+tokens, text first or last as the model's joint attention concatenates them
+(:meth:`KeyWeights.of_plan`). An attention mask is unchanged by the padding (it acts on logits).
 """
 
 from __future__ import annotations
@@ -70,9 +80,9 @@ class KeyWeights:
 
     @classmethod
     def of_plan(cls, plan: MergePlan, text_len: int = 0, text_first: bool = True) -> KeyWeights | None:
-        """Weights of the keys ``[text (text_len tokens, size 1); merged image tokens]`` (or image
-        first when not ``text_first``), or ``None`` when the plan merges nothing (``sizes`` is
-        ``None``): then attention runs unchanged."""
+        """Weights of the keys ``[text; merged image]`` (``[merged image; text]`` unless
+        ``text_first``; ``text_len`` unmerged tokens of size 1), or ``None`` when the plan merges
+        nothing (``sizes`` is ``None``): then attention runs unchanged."""
         sizes = plan.sizes
         if sizes is None:
             return None
@@ -104,21 +114,22 @@ class KeyWeights:
 
 
 class KeyWeightsCache:
-    """The :class:`KeyWeights` of the latest plan and text length (one per sharing group): built
-    once per plan, shared by the blocks that apply it."""
+    """The :class:`KeyWeights` of the latest plan (one cache per sharing group): built once per plan
+    and key layout (text length and side), shared by the blocks that apply it."""
 
-    __slots__ = ("_key", "_weights")
+    __slots__ = ("_by_layout", "_plan")
 
     def __init__(self) -> None:
-        self._key: tuple[MergePlan, int, bool] | None = None
-        self._weights: KeyWeights | None = None
+        self._plan: MergePlan | None = None
+        self._by_layout: dict[tuple[int, bool], KeyWeights | None] = {}
 
     def get(self, plan: MergePlan, text_len: int = 0, text_first: bool = True) -> KeyWeights | None:
-        key = self._key
-        if key is None or key[0] is not plan or key[1] != text_len or key[2] != text_first:
-            self._weights = KeyWeights.of_plan(plan, text_len, text_first)
-            self._key = (plan, text_len, text_first)
-        return self._weights
+        if self._plan is not plan:
+            self._plan, self._by_layout = plan, {}
+        key = (text_len, text_first)
+        if key not in self._by_layout:
+            self._by_layout[key] = KeyWeights.of_plan(plan, text_len, text_first)
+        return self._by_layout[key]
 
 
 # --------------------------------------------------------------------------- the padded attention
@@ -149,9 +160,10 @@ def pad_bshd(
 
 
 class _InFlight:
-    """The key weights of the size-weighted attention call in flight (``None``: none)."""
+    """The key weights of the size-weighted attention call in flight, per route (``None``: none)."""
 
-    weights: KeyWeights | None = None
+    weights: KeyWeights | None = None  # route "dispatch"
+    sdpa: KeyWeights | None = None  # route "sdpa"
 
 
 _IN_FLIGHT = _InFlight()
@@ -167,8 +179,6 @@ def _weighted_backend(fn: Callable[..., torch.Tensor], takes_scale: bool) -> Cal
         q, k, v = kwargs["query"], kwargs["key"], kwargs["value"]
         if k.shape[1] != weights.length:  # other keys (e.g. an IP-adapter's): unweighted
             return fn(**kwargs)
-        if kwargs.get("attn_mask") is not None:
-            raise ValueError("size-weighted attention does not support an attention mask")
         d = q.shape[-1]
         scale = kwargs.get("scale")
         scale = d**-0.5 if scale is None else scale
@@ -217,6 +227,78 @@ class _RegistryPatch:
             if getattr(current, _MARK, None) is fn:  # leave a backend someone re-registered since
                 self.registry._backends[name] = fn
         cls.originals.clear()
+
+
+# --------------------------------------------------------------------------- route "sdpa"
+
+
+def _weighted_sdpa(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    @functools.wraps(fn)
+    def sdpa(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        weights = _IN_FLIGHT.sdpa
+        if weights is None or key.shape[-2] != weights.length:  # not weighted, or other keys
+            return fn(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+        d = query.shape[-1]
+        scale = d**-0.5 if scale is None else scale
+        # (B, H, S, d) -> the (B, S, H, d) padding and back (views; the kernels take any strides)
+        q, k, v = pad_bshd(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), weights, scale)
+        out = fn(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask,
+            dropout_p,
+            is_causal,
+            scale=scale,
+            **kwargs,
+        )
+        return out[..., :d]
+
+    setattr(sdpa, _MARK, fn)
+    return sdpa
+
+
+class _SdpaPatch:
+    """Wraps ``torch.nn.functional.scaled_dot_product_attention`` while any model needs it."""
+
+    users = 0
+    original: Callable[..., Any] | None = None
+
+    def __init__(self) -> None:
+        cls = type(self)
+        if cls.users == 0:
+            fn = torch.nn.functional.scaled_dot_product_attention
+            if getattr(fn, _MARK, None) is None:
+                cls.original = fn
+                torch.nn.functional.scaled_dot_product_attention = _weighted_sdpa(fn)
+        cls.users += 1
+
+    def undo(self) -> None:
+        cls = type(self)
+        cls.users -= 1
+        if cls.users or cls.original is None:
+            return
+        current = torch.nn.functional.scaled_dot_product_attention
+        if getattr(current, _MARK, None) is cls.original:  # leave a function someone replaced since
+            torch.nn.functional.scaled_dot_product_attention = cls.original
+        cls.original = None
+
+
+def _calls_functional_sdpa(call: Any) -> bool:
+    """Whether a processor's ``__call__`` calls ``F.scaled_dot_product_attention`` (looked up at call time)."""
+    code = getattr(call, "__code__", None)
+    if code is None or "scaled_dot_product_attention" not in code.co_names:
+        return False
+    return any(v is torch.nn.functional for v in getattr(call, "__globals__", {}).values())
 
 
 # --------------------------------------------------------------------------- route "projections"
@@ -308,9 +390,9 @@ def _install_projections(attn: nn.Module, patches: PatchSet) -> _ProjectionCell:
 
 
 def route(attn: nn.Module) -> str:
-    """How size weighting reaches ``attn``'s kernel: ``"dispatch"`` or ``"projections"``.
+    """How size weighting reaches ``attn``'s kernel: ``"dispatch"``, ``"projections"`` or ``"sdpa"``.
 
-    ``ValueError`` naming the processor when neither applies.
+    ``ValueError`` naming the processor when none applies.
     """
     processor = getattr(attn, "processor", None)
     call = next((k.__dict__["__call__"] for k in type(processor).__mro__ if "__call__" in k.__dict__), None)
@@ -319,15 +401,15 @@ def route(attn: nn.Module) -> str:
         return "dispatch"
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    if type(processor) is AttnProcessor2_0:
-        if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
-            raise ValueError(
-                "size weighting cannot pad the head dimension of an AttnProcessor2_0 attention with q/k norms"
-            )
+    norms = getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None
+    if type(processor) is AttnProcessor2_0 and not norms:
         return "projections"
+    if _calls_functional_sdpa(call):  # (with q/k norms the projections cannot be padded)
+        return "sdpa"
     raise ValueError(
-        f"size weighting supports attention processors that call diffusers' dispatch_attention_fn and "
-        f"AttnProcessor2_0; this module uses {type(processor).__name__}"
+        f"size weighting supports attention processors that call diffusers' dispatch_attention_fn or "
+        f"torch's scaled_dot_product_attention, and AttnProcessor2_0; this module uses "
+        f"{type(processor).__name__}"
     )
 
 
@@ -344,6 +426,8 @@ class SizeWeighting:
         self._cell: _ProjectionCell | None = None
         if self.route == "dispatch":
             patches.add(_RegistryPatch())
+        elif self.route == "sdpa":
+            patches.add(_SdpaPatch())
         else:
             self._cell = _install_projections(attn, patches)
 
@@ -351,6 +435,12 @@ class SizeWeighting:
         """``fn(*args, **kwargs)`` with size-weighted attention inside (plain if ``weights`` is None)."""
         if weights is None:
             return fn(*args, **kwargs)
+        if self.route == "sdpa":
+            _IN_FLIGHT.sdpa = weights
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _IN_FLIGHT.sdpa = None
         cell = self._cell
         if cell is None:
             _IN_FLIGHT.weights = weights

@@ -36,6 +36,8 @@ def compiled_new_size_message(what: str) -> str:
 class IdentityPlan(MergePlan):
     """Nothing merged (ratio 0 at this layer): both maps return their input."""
 
+    is_identity = True
+
     def __init__(self, num_tokens: int, device: torch.device) -> None:
         self.positions = None
         self.num_tokens = num_tokens

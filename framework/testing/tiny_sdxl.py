@@ -169,3 +169,41 @@ def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 16) -> Any:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_sd1_unet(seed: int = 0, sample_size: int = 16, *, sd2: bool = False) -> Any:
+    """An SD 1.x-shaped ``UNet2DConditionModel`` (SD 2.x-shaped with ``sd2``), seeded random weights.
+
+    SD 1.x/2.x layout: attention at the full latent resolution too (level 0 is not downsampled),
+    no added time/text conditioning; SD 2.x uses linear projections and per-level head dims.
+    """
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        attention_head_dim=(2, 4, 4) if sd2 else 8,
+        cross_attention_dim=CROSS_ATTENTION_DIM,
+        norm_num_groups=8,
+        use_linear_projection=sd2,
+    )
+    return unet.eval()
+
+
+def tiny_sd1_inputs(unet: Any, batch: int = 2, seed: int = 0, text_tokens: int = 7) -> dict[str, Any]:
+    """Keyword arguments for ``unet(**inputs)``: latents, a timestep and text states (no added conditioning)."""
+    g = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    return {
+        "sample": torch.randn(batch, unet.config.in_channels, size, size, generator=g),
+        "timestep": torch.tensor(500.0),
+        "encoder_hidden_states": torch.randn(
+            batch, text_tokens, unet.config.cross_attention_dim, generator=g
+        ),
+    }

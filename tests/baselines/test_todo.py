@@ -78,7 +78,8 @@ BASE = {
         ({"ratio": 0.5}, ["downsample", "ratio 0.5", "0.75"]),
         ({"merger": {"name": "downsample", "factor": 3}}, ["downsample", "factor 3", "0.888889"]),
         ({"partitioner": {"name": "tile"}}, ["downsample", "'tile'", "global"]),
-        ({"adapter": {"name": "flux"}}, ["downsample", "Flux", "not supported"]),
+        ({"adapter": {"name": "flux"}}, ["downsample", "'flux'", "not supported"]),
+        ({"adapter": {"name": "qwenimage"}}, ["downsample", "'qwenimage'", "not supported"]),
         ({"adapter": {"name": "sdxl", "sites": ["attn1", "attn2"]}}, ["sdxl", "downsample", "attn1"]),
     ],
 )

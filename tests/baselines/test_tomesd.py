@@ -227,6 +227,22 @@ def test_flux_needs_shared_matching() -> None:
     load_config({**base, "merger": {"name": "bipartite", "matching": "shared"}})
 
 
+@pytest.mark.parametrize(("adapter", "shared"), [("flux2", True), ("qwenimage", True), ("sd3", False)])
+def test_adapters_declare_whether_positions_are_batch_shared(adapter, shared) -> None:
+    reset_manager()
+    config = {
+        "adapter": {"name": adapter},
+        "selector": {"name": "tomesd_grid"},
+        "partitioner": {"name": "global"},
+        "merger": {"name": "bipartite"},
+    }
+    if shared:
+        with pytest.raises(ConfigError, match=rf"adapter '{adapter}'.*matching: shared"):
+            load_config(config)
+    else:  # SD3 adds positions before its blocks: per-sample kept sets are fine
+        load_config(config)
+
+
 def test_presets_validate() -> None:
     registry = reset_manager().registry
     for name in ("tomesd-sdxl", "tomesd-flux", "mixed-grid-attention", "mixed-fl-bipartite"):

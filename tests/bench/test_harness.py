@@ -333,3 +333,20 @@ def test_pipeline_mode_times_whole_generations(tmp_path: Path) -> None:
     assert (run["arch"], run["mode"], run["unit"], run["steps"]) == ("sdxl", "pipeline", "generation", 2)
     assert [v["name"] for v in run["variants"]] == ["unmodified", "toma@0.5"]
     assert all(v["error"] is None and v["n"] == 2 for v in run["variants"])
+
+
+@pytest.mark.parametrize("arch", ["tiny-sd3", "tiny-flux2", "tiny-qwenimage", "tiny-wan"])
+def test_every_tiny_architecture_builds_runs_and_restores_its_constant_buffers(arch: str) -> None:
+    """What ``bench --arch`` does on a GPU, on a CPU: built on the meta device, materialised and
+    seeded there, constant buffers recomputed (equal to a freshly constructed model's), one call."""
+    spec = models.spec(arch)
+    model = models.build_model(arch, "cpu", torch.float32, seed=0)
+    fresh = spec.model().from_config(spec.config_dict())
+    for name, buffer in fresh.named_buffers():
+        torch.testing.assert_close(model.get_buffer(name), buffer)
+    height, width = spec.size, spec.width or spec.size
+    call = models.make_inputs(arch, model, 1, height, width, torch.float32, "cpu")
+    with torch.no_grad():
+        out = call(model)
+    assert torch.isfinite(out).all()
+    assert call.tokens > 0

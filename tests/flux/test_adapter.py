@@ -9,8 +9,10 @@ import torch
 
 import tokenreduce as tr
 from tokenreduce.config import ConfigError
-from tokenreduce.plugins import flux as flux_module
-from tokenreduce.plugins.flux import FluxAdapter, merged_rope
+from tokenreduce.engine import sites
+from tokenreduce.engine.sites import grid as grid_module
+from tokenreduce.engine.sites import merged_rope
+from tokenreduce.plugins.flux import FluxAdapter
 from tokenreduce.testing.tiny_flux import (
     image_ids,
     tiny_flux_inputs,
@@ -248,8 +250,10 @@ def test_adapter_rejects_other_models() -> None:
 
 def test_grid_is_read_once_per_img_ids(monkeypatch) -> None:
     reads = []
-    real = flux_module.grid_from_ids
-    monkeypatch.setattr(flux_module, "grid_from_ids", lambda ids, n: reads.append(n) or real(ids, n))
+    real = grid_module.grid_from_ids
+    monkeypatch.setattr(
+        grid_module, "grid_from_ids", lambda ids, n, hint: reads.append(n) or real(ids, n, hint)
+    )
     model = tiny_flux_transformer()
     inputs = tiny_flux_inputs(model, height_tokens=6, width_tokens=10, text_len=11)
     tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter=ALL_BLOCKS)
@@ -272,12 +276,12 @@ def test_inference_mode_works() -> None:
 
 
 def test_grid_from_ids_reads_non_square_raster_grids() -> None:
-    assert flux_module.grid_from_ids(image_ids(6, 10), 60) == (6, 10)
-    assert flux_module.grid_from_ids(image_ids(10, 6) + 3.0, 60) == (10, 6)  # offsets are ignored
+    assert grid_module.grid_from_ids(image_ids(6, 10), 60) == (6, 10)
+    assert grid_module.grid_from_ids(image_ids(10, 6) + 3.0, 60) == (10, 6)  # offsets are ignored
     with pytest.raises(ValueError, match="grid"):
-        flux_module.grid_from_ids(image_ids(6, 10)[torch.randperm(60)], 60)
+        grid_module.grid_from_ids(image_ids(6, 10)[torch.randperm(60)], 60)
     with pytest.raises(ValueError, match="grid"):
-        flux_module.grid_from_ids(image_ids(6, 10), 64)
+        grid_module.grid_from_ids(image_ids(6, 10), 64)
 
 
 def test_non_raster_ids_need_an_explicit_grid() -> None:
@@ -379,7 +383,7 @@ def test_merged_rope_is_built_once_per_plan_and_table() -> None:
 
     rope_shape = (5, 16)  # text rows of one RoPE table: only merged_rope concatenates those
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(flux_module.torch, "cat", counting_cat)
+        mp.setattr(torch, "cat", counting_cat)
         run(model, inputs)
     # Two groups (double, single) x two tables (cos, sin); the three single blocks share theirs.
     assert sum(1 for shapes in calls if rope_shape in shapes) == 4
@@ -393,7 +397,7 @@ def test_merged_rope_takes_destination_rows() -> None:
     class Group:
         name = "g"
 
-    site = flux_module.Site(flux_module.CallContext(), runtime=None, group=Group())
+    site = sites.Site(sites.CallContext(), runtime=None, group=Group())
     cos = torch.arange(10.0).unsqueeze(1).expand(10, 4)
     sin = -cos
     plan = Plan()

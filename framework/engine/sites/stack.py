@@ -1,0 +1,230 @@
+"""A model adapter for transformers made of block stacks: the adapter declares, this class does.
+
+A subclass names its stacks (module list, site kind, the ``Params`` fields that skip or disable
+it), its RoPE layout and how to read a call (timestep, token grid, text length); block selection,
+validation, site specs, installation and grid prediction are shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from torch import nn
+
+from tokenreduce.config import instantiate
+from tokenreduce.engine.attention import KeyWeightsCache, SizeWeighting, route
+from tokenreduce.engine.sites.call import CallContext, CallInfo, Reorder, Site, Wrapper, wrap_denoiser
+from tokenreduce.engine.sites.grid import GridResolver
+from tokenreduce.engine.sites.joint_stream import wrap_image_self_attn, wrap_joint_attn
+from tokenreduce.engine.sites.rope import Rope
+from tokenreduce.engine.sites.single_stream import (
+    wrap_single_attn,
+    wrap_single_fused,
+    wrap_single_norm,
+    wrap_single_proj_out,
+)
+from tokenreduce.interfaces import ModelAdapter, SiteSpec
+from tokenreduce.manager import get_registry
+
+if TYPE_CHECKING:
+    from tokenreduce.config import ConfigBase
+    from tokenreduce.engine.patch import PatchSet
+    from tokenreduce.engine.runtime import Group, Runtime
+
+SiteKind = Literal["joint", "single_split", "single_fused"]
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One stack of blocks: ``model.<attr>[i]``, merged as ``site`` in sharing group ``kind``."""
+
+    kind: str  # block kind: the sharing group and the site name in `explain`
+    attr: str  # the model's module list
+    site: SiteKind
+    skip: str | None = None  # Params field: the first N blocks are not merged
+    enable: str | None = None  # Params field: merge in this stack at all
+    noun: str = "transformer"  # in messages: "<n> <noun> blocks"
+    extra_self: str | None = None  # joint blocks: an optional image-only self-attention on the same tokens
+
+
+def check_blocks(value: list[int] | None) -> list[int] | None:
+    """Validator of a ``blocks`` parameter."""
+    if value is not None and any(i < 0 for i in value):
+        raise ValueError(f"block indices must be >= 0, got {value}")
+    return value
+
+
+def check_grid(value: list[int] | None) -> list[int] | None:
+    """Validator of a ``grid`` parameter."""
+    if value is not None and (len(value) != 2 or min(value) < 1):
+        raise ValueError(f"grid must be [H, W] with positive sides, got {value}")
+    return value
+
+
+class StackedTransformerAdapter(ModelAdapter):
+    """Shared mechanics; subclasses set the class attributes and :meth:`reader`."""
+
+    stacks: ClassVar[tuple[Stack, ...]]
+    rope: ClassVar[Rope]
+    label: ClassVar[str]  # the model's name in error messages
+    #: Image size (pixels) of the pipeline's default call: ``apply`` checks the site grids at it.
+    default_size: ClassVar[int] = 1024
+    shared_positions: ClassVar[bool] = True  # RoPE rows of merged tokens: one table for the batch
+    #: Joint attention's key order: ``[text; image]`` (else ``[image; text]``), for size weighting.
+    text_first: ClassVar[bool] = True
+    _grids: GridResolver | None = None
+
+    def reader(self, model: nn.Module) -> Callable[..., CallInfo]:
+        """A function with the denoiser's forward signature returning the call's :class:`CallInfo`."""
+        raise NotImplementedError
+
+    def token_grid(self, model: nn.Module, height: int, width: int) -> tuple[int, int]:
+        """Image-token grid of a ``height x width`` pixel image (8x VAE, 2x2 patches by default)."""
+        return (height // 16, width // 16)
+
+    # ---- selection (host, set-up time) ----
+
+    def _blocks(self, model: nn.Module, stack: Stack) -> nn.ModuleList:
+        return getattr(model, stack.attr)
+
+    def selected(self, model: nn.Module) -> tuple[list[int], ...]:
+        """Indices of the merged blocks, per stack."""
+        p = self.params
+        explicit: list[int] | None = getattr(p, "blocks", None)
+        out, offset = [], 0
+        for stack in self.stacks:
+            n = len(self._blocks(model, stack))
+            if explicit is None:
+                skip = getattr(p, stack.skip) if stack.skip else 0
+                chosen = list(range(skip, n))
+            else:
+                wanted = set(explicit)
+                chosen = [i for i in range(n) if offset + i in wanted]
+            out.append(chosen if (stack.enable is None or getattr(p, stack.enable)) else [])
+            offset += n
+        return tuple(out)
+
+    def _counts(self, model: nn.Module) -> str:
+        return " and ".join(f"{len(self._blocks(model, s))} {s.noun}" for s in self.stacks) + " blocks"
+
+    def check(self, config: ConfigBase) -> None:
+        merger = get_registry().get("merger", config.merger.name)
+        if merger.kv_only:
+            raise ValueError(
+                f"kv_only mergers are not supported on {self.label} joint attention: merger {merger.name!r} "
+                f"only shortens keys/values, while the {self.name} adapter merges the image tokens themselves "
+                "(queries included) and needs a merger that can unmerge"
+            )
+
+    def validate(self, model: nn.Module, config: ConfigBase) -> None:
+        self.check(config)
+        total = sum(len(self._blocks(model, s)) for s in self.stacks)
+        blocks = getattr(self.params, "blocks", None)
+        if blocks is not None and any(i >= total for i in blocks):
+            raise ValueError(
+                f"blocks {blocks} out of range: the model has {self._counts(model)} (indices 0..{total - 1})"
+            )
+        if not any(self.selected(model)):
+            settings = ", ".join(
+                f"{k}={v}" for k, v in self.params.model_dump().items() if k not in ("name", "grid")
+            )
+            raise ValueError(
+                f"the block filter selects no block: the model has {self._counts(model)} ({settings})"
+            )
+        if getattr(self.params, "size_weighting", False):
+            for path, attn in self._attentions(model):
+                try:
+                    route(attn)
+                except ValueError as exc:
+                    raise ValueError(f"{path}: {exc}") from None
+
+    def _attentions(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The attention modules that see merged keys, with their paths."""
+        found = []
+        for stack, path in self._paths(model):
+            block = model.get_submodule(path)
+            found.append((f"{path}.attn", block.attn))
+            extra = getattr(block, stack.extra_self, None) if stack.extra_self else None
+            if extra is not None:
+                found.append((f"{path}.{stack.extra_self}", extra))
+        return found
+
+    def _paths(self, model: nn.Module) -> list[tuple[Stack, str]]:
+        return [
+            (stack, f"{stack.attr}.{i}")
+            for stack, chosen in zip(self.stacks, self.selected(model), strict=True)
+            for i in chosen
+        ]
+
+    def sites(self, model: nn.Module, config: ConfigBase) -> list[SiteSpec]:
+        per_block = instantiate("reuse", config.reuse).sharing == "block"
+        g = getattr(self.params, "grid", None)
+        size = self.default_size
+        grid = self.token_grid(model, size, size) if g is None else (g[0], g[1])
+        return [
+            SiteSpec(
+                path=f"{path}.attn" if stack.site == "joint" else path,
+                site=stack.kind,
+                group=path if per_block else stack.kind,
+                grid=grid,
+            )
+            for stack, path in self._paths(model)
+        ]
+
+    def grids_for(self, model: nn.Module, height: int, width: int, **size: int) -> dict[str, tuple[int, ...]]:
+        grid = self.token_grid(model, height, width)
+        return {s.kind: grid for s in self.stacks} | {path: grid for _, path in self._paths(model)}
+
+    # ---- installation ----
+
+    def install(self, model: nn.Module, runtime: Runtime, patches: PatchSet) -> None:
+        ctx = CallContext()
+        paths = self._paths(model)
+        what = self.label
+        weighted = bool(getattr(self.params, "size_weighting", False))
+        caches: dict[str, KeyWeightsCache] = {}  # one per group: key weights built once per plan
+
+        def site_for(group: Group, attn: nn.Module) -> Site:
+            if not weighted:
+                return Site(ctx, runtime, group)
+            cache = caches.setdefault(group.name, KeyWeightsCache())
+            return Site(ctx, runtime, group, SizeWeighting(attn, patches), cache, self.text_first)
+
+        for place, (stack, path) in enumerate(paths):
+            position = place / (len(paths) - 1) if len(paths) > 1 else 0.0
+            block = model.get_submodule(path)
+            group = runtime.group(stack.kind, path, position)
+            site = site_for(group, block.attn)
+            if stack.site == "joint":
+                patches.wrap_forward(block.attn, wrap_joint_attn(site, self.rope, what))
+                extra = getattr(block, stack.extra_self, None) if stack.extra_self else None
+                if extra is not None:
+                    patches.wrap_forward(extra, wrap_image_self_attn(site_for(group, extra), what))
+            elif stack.site == "single_fused":
+                patches.wrap_forward(block.attn, wrap_single_fused(site, self.rope, what))
+            else:
+                patches.wrap_forward(block.norm, wrap_single_norm(site, block.norm))
+                patches.wrap_forward(block.attn, wrap_single_attn(site, self.rope, what))
+                patches.wrap_forward(block.proj_out, wrap_single_proj_out(site, block.proj_out))
+        patches.wrap_forward(model, self._denoiser(model, runtime, ctx))
+
+    def reorderer(self, runtime: Runtime) -> Reorder | None:
+        """How the denoiser's arguments are put in region order (``None``: the blocks see raster
+        order, e.g. when positions are added before the blocks or read from the grid)."""
+        return None
+
+    def _denoiser(self, model: nn.Module, runtime: Runtime, ctx: CallContext) -> Wrapper:
+        return wrap_denoiser(model, runtime, ctx, self.reader(model), self.label, self.reorderer(runtime))
+
+    def id_grids(self) -> GridResolver:
+        """A resolver reading the grid from per-token ids (kept so :meth:`prepare` can seed it)."""
+        self._grids = GridResolver(getattr(self.params, "grid", None), self.name)
+        return self._grids
+
+    def prepare(self, model: nn.Module, runtime: Runtime, height: int, width: int, **size: int) -> None:
+        super().prepare(model, runtime, height, width, **size)
+        grid = self.token_grid(model, height, width)
+        if self._grids is not None:  # compiled calls cannot read ids: tell them this size's grid
+            self._grids.by_tokens[grid[0] * grid[1]] = grid
