@@ -8,6 +8,9 @@ import torch
 import tokenreduce as tr
 from tokenreduce.testing.tiny_sdxl import tiny_sd1_inputs, tiny_sd1_unet
 
+#: every call merges (the preset merges on some steps only; this test looks at single calls)
+ALWAYS = {"name": "always"}
+
 
 def run(unet, inputs) -> torch.Tensor:
     with torch.no_grad():
@@ -25,7 +28,9 @@ def test_sd1_and_sd2_unets_merge_and_restore(sd2: bool, sites: list[str]) -> Non
         unet, "toma-sdxl", adapter={"name": "sdxl", "sites": sites}, partitioner=small_tiles, ratio=0.0
     )
     assert torch.equal(run(unet, inputs), want)
-    handle = tr.apply(unet, "toma-sdxl", adapter={"name": "sdxl", "sites": sites}, partitioner=small_tiles)
+    handle = tr.apply(
+        unet, "toma-sdxl", adapter={"name": "sdxl", "sites": sites}, partitioner=small_tiles, schedule=ALWAYS
+    )
     # Level 0 is the full 16x16 latent (SDXL's first attention level is already downsampled 2x).
     assert {site.grid for site in handle.sites} == {(16, 16), (8, 8), (4, 4)}
     merged = run(unet, inputs)
