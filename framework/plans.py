@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from tokenreduce.interfaces import MergePlan
@@ -21,15 +23,23 @@ class RegionLinearPlan(MergePlan):
         unmerge: torch.Tensor,
         layout: Layout,
         positions: torch.Tensor,
-        sizes: torch.Tensor | None = None,
+        sizes: Callable[[], torch.Tensor] | None = None,
         convex: bool = False,
     ) -> None:
         self.merge_weights = merge
         self.unmerge_weights = unmerge
         self.layout = layout
         self.positions = positions
-        self.sizes = sizes
+        self._sizes_of = sizes
+        self._sizes: torch.Tensor | None = None
         self.convex = convex
+
+    @property
+    def sizes(self) -> torch.Tensor | None:  # type: ignore[override]
+        """Group sizes, computed on first use (only size-weighted attention reads them)."""
+        if self._sizes is None and self._sizes_of is not None:
+            self._sizes = self._sizes_of()
+        return self._sizes
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         return self.layout.compact_slots(self.merge_weights @ self.layout.to_regions(x))

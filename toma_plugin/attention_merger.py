@@ -88,6 +88,6 @@ class AttentionMerger(Merger):
             unmerge=unmerge.to(x.dtype),
             layout=layout,
             positions=layout.global_destinations(destinations),
-            sizes=group_sizes(assign, layout),
+            sizes=lambda: group_sizes(assign, layout),
             convex=True,  # merge rows are weighted means
         )

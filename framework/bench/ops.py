@@ -216,7 +216,7 @@ def variant_configs(family: str, meta: nn.Module) -> tuple[dict[str, dict[str, A
     """Every registered preset that applies to ``family``'s model, plus ``ideal`` (the ToMA preset's
     placement and ratio with the zero-overhead merger). Returns (configs, skipped with reasons)."""
     from tokenreduce.api import prepare
-    from tokenreduce.bench.variants import IDEAL_COMPONENTS, toma_preset
+    from tokenreduce.bench.variants import ideal_of, toma_preset
     from tokenreduce.config import ConfigError, load_config
     from tokenreduce.manager import get_registry
 
@@ -224,14 +224,15 @@ def variant_configs(family: str, meta: nn.Module) -> tuple[dict[str, dict[str, A
     skipped: dict[str, str] = {}
     for name in sorted(get_registry().presets):
         try:
-            config = load_config(name).model_dump()
+            # Merged steps are what is counted: a preset's schedule would leave some unmerged.
+            config = load_config(name, schedule={"name": "always"}).model_dump()
             prepare(meta, config)
         except (ConfigError, ValueError, TypeError) as exc:
             skipped[name] = f"{type(exc).__name__}: {exc}"
             continue
         configs[name] = config
-    toma = load_config(toma_preset(family)).model_dump()
-    configs["ideal"] = load_config({**toma, **IDEAL_COMPONENTS}).model_dump()
+    toma = load_config(toma_preset(family), schedule={"name": "always"}).model_dump()
+    configs["ideal"] = load_config(ideal_of(toma)).model_dump()
     return configs, skipped
 
 

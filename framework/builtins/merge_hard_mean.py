@@ -63,6 +63,6 @@ class HardMeanMerger(Merger):
             unmerge=assign.to(x.dtype),
             layout=layout,
             positions=layout.global_destinations(destinations),
-            sizes=group_sizes(assign, layout),
+            sizes=lambda: group_sizes(assign, layout),
             convex=True,  # merge rows are weighted means
         )

@@ -13,15 +13,24 @@ import pytest
 import torch
 
 from tokenreduce.bench import ops
+from tokenreduce.config import load_config
 
-#: (site, step kind) -> most kernels a merged block may add over the unmodified one.
+#: What size-weighted attention (on in the Flux presets) adds to a merged block: q and k widened
+#: by one concatenation each and v padded (3 kernels per attention call), and the key weights built
+#: once per plan from the group sizes (11 kernels).
+SIZE_WEIGHTING = {"select": 3 + 11, "reuse": 3}
+#: The concatenations size weighting makes on a reuse step (the only ones allowed there).
+SIZE_WEIGHTING_CATS = 2
+
+#: (site, step kind) -> most kernels a merged block may add over the unmodified one: ToMA's own
+#: budget (select 60, reuse 2 on Flux) plus size weighting where the preset turns it on.
 BUDGETS = {
     "flux": {
         "toma-flux": {
-            ("double", "select"): 60,
-            ("double", "reuse"): 2,
-            ("single", "select"): 60,
-            ("single", "reuse"): 2,
+            ("double", "select"): 60 + SIZE_WEIGHTING["select"],
+            ("double", "reuse"): 2 + SIZE_WEIGHTING["reuse"],
+            ("single", "select"): 60 + SIZE_WEIGHTING["select"],
+            ("single", "reuse"): 2 + SIZE_WEIGHTING["reuse"],
         },
     },
     "sdxl": {
@@ -65,7 +74,10 @@ def test_reuse_steps_gather_and_concatenate_nothing(counted: tuple[str, dict]) -
     for preset in BUDGETS[family]:
         for site, kinds in record["variants"][preset].items():
             if site != ops.CALL:
-                assert not {"index_select", "gather", "cat"} & set(kinds["reuse"]["ops"]), (preset, site)
+                reuse = kinds["reuse"]["ops"]
+                assert not {"index_select", "gather"} & set(reuse), (preset, site)
+                weighted = load_config(preset).adapter.size_weighting
+                assert reuse.get("cat", 0) == (SIZE_WEIGHTING_CATS if weighted else 0), (preset, site)
 
 
 @pytest.mark.slow

@@ -94,7 +94,9 @@ def wrap_single_norm(site: Site, norm: nn.Module) -> Wrapper:
             merged = plan.merge(image)
             n = merged.shape[1]
             if torch.compiler.is_compiling():  # no `out=` into views in graphs; the compiler fuses this
-                return torch.cat((merged * scale + shift, ln[:, :t] * scale + shift), dim=1), gate
+                # the same addcmul as the eager route, so compiled and eager calls round alike
+                parts = (torch.addcmul(shift, merged, scale), torch.addcmul(shift, ln[:, :t], scale))
+                return torch.cat(parts, dim=1), gate
             out = ln.new_empty(ln.shape[0], n + t, ln.shape[2])
             torch.addcmul(shift, merged, scale, out=out[:, :n])
             torch.addcmul(shift, ln[:, :t], scale, out=out[:, n:])
