@@ -4,7 +4,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast lint schema clean
+.PHONY: setup demo test test-fast lint typecheck schema clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check framework plugins toma_plugin baselines tests
 	$(BIN)/ruff format --check framework plugins toma_plugin baselines tests
+
+# mypy on the checked packages (listed in .ci/typecheck), through a tree with the installed layout.
+typecheck: setup
+	PYTHON=$(abspath $(BIN))/python .ci/typecheck
 
 schema: setup
 	$(BIN)/tokenreduce schema -o docs/config.schema.json

@@ -21,7 +21,7 @@ import copy
 import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -143,7 +143,7 @@ class TokenReduceHandle:
 def find_denoiser(pipe_or_model: Any) -> tuple[nn.Module, Any, type[ModelAdapter] | None]:
     """(denoiser, pipeline or None, matching adapter class or None)."""
     registry = get_registry()
-    adapters = [registry.get("adapter", n) for n in registry.names("adapter")]
+    adapters = [cast("type[ModelAdapter]", registry.get("adapter", n)) for n in registry.names("adapter")]
     if isinstance(pipe_or_model, nn.Module):
         model = uncompiled(pipe_or_model)
         for cls in adapters:

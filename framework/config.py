@@ -20,7 +20,7 @@ import sys
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
@@ -70,6 +70,14 @@ class ConfigBase(BaseModel):
 
     ratio: float = Field(0.5, description="Fraction of image tokens removed per merged layer, in [0, 1).")
     seed: int = Field(0, description="Seed of the dedicated generator used by random selectors.")
+
+    if TYPE_CHECKING:  # the component fields the registry adds to each concrete config model
+        adapter: AdapterParams
+        selector: StrictParams
+        merger: StrictParams
+        partitioner: StrictParams
+        reuse: StrictParams
+        schedule: StrictParams
 
     @model_validator(mode="before")
     @classmethod
@@ -298,7 +306,7 @@ class Resolved:
 def instantiate(kind: str, params: StrictParams, registry: Registry | None = None) -> Component:
     registry = registry or get_registry()
     try:
-        cls = registry.get(kind, params.name)  # type: ignore[attr-defined]
+        cls = registry.get(kind, params.name)
     except UnknownComponentError as exc:
         raise ConfigError(str(exc)) from None
     return cls(params)
@@ -352,4 +360,8 @@ def check_combination(config: ConfigBase, registry: Registry | None = None) -> N
 def registry_names_giving_sizes(registry: Registry | None = None) -> list[str]:
     """Registered mergers whose plans give group sizes (``Merger.gives_sizes``)."""
     registry = registry or get_registry()
-    return [name for name, entry in registry.components["merger"].items() if entry.cls.gives_sizes]
+    return [
+        name
+        for name, entry in registry.components["merger"].items()
+        if issubclass(entry.cls, Merger) and entry.cls.gives_sizes
+    ]

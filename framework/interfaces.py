@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 
 from tokenreduce.layout import Layout, Regions
-from tokenreduce.params import StrictParams
+from tokenreduce.params import AdapterParams, StrictParams
 
 if TYPE_CHECKING:
     from torch import nn
@@ -265,6 +265,7 @@ class ModelAdapter(Component):
     """
 
     kind = "adapter"
+    Params: ClassVar[type[AdapterParams]]
     #: Rank of the token grids this adapter's sites see (2: images; 3: video frames x rows x cols).
     grid_rank: ClassVar[int] = 2
     #: The preset ``apply(pipe)`` uses when no config is given (``None``: the generic ``toma``).

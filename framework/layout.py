@@ -285,6 +285,7 @@ class Layout:
         if r.sequential:
             return xr.reshape(b, -1, c)
         flat = xr.reshape(b, -1, c)
+        assert self.inverse is not None  # built in __post_init__ for non-sequential regions
         return flat.index_select(1, self.inverse)
 
     def compact_slots(self, y: torch.Tensor) -> torch.Tensor:

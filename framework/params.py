@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ class StrictParams(BaseModel):
     @classmethod
     def _plain_numbers(cls, data: Any) -> Any:
         return plain_numbers(data) if isinstance(data, dict) else data
+
+    if TYPE_CHECKING:  # declared by each subclass as a ``Literal``; no field on the base at runtime
+        name: str = ""
 
 
 class AdapterParams(StrictParams):

@@ -31,5 +31,7 @@ class StripePartitioner(Partitioner):
         name: Literal["stripe"] = "stripe"
         rows: int = Field(8, ge=1, description="Grid rows per stripe (the last stripe may have fewer).")
 
+    params: Params
+
     def partition(self, grid: tuple[int, ...]) -> Regions:
         return stripe_regions(tuple(grid), self.params.rows)

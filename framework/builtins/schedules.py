@@ -46,6 +46,8 @@ class AlwaysSchedule(MergeSchedule):
     class Params(StrictParams):
         name: Literal["always"] = "always"
 
+    params: Params
+
     def merges(self, step: int, num_steps: int | None, timestep: float | None) -> bool:
         return True
 
@@ -60,6 +62,8 @@ class EverySchedule(MergeSchedule):
         name: Literal["every"] = "every"
         k: int = Field(3, ge=1, description="Merge every k-th step.")
         offset: int = Field(0, ge=0, description="First merged step (0-based); steps before it never merge.")
+
+    params: Params
 
     def merges(self, step: int, num_steps: int | None, timestep: float | None) -> bool:
         k, offset = self.params.k, self.params.offset
@@ -91,6 +95,8 @@ class WindowSchedule(MergeSchedule):
                     f"start ({self.start}) must be below stop ({self.stop}); the window is empty"
                 )
             return self
+
+    params: Params
 
     def merges(self, step: int, num_steps: int | None, timestep: float | None) -> bool:
         if num_steps is None:
@@ -129,6 +135,8 @@ class TimestepSchedule(MergeSchedule):
                 )
             return self
 
+    params: Params
+
     def merges(self, step: int, num_steps: int | None, timestep: float | None) -> bool:
         if timestep is None:
             raise _need("the timestep", self.name, _TIMESTEP_HOW)
@@ -157,6 +165,8 @@ class StepListSchedule(MergeSchedule):
             if len(set(value)) != len(value):
                 raise ValueError(f"step indices must be unique, got {value}")
             return sorted(value)
+
+    params: Params
 
     def __init__(self, params: StrictParams | None = None) -> None:
         super().__init__(params)

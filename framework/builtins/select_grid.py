@@ -54,6 +54,8 @@ class GridSelector(Selector):
             ),
         )
 
+    params: Params
+
     @property
     def stride(self) -> tuple[int, ...]:
         return tuple(self.params.stride)

@@ -27,6 +27,8 @@ class RandomSelector(Selector):
             description="Destinations as a fraction of each region's tokens; null: one per kept token.",
         )
 
+    params: Params
+
     def count(self, regions: Regions, keep: Sequence[int]) -> tuple[int, ...]:
         return destinations_for_fraction(regions.sizes, tuple(keep), self.params.fraction)
 

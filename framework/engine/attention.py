@@ -285,11 +285,12 @@ class _SdpaPatch:
     def undo(self) -> None:
         cls = type(self)
         cls.users -= 1
-        if cls.users or cls.original is None:
+        original = cls.original
+        if cls.users or original is None:
             return
         current = torch.nn.functional.scaled_dot_product_attention
-        if getattr(current, _MARK, None) is cls.original:  # leave a function someone replaced since
-            torch.nn.functional.scaled_dot_product_attention = cls.original
+        if getattr(current, _MARK, None) is original:  # leave a function someone replaced since
+            torch.nn.functional.scaled_dot_product_attention = original
         cls.original = None
 
 

@@ -142,6 +142,7 @@ class Runtime:
         if not self.reorders(grid):
             return None
         moved = self.layout(grid).to(device)
+        assert moved.inverse is not None  # reordered regions are not sequential
         return moved.regions.index.reshape(-1), moved.inverse
 
     def reorders(self, grid: tuple[int, ...]) -> bool:
@@ -267,8 +268,14 @@ class Runtime:
             features = self.features(x, layout) if needs_features else None
             if decision is Decision.SELECT or slot.destinations is None or slot.key != key:
                 ctx = SelectContext(layout=layout, generator=self.generator(x.device))
-                slot.destinations = self.selector.select(features, ctx) if merger.needs_destinations else None
-            plan = merger.plan(x, features, slot.destinations, layout)
+                # features is None only when the merger needs no destinations (needs_features above)
+                slot.destinations = (
+                    self.selector.select(features, ctx)
+                    if merger.needs_destinations and features is not None
+                    else None
+                )
+            # None features / destinations reach only mergers that declare they read none
+            plan = merger.plan(x, features, slot.destinations, layout)  # type: ignore[arg-type]
         slot.plan, slot.key, slot.pending = plan, key, Decision.REUSE
         return plan
 
