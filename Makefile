@@ -4,7 +4,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast lint typecheck schema clean
+.PHONY: setup demo test test-slow lint typecheck schema clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,13 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/tokenreduce demo
 
+# The suite without the tests marked slow (torch.compile, whole commands): minutes on a laptop CPU.
 test: setup
-	$(BIN)/python -m pytest -q
-
-test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The slow tests: compile fullgraph on every adapter, end-to-end commands, packaging.
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
 
 lint: setup
 	$(BIN)/ruff check framework plugins toma_plugin baselines tests
