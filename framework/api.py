@@ -179,6 +179,19 @@ def uncompiled(module: Any) -> Any:
     return module
 
 
+def check_not_context_parallel(model: nn.Module) -> None:
+    """Refuse a model that already splits its sequence across ranks (diffusers'
+    ``enable_parallelism``): its blocks would see one rank's share of the tokens, not the grid the
+    layouts are built for. Applying first and enabling parallelism afterwards keeps the grid whole
+    where tokenreduce reads it."""
+    parallel = getattr(model, "_parallel_config", None)
+    if getattr(parallel, "context_parallel_config", None) is not None:
+        raise ConfigError(
+            f"context parallelism is already enabled on this {type(model).__name__}: apply tokenreduce "
+            "first, then call enable_parallelism(...) (the other order is not supported)"
+        )
+
+
 def prepare(
     pipe_or_model: Any, config: Any = None, **overrides: Any
 ) -> tuple[nn.Module, Any, ModelAdapter, Runtime, list[SiteSpec]]:
@@ -188,6 +201,7 @@ def prepare(
         config = default_preset(pipe_or_model)
     config = load_config(config, **overrides)
     model, pipeline, detected = find_denoiser(pipe_or_model)
+    check_not_context_parallel(model)
     registry = get_registry()
     if config.adapter.name == "auto":
         if detected is None:
