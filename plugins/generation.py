@@ -136,6 +136,11 @@ def _kl(config: dict[str, Any], arch: str, latent_channels: int) -> nn.Module:
     return _on_meta(AutoencoderKL, config)
 
 
+def _noise_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Starting noise of one sample shaped like ``x`` (the guidance batch is built from it)."""
+    return torch.randn(1, *x.shape[1:], generator=generator, device=x.device, dtype=x.dtype)
+
+
 def _guided(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     return uncond + scale * (cond - uncond)
 
@@ -155,10 +160,7 @@ class SdxlRecipe(GenerationRecipe):
         return latents * scheduler.init_noise_sigma
 
     def initial_latents(self, call: DenoiserCall, generator: torch.Generator) -> torch.Tensor:
-        sample = call.args[0]
-        return torch.randn(
-            1, *sample.shape[1:], generator=generator, device=sample.device, dtype=sample.dtype
-        )
+        return _noise_like(call.args[0], generator)
 
     def predict(
         self,
@@ -210,8 +212,7 @@ class FluxRecipe(GenerationRecipe):
         return latents
 
     def initial_latents(self, call: DenoiserCall, generator: torch.Generator) -> torch.Tensor:
-        x = call.kwargs["hidden_states"]
-        return torch.randn(1, *x.shape[1:], generator=generator, device=x.device, dtype=x.dtype)
+        return _noise_like(call.kwargs["hidden_states"], generator)
 
     def predict(
         self,
@@ -257,8 +258,7 @@ class WanRecipe(GenerationRecipe):
         return latents
 
     def initial_latents(self, call: DenoiserCall, generator: torch.Generator) -> torch.Tensor:
-        x = call.kwargs["hidden_states"]
-        return torch.randn(1, *x.shape[1:], generator=generator, device=x.device, dtype=x.dtype)
+        return _noise_like(call.kwargs["hidden_states"], generator)
 
     def predict(
         self,
@@ -307,8 +307,7 @@ class Sd3Recipe(SdxlRecipe):
         return latents
 
     def initial_latents(self, call: DenoiserCall, generator: torch.Generator) -> torch.Tensor:
-        x = call.kwargs["hidden_states"]
-        return torch.randn(1, *x.shape[1:], generator=generator, device=x.device, dtype=x.dtype)
+        return _noise_like(call.kwargs["hidden_states"], generator)
 
     def predict(
         self,
