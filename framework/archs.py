@@ -26,6 +26,15 @@ class Inputs:
     tokens: int = 0  # image tokens at the first merged site (for the record)
 
 
+def random_maker(generator: torch.Generator, device: Any, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """``randn(*shape)`` drawing from ``generator`` on ``device`` in ``dtype`` (for input makers)."""
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+
+    return randn
+
+
 #: ``(model, batch, height_px, width_px, text_tokens, dtype, device, generator) -> Inputs``
 InputMaker = Callable[[nn.Module, int, int, int, int, torch.dtype, Any, torch.Generator], Inputs]
 

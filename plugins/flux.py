@@ -30,7 +30,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from tokenreduce.archs import Architecture, Inputs
+from tokenreduce.archs import Architecture, Inputs, random_maker
 from tokenreduce.engine.runtime import Runtime
 from tokenreduce.engine.sites import JOINT_TEXT_FIRST, CallInfo, Stack, StackedTransformerAdapter
 from tokenreduce.engine.sites.call import Reorder
@@ -161,8 +161,7 @@ def flux_inputs(
     """What the Flux pipeline passes: 2x2-packed latents (16 px per token), T5 text, pooled CLIP, ids."""
     cfg = model.config
 
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+    randn = random_maker(generator, device, dtype)
 
     h, w = height // 16, width // 16
     rows = torch.arange(h, device=device).repeat_interleave(w)

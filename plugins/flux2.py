@@ -23,7 +23,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from tokenreduce.archs import Architecture, Inputs
+from tokenreduce.archs import Architecture, Inputs, random_maker
 from tokenreduce.engine.sites import JOINT_TEXT_FIRST, CallInfo, Stack, StackedTransformerAdapter
 from tokenreduce.engine.sites.stack import check_blocks, check_grid
 from tokenreduce.hookspecs import hookimpl
@@ -123,8 +123,7 @@ def flux2_inputs(
     """What the Flux.2 pipeline passes: 2x2-packed latents (16 px per token), text, ids, guidance."""
     cfg = model.config
 
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+    randn = random_maker(generator, device, dtype)
 
     h, w = height // 16, width // 16
     kwargs = {

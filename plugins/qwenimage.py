@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from tokenreduce.archs import Architecture, Inputs
+from tokenreduce.archs import Architecture, Inputs, random_maker
 from tokenreduce.engine.sites import CallInfo, Rope, Stack, StackedTransformerAdapter
 from tokenreduce.engine.sites.stack import check_blocks
 from tokenreduce.hookspecs import hookimpl
@@ -103,8 +103,7 @@ def qwenimage_inputs(
     """What the Qwen-Image pipeline passes: 2x2-packed latents (16 px per token), text and its mask."""
     cfg = model.config
 
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+    randn = random_maker(generator, device, dtype)
 
     h, w = height // 16, width // 16
     kwargs = {

@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from tokenreduce.archs import Architecture, Inputs
+from tokenreduce.archs import Architecture, Inputs, random_maker
 from tokenreduce.engine.sites import NO_ROPE, CallInfo, Stack, StackedTransformerAdapter
 from tokenreduce.engine.sites.stack import check_blocks
 from tokenreduce.hookspecs import hookimpl
@@ -92,8 +92,7 @@ def sd3_inputs(
     """What the SD3 pipeline passes: the latent (8x VAE), T5+CLIP text, pooled CLIP, t in [0, 1000]."""
     cfg = model.config
 
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+    randn = random_maker(generator, device, dtype)
 
     h, w = height // 8, width // 8
     kwargs = {

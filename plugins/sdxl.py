@@ -26,7 +26,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from tokenreduce.archs import Architecture, Inputs
+from tokenreduce.archs import Architecture, Inputs, random_maker
 from tokenreduce.config import instantiate
 from tokenreduce.engine import PatchSet, Runtime
 from tokenreduce.engine.attention import KeyWeightsCache, SizeWeighting, route
@@ -285,8 +285,7 @@ def unet_inputs(
     """What the SDXL pipeline passes: the latent (8x VAE), timestep, text states, added conditioning."""
     cfg = model.config
 
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+    randn = random_maker(generator, device, dtype)
 
     h, w = height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR
     text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim

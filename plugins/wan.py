@@ -29,7 +29,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from tokenreduce.api import begin_call
-from tokenreduce.archs import Architecture, Inputs
+from tokenreduce.archs import Architecture, Inputs, random_maker
 from tokenreduce.config import instantiate
 from tokenreduce.engine.attention import route
 from tokenreduce.engine.patch import PatchSet
@@ -233,8 +233,7 @@ def wan_inputs(
     cfg = model.config
     patch = tuple(cfg.patch_size)
 
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+    randn = random_maker(generator, device, dtype)
 
     latent_frames = (frames - 1) // VAE_STRIDE[0] + 1
     h, w = height // VAE_STRIDE[1], width // VAE_STRIDE[2]
