@@ -51,7 +51,13 @@ def add_bench_parser(subparsers: Any, func: Callable[[argparse.Namespace], int])
         nargs="+",
         choices=list(MODES),
         default=None,
-        help="default: eager graph on CUDA, eager on a CPU",
+        help="default: eager graph on CUDA, eager on a CPU; compile: torch.compile of each variant, timed one "
+        "variant after another (compilation untimed)",
+    )
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of --modes compile (default inductor)",
     )
     p.add_argument(
         "--ratios", nargs="+", type=float, default=list(DEFAULT_RATIOS), help="default: 0.25 0.5 0.75"
@@ -146,6 +152,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         pipeline=args.pipeline,
         steps=args.steps,
         prompt=args.prompt,
+        compile_backend=args.compile_backend,
     )
 
 

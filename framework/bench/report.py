@@ -25,6 +25,11 @@ STEP_NOTE = (
     "the end-to-end speedup of a schedule that merges some steps mixes these with unmodified steps "
     "(tokenreduce.quality.speed)"
 )
+COMPILE_NOTE = (
+    "compile mode: torch.compile of each patched model, compiled once (a graph per step kind), warmed up, "
+    "then timed; variants run one after another, the unmodified model first and again last "
+    "(notes.compile.unmodified_again_ms: drift over the run)"
+)
 GRAPH_NOTE = (
     "graph mode: one CUDA graph per distinct reuse decision of a variant's cycle, replayed in the "
     "cycle's order; plans are not chained between a variant's graphs (timing only, outputs meaningless)"

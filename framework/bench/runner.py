@@ -55,6 +55,7 @@ class BenchSettings:
     rounds: int = 10
     warmup: int = 3
     capture_warmup: int = 3  # eager calls per decision before a CUDA graph capture
+    compile_backend: str = "inductor"  # torch.compile backend of mode "compile"
     batch: int | None = None
     height: int | None = None
     width: int | None = None
@@ -97,11 +98,6 @@ def resolve_modes(settings: BenchSettings, device: str) -> list[str]:
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    if "compile" in modes:
-        raise ValueError(
-            "mode 'compile' is not implemented: a compiled model cannot switch between variants without "
-            "recompiling; use 'graph' for captured timings"
-        )
     if "graph" in modes and not cuda:
         raise ValueError(f"mode 'graph' needs a CUDA device, got {device!r}")
     if settings.rounds < 1 or settings.warmup < 0:
@@ -214,7 +210,11 @@ def _run_record(
         "weights": settings.model or "random",
         "variants": rows,
         "skipped": plan.variants.skipped,
-        "notes": {**result.notes, **({"graph": report.GRAPH_NOTE} if mode == "graph" else {})},
+        "notes": {
+            **result.notes,
+            **({"graph": report.GRAPH_NOTE} if mode == "graph" else {}),
+            **({"compile_mode": report.COMPILE_NOTE} if mode == "compile" else {}),
+        },
     }
 
 
@@ -335,6 +335,18 @@ def _time_mode(
                 settings.rounds,
                 settings.warmup,
                 device,
+                advance=lambda: progress.advance(task),
+            )
+        if mode == "compile":
+            progress.update(task, total=settings.rounds * len(variants))
+            return timing.time_compiled(
+                model,
+                call,
+                variants,
+                settings.rounds,
+                settings.warmup,
+                device,
+                backend=settings.compile_backend,
                 advance=lambda: progress.advance(task),
             )
         progress.update(task, description=f"{arch} {mode} (capturing {len(variants)} variants)")

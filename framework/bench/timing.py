@@ -338,3 +338,91 @@ def time_graphs(
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
     return out
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+#: Dynamo cache entries per code object while compiled variants are timed: a variant compiles one
+#: graph per distinct step kind of its cycle (select, weights, reuse), and some models compile a
+#: few per block kind; the default limit (8) would silently fall back to eager.
+COMPILE_CACHE_LIMIT = 64
+
+
+@torch.no_grad()
+def time_compiled(
+    model: nn.Module,
+    call: Call,
+    variants: Sequence[Variant],
+    rounds: int,
+    warmup: int,
+    device: str | torch.device,
+    backend: str = "inductor",
+    advance: Callable[[], None] | None = None,
+) -> Timings:
+    """Each variant compiled once and timed ``rounds`` cycles, one variant after another.
+
+    A compiled model cannot switch variants without recompiling (the patched forwards are new
+    code), so the variants are not interleaved: apply, prime eagerly (layouts exist before
+    tracing, as ``handle.prepare`` would build them), ``torch.compile``, run ``max(warmup, 1)``
+    cycles (the first compiles a graph per step kind), time, remove, reset Dynamo. The unmodified
+    model is timed first and again last; its two medians bound the drift over the run.
+    """
+    import torch._dynamo
+
+    watch = Stopwatch(device)
+    out = Timings(samples={v.name: [] for v in variants})
+    compile_s: dict[str, float] = {}
+    graphs: dict[str, int] = {}
+    order = list(variants)
+    baseline = next((v for v in variants if v.config is None), None)
+    if baseline is not None:
+        order.append(baseline)  # timed again at the end: drift check
+    drift: list[float] = []
+    config = torch._dynamo.config
+    limit = config.cache_size_limit
+    config.cache_size_limit = max(limit, COMPILE_CACHE_LIMIT)
+    try:
+        for index, variant in enumerate(order):
+            repeat = index >= len(variants)
+            steps = 1
+            samples: list[float] = []
+            try:
+                steps = len(cycle_of(variant))
+                torch._dynamo.reset()
+                torch._dynamo.utils.counters.clear()
+                with applied(model, variant) as handle:
+                    run_cycle(model, call, handle, 1)
+                    compiled = torch.compile(model, backend=backend)
+                    start = time.perf_counter()
+                    for _ in range(max(warmup, 1)):
+                        run_cycle(compiled, call, handle, steps)
+                    if torch.device(device).type == "cuda":
+                        torch.cuda.synchronize()
+                    if not repeat:
+                        compile_s[variant.name] = round(time.perf_counter() - start, 2)
+                        graphs[variant.name] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+                    for rnd in range(rounds):
+                        ms = watch(lambda h=handle, n=steps, m=compiled: run_cycle(m, call, h, n))
+                        samples.append(ms / steps)
+                        out.log.append((rnd, variant.name))
+                        if advance is not None and not repeat:
+                            advance()
+            except Exception as exc:  # one broken variant must not end a long benchmark
+                out.errors[variant.name] = describe_error(exc)
+                continue
+            finally:
+                torch._dynamo.reset()
+            if repeat:
+                drift = samples
+            else:
+                out.samples[variant.name] = samples
+    finally:
+        config.cache_size_limit = limit
+    out.notes["compile"] = {
+        "backend": backend,
+        "warmup_s": compile_s,
+        "graphs": graphs,
+        "unmodified_again_ms": drift,
+        "order": "one variant after another, unmodified first and again last",
+    }
+    return out

@@ -277,8 +277,7 @@ def test_modes_are_checked_before_anything_runs() -> None:
     assert resolve_modes(BenchSettings(), "cpu") == ["eager"]
     with pytest.raises(ValueError, match="CUDA"):
         resolve_modes(BenchSettings(modes=["graph"]), "cpu")
-    with pytest.raises(ValueError, match="not implemented"):
-        resolve_modes(BenchSettings(modes=["compile"]), "cpu")
+    assert resolve_modes(BenchSettings(modes=["eager", "compile"]), "cpu") == ["eager", "compile"]
     assert main(["bench", "--arch", "tiny-sdxl", "--modes", "graph", "--device", "cpu"]) == 2
 
 
@@ -350,3 +349,23 @@ def test_every_tiny_architecture_builds_runs_and_restores_its_constant_buffers(a
         out = call(model)
     assert torch.isfinite(out).all()
     assert call.tokens > 0
+
+
+@pytest.mark.slow
+def test_compile_mode_times_every_variant_and_restores_the_model(sdxl) -> None:
+    """Backend ``eager``: Dynamo traces (graph breaks and guards as with inductor) without codegen."""
+    model, call = sdxl
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    forward = model.forward
+    chosen = [v for v in default_variants("sdxl", [0.5]).variants if v.method in ("unmodified", "toma")]
+    result = timing.time_compiled(model, call, chosen, rounds=2, warmup=1, device="cpu", backend="eager")
+    assert result.errors == {}
+    for variant in chosen:
+        assert len(result.samples[variant.name]) == 2
+        # one graph per distinct step kind of the cycle at most per compiled region
+        assert result.notes["compile"]["graphs"][variant.name] >= 1
+    assert len(result.notes["compile"]["unmodified_again_ms"]) == 2
+    assert [name for _, name in result.log][-2:] == ["unmodified", "unmodified"]
+    assert model.forward == forward and get_handle(model) is None
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
