@@ -1,0 +1,384 @@
+"""The speed-fidelity frontier per proxy: ratio x merge schedule x size weighting for ToMA, the same
+schedules for random destinations, ToMeSD, ToFu and ToDo, and ToMA's other knobs one at a time.
+
+Two steps, because fidelity and speed are measured on different machines::
+
+    python -m tokenreduce.quality.frontier configs -o CONFIG_DIR     # bench configs the speeds need
+    tokenreduce bench --arch ARCH --modes graph --configs CONFIG_DIR/ARCH-*.yaml ...
+    python -m tokenreduce.quality.frontier run --kinds flux-latent sdxl-latent -o rows.jsonl
+    python -m tokenreduce.quality.frontier report rows.jsonl --speed bench.json -o OUT
+
+``run`` generates one image per pipeline call (batch 1, guidance in one batch), the demo's classes
+and seeds, with every variant, and scores PSNR, SSIM and feature similarity against the
+unmodified proxy's images; rows are appended as they finish (a stopped run keeps what it did).
+``report`` joins each row with the per-step speedup of its bench variant (same method, ratio and
+size weighting, measured on the real architecture) and the row's merge schedule, giving the
+end-to-end speedup of a generation (:func:`tokenreduce.quality.speed.schedule_speedup`), marks
+the Pareto frontier, and checks the presets against it and against the baselines at equal speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenreduce.quality.fidelity import config_for
+from tokenreduce.quality.proxy.models import LATENT_IMAGE_KINDS, spec
+from tokenreduce.quality.speed import schedule_speedup
+
+RATIOS = (0.25, 0.5, 0.75)
+#: (label, schedule config). Every field given: an override is merged into the preset's entry.
+SCHEDULES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("always", {"name": "always"}),
+    ("every 2/0", {"name": "every", "k": 2, "offset": 0}),
+    ("every 2/1", {"name": "every", "k": 2, "offset": 1}),
+    ("every 3/2", {"name": "every", "k": 3, "offset": 2}),
+    ("every 4/3", {"name": "every", "k": 4, "offset": 3}),
+    ("second half", {"name": "window", "start": 0.5, "stop": 1.0}),
+)
+#: Methods compared with ToMA at equal end-to-end speed.
+BASELINES = ("random", "tomesd", "tofu")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One configuration on one proxy, and the bench variant whose per-step speed it has."""
+
+    kind: str
+    method: str  # toma, random, tomesd, tofu, todo; "preset" rows are the shipped presets
+    label: str
+    config: dict[str, Any] = field(hash=False)
+    speed_name: str | None  # bench variant name; None: fidelity only (no matching bench variant)
+
+
+def bench_config_name(arch: str, what: str, ratio: float) -> str:
+    return f"{arch}-{what}-{ratio:g}"
+
+
+def _weighting(config: dict[str, Any]) -> bool:
+    return bool(config["adapter"].get("size_weighting", False))
+
+
+def points(kind: str, ratios: Sequence[float] = RATIOS) -> list[Point]:
+    arch = spec(kind).arch
+    toma = f"toma-{arch}"
+    preset_weighting = _weighting(config_for(kind, toma))
+    out: list[Point] = []
+    for preset in (toma, f"{toma}-fast"):
+        config = config_for(kind, preset)
+        out.append(Point(kind, "preset", preset, config, f"toma@{config['ratio']:g}"))
+    for ratio in ratios:
+        for label, schedule in SCHEDULES:
+            for weighted in (preset_weighting, not preset_weighting):
+                config = config_for(
+                    kind, toma, ratio=ratio, schedule=schedule, adapter={"size_weighting": weighted}
+                )
+                speed = (
+                    f"toma@{ratio:g}"
+                    if weighted == preset_weighting
+                    else bench_config_name(arch, "weighted" if weighted else "unweighted", ratio)
+                )
+                tag = "sw" if weighted else "no sw"
+                out.append(Point(kind, "toma", f"toma@{ratio:g} {label} {tag}", config, speed))
+            config = config_for(kind, toma, ratio=ratio, schedule=schedule, selector={"name": "random"})
+            out.append(
+                Point(kind, "random", f"random@{ratio:g} {label}", config, bench_config_name(arch, "random", ratio))
+            )
+            for method in ("tomesd", "tofu"):
+                config = config_for(kind, f"{method}-{arch}", ratio=ratio, schedule=schedule)
+                out.append(Point(kind, method, f"{method}@{ratio:g} {label}", config, f"{method}@{ratio:g}"))
+    if arch == "sdxl":
+        for label, schedule in SCHEDULES:
+            config = config_for(kind, "todo-sdxl", schedule=schedule)
+            out.append(Point(kind, "todo", f"todo@0.75 {label}", config, "todo@0.75"))
+    # Knobs at the preset, fidelity only: the bench has no variant with the same per-step speed.
+    base = config_for(kind, toma)
+    for size in (2, 8) if arch == "flux" else (4,):
+        if [size, size] != base["partitioner"]["size"]:
+            config = config_for(kind, toma, partitioner={"size": [size, size]})
+            out.append(Point(kind, "toma-knob", f"preset, tile {size}", config, None))
+    return out
+
+
+def bench_configs(arch: str, ratios: Sequence[float] = RATIOS) -> dict[str, dict[str, Any]]:
+    """Config files for ``tokenreduce bench --configs``: the per-step speeds the points need that
+    the bench's own variants lack (size weighting flipped from the preset, random destinations)."""
+    from tokenreduce.config import load_config
+
+    base = load_config(f"toma-{arch}").model_dump(mode="json")
+    flipped = not base["adapter"].get("size_weighting", False)
+    out = {}
+    for ratio in ratios:
+        what = "weighted" if flipped else "unweighted"
+        out[bench_config_name(arch, what, ratio)] = {
+            **base,
+            "ratio": ratio,
+            "adapter": {**base["adapter"], "size_weighting": flipped},
+        }
+        out[bench_config_name(arch, "random", ratio)] = {**base, "ratio": ratio, "selector": {"name": "random"}}
+    return out
+
+
+# --------------------------------------------------------------------------- fidelity (run)
+
+
+def _generate(pipe: Any, labels: Sequence[int], seeds: Sequence[int], steps: int) -> torch.Tensor:
+    return torch.cat([pipe([lab], [s], steps=steps) for lab, s in zip(labels, seeds, strict=True)]).cpu()
+
+
+def run(
+    kinds: Sequence[str],
+    output: Path,
+    steps: int = 20,
+    num_seeds: int = 8,
+    device: str | None = None,
+    weights: Path | None = None,
+    only: Sequence[str] | None = None,
+    log: Any = print,
+) -> Iterator[dict[str, Any]]:
+    """Score every point of ``kinds`` (``only``: these methods), appending a JSON line per row to ``output``."""
+    from tokenreduce.api import apply
+    from tokenreduce.demo import DEMO_CLASSES
+    from tokenreduce.quality import metrics
+    from tokenreduce.quality.proxy.features import load_features
+    from tokenreduce.quality.proxy.models import load_proxy
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    features = load_features(weights, dev)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for kind in kinds:
+        pipe = load_proxy(kind, weights, dev)
+        names = [DEMO_CLASSES[i % len(DEMO_CLASSES)] for i in range(num_seeds)]
+        labels = [pipe.class_names.index(n) for n in names]
+        seeds = list(range(num_seeds))
+        base = _generate(pipe, labels, seeds, steps)
+        base_embeddings = metrics.embed(features, base)
+        for point in points(kind):
+            if only and point.method not in only:
+                continue
+            start = time.perf_counter()
+            with apply(pipe, point.config):
+                images = _generate(pipe, labels, seeds, steps)
+            similarity = torch.nn.functional.cosine_similarity(
+                metrics.embed(features, images), base_embeddings, dim=-1
+            )
+            row = {
+                "kind": kind,
+                "method": point.method,
+                "label": point.label,
+                "speed_name": point.speed_name,
+                "config": point.config,
+                "steps": steps,
+                "seeds": num_seeds,
+                "batch": 1,
+                "psnr": float(metrics.psnr(images, base).mean()),
+                "ssim": float(metrics.ssim(images, base).mean()),
+                "feature_similarity": float(similarity.mean()),
+                "seconds": round(time.perf_counter() - start, 2),
+            }
+            with output.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            log(f"{kind} {point.label}: {row['psnr']:.2f} dB, SSIM {row['ssim']:.3f}, {row['seconds']} s")
+            yield row
+
+
+# --------------------------------------------------------------------------- speed and frontier (report)
+
+
+def bench_speeds(bench: dict[str, Any], mode: str) -> dict[tuple[str, str], float]:
+    """(arch, variant name) -> per-step speedup of a merged step."""
+    out = {}
+    for r in bench.get("runs", []):
+        if r.get("mode") == mode:
+            for v in r["variants"]:
+                if v.get("speedup") is not None:
+                    out[(r["arch"], v["name"])] = float(v["speedup"])
+    return out
+
+
+def with_speed(rows: list[dict[str, Any]], speeds: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
+    out = []
+    for row in rows:
+        step = speeds.get((spec(row["kind"]).arch, row["speed_name"])) if row["speed_name"] else None
+        speed = None if step is None else schedule_speedup(row["config"], step, row["steps"])
+        out.append(row | {"step_speedup": step, "speedup": speed})
+    return out
+
+
+def pareto(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Rows no other row beats on both end-to-end speed and ``metric`` (ties kept)."""
+    timed = [r for r in rows if r["speedup"] is not None]
+    return [
+        r
+        for r in timed
+        if not any(
+            o["speedup"] >= r["speedup"] and o[metric] >= r[metric] and (o["speedup"], o[metric]) != (r["speedup"], r[metric])
+            for o in timed
+        )
+    ]
+
+
+def best_at_least(rows: list[dict[str, Any]], method: str, speed: float, metric: str) -> dict[str, Any] | None:
+    """``method``'s best row on ``metric`` among those at least ``speed`` fast."""
+    found = [r for r in rows if r["method"] == method and r["speedup"] is not None and r["speedup"] >= speed]
+    return max(found, key=lambda r: r[metric], default=None)
+
+
+def checks(rows: list[dict[str, Any]], metric: str = "psnr", slack: float = 0.005) -> list[str]:
+    """The targets, in words: presets on the frontier; ToMA beats each baseline at equal speed.
+
+    ``slack``: a preset within this relative speed of a dominating row counts as on the frontier
+    (per-step speeds are measured once; their noise is about that size).
+    """
+    lines = []
+    for kind in sorted({r["kind"] for r in rows}):
+        mine = [r for r in rows if r["kind"] == kind]
+        for preset in (r for r in mine if r["method"] == "preset" and r["speedup"] is not None):
+            beaten = [
+                o
+                for o in mine
+                if o["speedup"] is not None
+                and o["speedup"] >= preset["speedup"] * (1 + slack)
+                and o[metric] > preset[metric]
+            ]
+            best = max(beaten, key=lambda o: o[metric], default=None)
+            verdict = "on the frontier" if best is None else (
+                f"dominated by {best['label']} ({best['speedup']:.3f}x, {best[metric]:.2f})"
+            )
+            lines.append(f"{kind} {preset['label']} ({preset['speedup']:.3f}x, {preset[metric]:.2f}): {verdict}")
+        for method in ("random", "tomesd", "tofu", "todo"):
+            wins = losses = 0
+            worst = None
+            for r in (r for r in mine if r["method"] == method and r["speedup"] is not None):
+                toma = best_at_least(mine, "toma", r["speedup"], metric)
+                if toma is not None and toma[metric] > r[metric]:
+                    wins += 1
+                else:
+                    losses += 1
+                    worst = r
+            if wins or losses:
+                tail = "" if worst is None else f"; e.g. not at {worst['label']} ({worst['speedup']:.3f}x)"
+                lines.append(f"{kind} ToMA vs {method} at equal or higher speed, {metric}: better at {wins} of {wins + losses}{tail}")
+    return lines
+
+
+def markdown(rows: list[dict[str, Any]], frontier_ids: set[int]) -> str:
+    head = "| proxy | variant | per-step speedup | end-to-end speedup | PSNR (dB) | SSIM | feature sim. | frontier |\n"
+    head += "|---|---|---:|---:|---:|---:|---:|:---:|\n"
+    body = []
+    order = sorted(rows, key=lambda r: (r["kind"], -(r["speedup"] or 0), -r["psnr"]))
+    for r in order:
+        step = "-" if r["step_speedup"] is None else f"{r['step_speedup']:.3f}"
+        e2e = "-" if r["speedup"] is None else f"{r['speedup']:.3f}"
+        star = "*" if id(r) in frontier_ids else ""
+        body.append(
+            f"| {r['kind']} | {r['label']} | {step} | {e2e} | {r['psnr']:.2f} | {r['ssim']:.3f} | "
+            f"{r['feature_similarity']:.4f} | {star} |"
+        )
+    return head + "\n".join(body) + "\n"
+
+
+COLOURS = {"toma": "tab:blue", "random": "tab:gray", "tomesd": "tab:orange", "tofu": "tab:green", "todo": "tab:red"}
+
+
+def plot(rows: list[dict[str, Any]], frontier: list[dict[str, Any]], metric: str, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({r["kind"] for r in rows})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        mine = [r for r in rows if r["kind"] == kind and r["speedup"] is not None]
+        for method, colour in COLOURS.items():
+            pts = [r for r in mine if r["method"] == method]
+            if pts:
+                ax.scatter([r["speedup"] for r in pts], [r[metric] for r in pts], s=14, color=colour, label=method, alpha=0.7)
+        edge = sorted((r for r in frontier if r["kind"] == kind), key=lambda r: r["speedup"])
+        ax.plot([r["speedup"] for r in edge], [r[metric] for r in edge], "-", color="black", lw=0.8, label="frontier")
+        for r in (r for r in mine if r["method"] == "preset"):
+            ax.scatter([r["speedup"]], [r[metric]], marker="*", s=160, color="gold", edgecolor="black", zorder=5)
+            ax.annotate(r["label"], (r["speedup"], r[metric]), textcoords="offset points", xytext=(5, -10), fontsize=8)
+        ax.set_title(f"{kind}: {title}")
+        ax.set_xlabel("end-to-end speedup over unmodified (bench per-step speed x schedule)")
+        ax.set_ylabel(f"{metric} vs unmodified, batch 1")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(rows_file: Path, bench_file: Path, output: Path, mode: str = "graph", metric: str = "psnr") -> list[str]:
+    rows = [json.loads(line) for line in rows_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    bench = json.loads(bench_file.read_text(encoding="utf-8"))
+    rows = with_speed(rows, bench_speeds(bench, mode))
+    frontier = [r for kind in {r["kind"] for r in rows} for r in pareto([x for x in rows if x["kind"] == kind], metric)]
+    lines = checks(rows, metric)
+    output.mkdir(parents=True, exist_ok=True)
+    gpu = bench.get("env", {}).get("gpu", "?")
+    (output / "frontier.json").write_text(
+        json.dumps({"bench": bench_file.name, "mode": mode, "metric": metric, "checks": lines, "rows": rows}, indent=2) + "\n",
+        encoding="utf-8",
+    )
+    ids = {id(r) for r in frontier}
+    text = f"Speed: `{bench_file.name}` ({mode}, {gpu}); frontier on {metric}.\n\n" + "\n".join(f"- {x}" for x in lines)
+    (output / "frontier.md").write_text(text + "\n\n" + markdown(rows, ids), encoding="utf-8")
+    try:
+        plot(rows, frontier, metric, output / "frontier.png", f"speed ({mode}, {gpu}) vs fidelity")
+    except ModuleNotFoundError:
+        pass  # matplotlib is optional: the tables are written
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("configs", help="write the bench config files the frontier's speeds need")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--archs", nargs="+", default=["flux", "sdxl"])
+    r = sub.add_parser("run", help="score every point on the proxies (appends JSON lines)")
+    r.add_argument("--kinds", nargs="+", default=list(LATENT_IMAGE_KINDS))
+    r.add_argument("--steps", type=int, default=20)
+    r.add_argument("--seeds", type=int, default=8)
+    r.add_argument("--methods", nargs="+", default=None, help="only these methods (default: all)")
+    r.add_argument("--device", default=None)
+    r.add_argument("--proxy-weights", default=None)
+    r.add_argument("-o", "--output", required=True, help="JSON-lines file (appended)")
+    s = sub.add_parser("report", help="join rows with a bench record: frontier, checks, table, plot")
+    s.add_argument("rows")
+    s.add_argument("--speed", required=True, help="tokenreduce bench JSON")
+    s.add_argument("--mode", default="graph")
+    s.add_argument("--metric", default="psnr", choices=["psnr", "ssim", "feature_similarity"])
+    s.add_argument("-o", "--output", required=True)
+    args = p.parse_args(argv)
+    if args.command == "configs":
+        import yaml
+
+        folder = Path(args.output)
+        folder.mkdir(parents=True, exist_ok=True)
+        for arch in args.archs:
+            for name, config in bench_configs(arch).items():
+                (folder / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+                print(folder / f"{name}.yaml")
+        return 0
+    if args.command == "run":
+        weights = Path(args.proxy_weights) if args.proxy_weights else None
+        for _ in run(args.kinds, Path(args.output), args.steps, args.seeds, args.device, weights, args.methods):
+            pass
+        return 0
+    for line in report(Path(args.rows), Path(args.speed), Path(args.output), args.mode, args.metric):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
