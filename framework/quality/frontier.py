@@ -20,6 +20,7 @@ the Pareto frontier, and checks the presets against it and against the baselines
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -89,7 +90,13 @@ def points(kind: str, ratios: Sequence[float] = RATIOS) -> list[Point]:
                 out.append(Point(kind, "toma", f"toma@{ratio:g} {label} {tag}", config, speed))
             config = config_for(kind, toma, ratio=ratio, schedule=schedule, selector={"name": "random"})
             out.append(
-                Point(kind, "random", f"random@{ratio:g} {label}", config, bench_config_name(arch, "random", ratio))
+                Point(
+                    kind,
+                    "random",
+                    f"random@{ratio:g} {label}",
+                    config,
+                    bench_config_name(arch, "random", ratio),
+                )
             )
             for method in ("tomesd", "tofu"):
                 config = config_for(kind, f"{method}-{arch}", ratio=ratio, schedule=schedule)
@@ -122,7 +129,11 @@ def bench_configs(arch: str, ratios: Sequence[float] = RATIOS) -> dict[str, dict
             "ratio": ratio,
             "adapter": {**base["adapter"], "size_weighting": flipped},
         }
-        out[bench_config_name(arch, "random", ratio)] = {**base, "ratio": ratio, "selector": {"name": "random"}}
+        out[bench_config_name(arch, "random", ratio)] = {
+            **base,
+            "ratio": ratio,
+            "selector": {"name": "random"},
+        }
     return out
 
 
@@ -219,13 +230,17 @@ def pareto(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
         r
         for r in timed
         if not any(
-            o["speedup"] >= r["speedup"] and o[metric] >= r[metric] and (o["speedup"], o[metric]) != (r["speedup"], r[metric])
+            o["speedup"] >= r["speedup"]
+            and o[metric] >= r[metric]
+            and (o["speedup"], o[metric]) != (r["speedup"], r[metric])
             for o in timed
         )
     ]
 
 
-def best_at_least(rows: list[dict[str, Any]], method: str, speed: float, metric: str) -> dict[str, Any] | None:
+def best_at_least(
+    rows: list[dict[str, Any]], method: str, speed: float, metric: str
+) -> dict[str, Any] | None:
     """``method``'s best row on ``metric`` among those at least ``speed`` fast."""
     found = [r for r in rows if r["method"] == method and r["speedup"] is not None and r["speedup"] >= speed]
     return max(found, key=lambda r: r[metric], default=None)
@@ -249,10 +264,14 @@ def checks(rows: list[dict[str, Any]], metric: str = "psnr", slack: float = 0.00
                 and o[metric] > preset[metric]
             ]
             best = max(beaten, key=lambda o: o[metric], default=None)
-            verdict = "on the frontier" if best is None else (
-                f"dominated by {best['label']} ({best['speedup']:.3f}x, {best[metric]:.2f})"
+            verdict = (
+                "on the frontier"
+                if best is None
+                else (f"dominated by {best['label']} ({best['speedup']:.3f}x, {best[metric]:.2f})")
             )
-            lines.append(f"{kind} {preset['label']} ({preset['speedup']:.3f}x, {preset[metric]:.2f}): {verdict}")
+            lines.append(
+                f"{kind} {preset['label']} ({preset['speedup']:.3f}x, {preset[metric]:.2f}): {verdict}"
+            )
         for method in ("random", "tomesd", "tofu", "todo"):
             wins = losses = 0
             worst = None
@@ -265,7 +284,9 @@ def checks(rows: list[dict[str, Any]], metric: str = "psnr", slack: float = 0.00
                     worst = r
             if wins or losses:
                 tail = "" if worst is None else f"; e.g. not at {worst['label']} ({worst['speedup']:.3f}x)"
-                lines.append(f"{kind} ToMA vs {method} at equal or higher speed, {metric}: better at {wins} of {wins + losses}{tail}")
+                lines.append(
+                    f"{kind} ToMA vs {method} at equal or higher speed, {metric}: better at {wins} of {wins + losses}{tail}"
+                )
     return lines
 
 
@@ -285,10 +306,18 @@ def markdown(rows: list[dict[str, Any]], frontier_ids: set[int]) -> str:
     return head + "\n".join(body) + "\n"
 
 
-COLOURS = {"toma": "tab:blue", "random": "tab:gray", "tomesd": "tab:orange", "tofu": "tab:green", "todo": "tab:red"}
+COLOURS = {
+    "toma": "tab:blue",
+    "random": "tab:gray",
+    "tomesd": "tab:orange",
+    "tofu": "tab:green",
+    "todo": "tab:red",
+}
 
 
-def plot(rows: list[dict[str, Any]], frontier: list[dict[str, Any]], metric: str, path: Path, title: str) -> None:
+def plot(
+    rows: list[dict[str, Any]], frontier: list[dict[str, Any]], metric: str, path: Path, title: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -301,12 +330,30 @@ def plot(rows: list[dict[str, Any]], frontier: list[dict[str, Any]], metric: str
         for method, colour in COLOURS.items():
             pts = [r for r in mine if r["method"] == method]
             if pts:
-                ax.scatter([r["speedup"] for r in pts], [r[metric] for r in pts], s=14, color=colour, label=method, alpha=0.7)
+                ax.scatter(
+                    [r["speedup"] for r in pts],
+                    [r[metric] for r in pts],
+                    s=14,
+                    color=colour,
+                    label=method,
+                    alpha=0.7,
+                )
         edge = sorted((r for r in frontier if r["kind"] == kind), key=lambda r: r["speedup"])
-        ax.plot([r["speedup"] for r in edge], [r[metric] for r in edge], "-", color="black", lw=0.8, label="frontier")
+        ax.plot(
+            [r["speedup"] for r in edge],
+            [r[metric] for r in edge],
+            "-",
+            color="black",
+            lw=0.8,
+            label="frontier",
+        )
         for r in (r for r in mine if r["method"] == "preset"):
-            ax.scatter([r["speedup"]], [r[metric]], marker="*", s=160, color="gold", edgecolor="black", zorder=5)
-            ax.annotate(r["label"], (r["speedup"], r[metric]), textcoords="offset points", xytext=(5, -10), fontsize=8)
+            ax.scatter(
+                [r["speedup"]], [r[metric]], marker="*", s=160, color="gold", edgecolor="black", zorder=5
+            )
+            ax.annotate(
+                r["label"], (r["speedup"], r[metric]), textcoords="offset points", xytext=(5, -10), fontsize=8
+            )
         ax.set_title(f"{kind}: {title}")
         ax.set_xlabel("end-to-end speedup over unmodified (bench per-step speed x schedule)")
         ax.set_ylabel(f"{metric} vs unmodified, batch 1")
@@ -317,25 +364,33 @@ def plot(rows: list[dict[str, Any]], frontier: list[dict[str, Any]], metric: str
     plt.close(fig)
 
 
-def report(rows_file: Path, bench_file: Path, output: Path, mode: str = "graph", metric: str = "psnr") -> list[str]:
+def report(
+    rows_file: Path, bench_files: Sequence[Path], output: Path, mode: str = "graph", metric: str = "psnr"
+) -> list[str]:
     rows = [json.loads(line) for line in rows_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    bench = json.loads(bench_file.read_text(encoding="utf-8"))
-    rows = with_speed(rows, bench_speeds(bench, mode))
-    frontier = [r for kind in {r["kind"] for r in rows} for r in pareto([x for x in rows if x["kind"] == kind], metric)]
+    benches = [json.loads(path.read_text(encoding="utf-8")) for path in bench_files]
+    speeds = {key: value for bench in benches for key, value in bench_speeds(bench, mode).items()}
+    rows = with_speed(rows, speeds)
+    frontier = [
+        r
+        for kind in {r["kind"] for r in rows}
+        for r in pareto([x for x in rows if x["kind"] == kind], metric)
+    ]
     lines = checks(rows, metric)
     output.mkdir(parents=True, exist_ok=True)
-    gpu = bench.get("env", {}).get("gpu", "?")
+    gpu = ", ".join(sorted({b.get("env", {}).get("gpu", "?") for b in benches}))
+    names = [path.name for path in bench_files]
     (output / "frontier.json").write_text(
-        json.dumps({"bench": bench_file.name, "mode": mode, "metric": metric, "checks": lines, "rows": rows}, indent=2) + "\n",
+        json.dumps({"bench": names, "mode": mode, "metric": metric, "checks": lines, "rows": rows}, indent=2)
+        + "\n",
         encoding="utf-8",
     )
     ids = {id(r) for r in frontier}
-    text = f"Speed: `{bench_file.name}` ({mode}, {gpu}); frontier on {metric}.\n\n" + "\n".join(f"- {x}" for x in lines)
+    sources = ", ".join(f"`{n}`" for n in names)
+    text = f"Speed: {sources} ({mode}, {gpu}); frontier on {metric}.\n\n" + "\n".join(f"- {x}" for x in lines)
     (output / "frontier.md").write_text(text + "\n\n" + markdown(rows, ids), encoding="utf-8")
-    try:
+    with contextlib.suppress(ModuleNotFoundError):  # matplotlib is optional: the tables are written
         plot(rows, frontier, metric, output / "frontier.png", f"speed ({mode}, {gpu}) vs fidelity")
-    except ModuleNotFoundError:
-        pass  # matplotlib is optional: the tables are written
     return lines
 
 
@@ -355,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("-o", "--output", required=True, help="JSON-lines file (appended)")
     s = sub.add_parser("report", help="join rows with a bench record: frontier, checks, table, plot")
     s.add_argument("rows")
-    s.add_argument("--speed", required=True, help="tokenreduce bench JSON")
+    s.add_argument("--speed", nargs="+", required=True, help="tokenreduce bench JSON files")
     s.add_argument("--mode", default="graph")
     s.add_argument("--metric", default="psnr", choices=["psnr", "ssim", "feature_similarity"])
     s.add_argument("-o", "--output", required=True)
@@ -367,15 +422,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         for arch in args.archs:
             for name, config in bench_configs(arch).items():
-                (folder / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+                (folder / f"{name}.yaml").write_text(
+                    yaml.safe_dump(config, sort_keys=False), encoding="utf-8"
+                )
                 print(folder / f"{name}.yaml")
         return 0
     if args.command == "run":
         weights = Path(args.proxy_weights) if args.proxy_weights else None
-        for _ in run(args.kinds, Path(args.output), args.steps, args.seeds, args.device, weights, args.methods):
+        for _ in run(
+            args.kinds, Path(args.output), args.steps, args.seeds, args.device, weights, args.methods
+        ):
             pass
         return 0
-    for line in report(Path(args.rows), Path(args.speed), Path(args.output), args.mode, args.metric):
+    for line in report(
+        Path(args.rows), [Path(p) for p in args.speed], Path(args.output), args.mode, args.metric
+    ):
         print(line)
     return 0
 
