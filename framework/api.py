@@ -21,7 +21,7 @@ import copy
 import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -143,7 +143,7 @@ class TokenReduceHandle:
 def find_denoiser(pipe_or_model: Any) -> tuple[nn.Module, Any, type[ModelAdapter] | None]:
     """(denoiser, pipeline or None, matching adapter class or None)."""
     registry = get_registry()
-    adapters = [cast("type[ModelAdapter]", registry.get("adapter", n)) for n in registry.names("adapter")]
+    adapters = [registry.get("adapter", n) for n in registry.names("adapter")]
     if isinstance(pipe_or_model, nn.Module):
         model = uncompiled(pipe_or_model)
         for cls in adapters:
@@ -210,7 +210,7 @@ def prepare(
             )
         adapter = detected(detected.Params(size_weighting=config.adapter.size_weighting))
     else:
-        adapter = instantiate("adapter", config.adapter)  # type: ignore[assignment]
+        adapter = instantiate("adapter", config.adapter)
         if not adapter.matches(model):
             raise UnsupportedModelError(
                 f"adapter {adapter.name!r} does not support {type(model).__name__}"

@@ -11,10 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from diffusers import ModelMixin
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class Architecture:
 
     name: str  # e.g. "flux"; the benchmark's --arch
     adapter: str  # the adapter (and preset family: "<method>-<adapter>") that serves it
-    model: Callable[[], type[nn.Module]]  # the diffusers class (imported lazily)
+    model: Callable[[], type[ModelMixin]]  # the diffusers class (imported lazily)
     config: Mapping[str, Any] | Callable[[], Mapping[str, Any]]  # config.json values (or a maker)
     subfolder: str  # inside a pipeline folder
     batch: int  # denoiser batch of one generation (2 = classifier-free guidance in one call)

@@ -20,7 +20,7 @@ import sys
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, overload
 
 import yaml
 from pydantic import (
@@ -303,6 +303,32 @@ class Resolved:
     schedule: MergeSchedule | None = None  # None: merge at every step
 
 
+@overload
+def instantiate(
+    kind: Literal["partitioner"], params: StrictParams, registry: Registry | None = None
+) -> Partitioner: ...
+@overload
+def instantiate(
+    kind: Literal["selector"], params: StrictParams, registry: Registry | None = None
+) -> Selector: ...
+@overload
+def instantiate(
+    kind: Literal["merger"], params: StrictParams, registry: Registry | None = None
+) -> Merger: ...
+@overload
+def instantiate(
+    kind: Literal["reuse"], params: StrictParams, registry: Registry | None = None
+) -> ReusePolicy: ...
+@overload
+def instantiate(
+    kind: Literal["schedule"], params: StrictParams, registry: Registry | None = None
+) -> MergeSchedule: ...
+@overload
+def instantiate(
+    kind: Literal["adapter"], params: StrictParams, registry: Registry | None = None
+) -> ModelAdapter: ...
+@overload
+def instantiate(kind: str, params: StrictParams, registry: Registry | None = None) -> Component: ...
 def instantiate(kind: str, params: StrictParams, registry: Registry | None = None) -> Component:
     registry = registry or get_registry()
     try:
@@ -324,7 +350,7 @@ def resolve(
         if kind in fields
     }
     if adapter is None and config.adapter.name != "auto":
-        adapter = instantiate("adapter", config.adapter, registry)  # type: ignore[assignment]
+        adapter = instantiate("adapter", config.adapter, registry)
     return Resolved(config=config, adapter=adapter, **parts)  # type: ignore[arg-type]
 
 

@@ -64,7 +64,10 @@ def side_by_side(rows: list[tuple[str, list[tuple[str, np.ndarray]]]], scale: in
     label_h, pad = 16, 8
     tiles = [
         [
-            (label, Image.fromarray(p).resize((p.shape[1] * scale, p.shape[0] * scale), Image.NEAREST))
+            (
+                label,
+                Image.fromarray(p).resize((p.shape[1] * scale, p.shape[0] * scale), Image.Resampling.NEAREST),
+            )
             for label, p in row
         ]
         for _, row in rows

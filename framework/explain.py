@@ -131,7 +131,7 @@ def explain(
         "destinations/region",
     ):
         table.add_column(column)
-    frames: list[str] = []
+    frame_lines: list[str] = []
     for group, members in by_group.items():
         grid = grids.get(group)
         kinds = ", ".join(sorted({s.site for s in members}))
@@ -146,7 +146,7 @@ def explain(
             continue
         dests = sorted(set(layout.dests))
         if len(grid) == 3:  # video (frames x rows x cols): what one frame has and keeps on average
-            frames.append(
+            frame_lines.append(
                 f"{group}: {grid[0]} frames x {grid[1] * grid[2]} tokens per frame = {n} tokens per block "
                 f"({grid_text(grid)}); keeps {layout.keep} per block, {layout.keep / grid[0]:.0f} per frame"
             )
@@ -161,6 +161,6 @@ def explain(
             ", ".join(map(str, dests[:4])) + (" ..." if len(dests) > 4 else ""),
         )
     console.print(table)
-    for line in frames:
+    for line in frame_lines:
         console.print(line)
     console.print(f"{len(sites)} merged sites in {len(by_group)} groups.")

@@ -10,7 +10,7 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
@@ -42,7 +42,7 @@ class Component(ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params!r})"
 
-    def check(self, config: Any) -> None:  # noqa: B027 - optional hook
+    def check(self, config: ConfigBase) -> None:  # noqa: B027 - optional hook
         """Raise ``ValueError`` if this component cannot work with the rest of ``config``.
 
         Called at validation time, before any model is touched.

@@ -6,7 +6,7 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, overload
 
 from tokenreduce.interfaces import (
     Component,
@@ -98,6 +98,20 @@ class Registry:
             raise RegistryError(f"architecture {arch.name!r} is already registered")
         self.architectures[arch.name] = arch
 
+    @overload
+    def get(self, kind: Literal["partitioner"], name: str) -> type[Partitioner]: ...
+    @overload
+    def get(self, kind: Literal["selector"], name: str) -> type[Selector]: ...
+    @overload
+    def get(self, kind: Literal["merger"], name: str) -> type[Merger]: ...
+    @overload
+    def get(self, kind: Literal["reuse"], name: str) -> type[ReusePolicy]: ...
+    @overload
+    def get(self, kind: Literal["schedule"], name: str) -> type[MergeSchedule]: ...
+    @overload
+    def get(self, kind: Literal["adapter"], name: str) -> type[ModelAdapter]: ...
+    @overload
+    def get(self, kind: str, name: str) -> type[Component]: ...
     def get(self, kind: str, name: str) -> type[Component]:
         table = self.components[kind]
         if name not in table:

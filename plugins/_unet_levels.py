@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 if TYPE_CHECKING:  # imported where a model is inspected: plugin discovery loads no model module
+    from diffusers import UNet2DConditionModel
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
@@ -30,7 +31,7 @@ class UNetBlock:
     level: int  # 0 = the highest-resolution level that has attention
 
 
-def _stages(unet: nn.Module) -> Iterator[tuple[str, nn.Module, int]]:
+def _stages(unet: UNet2DConditionModel) -> Iterator[tuple[str, nn.Module, int]]:
     """``(path, stage, downsample)`` in execution order."""
     factor = 1
     for i, stage in enumerate(unet.down_blocks):
@@ -64,7 +65,7 @@ def unet_blocks(unet: nn.Module) -> list[UNetBlock]:
     return [UNetBlock(path, block, t, factor, levels[factor]) for path, block, t, factor in found]
 
 
-def latent_size(unet: nn.Module) -> tuple[int, int]:
+def latent_size(unet: UNet2DConditionModel) -> tuple[int, int]:
     """The UNet's default latent ``(height, width)`` (``config.sample_size``)."""
     size = unet.config.sample_size
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))

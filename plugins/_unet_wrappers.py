@@ -201,6 +201,7 @@ def merged_site(
                 if not runtime.enabled:
                     return original(hidden_states, *args, **kwargs)
                 plan = cell.plan
+                assert plan is not None, "the block's first site planned this call"
                 return plan.unmerge(run(plan, plan.merge(hidden_states), *args, **kwargs))
 
         return forward
@@ -218,6 +219,7 @@ def kv_only_site(runtime: Runtime, group: Group, grid: GridCell, cell: PlanCell,
             plan = (
                 runtime.plan(group, hidden_states, grid.grid, sequence=grid.sequence) if plans else cell.plan
             )
+            assert plan is not None, "the block's first site planned this call"
             kwargs["encoder_hidden_states"] = plan.merge(hidden_states)
             return original(hidden_states, *args, **kwargs)
 
@@ -304,6 +306,7 @@ def stack_exit(runtime: Runtime, cell: StackCell) -> Factory:
             if not runtime.enabled or plan is None:
                 return out
             residual, merged = cell.residual, cell.merged
+            assert residual is not None and merged is not None, "the stack's first block set them"
             cell.residual = cell.merged = cell.plan = None  # do not hold activations past the call
             return plan.residual_update(residual, merged, out)
 

@@ -24,7 +24,7 @@ supported while merging (a clear error is raised).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -37,6 +37,9 @@ from tokenreduce.engine.sites.call import Reorder
 from tokenreduce.engine.sites.stack import check_blocks, check_grid
 from tokenreduce.hookspecs import hookimpl
 from tokenreduce.params import AdapterParams
+
+if TYPE_CHECKING:
+    from diffusers import FluxTransformer2DModel
 
 DOUBLE, SINGLE = "double", "single"
 
@@ -94,6 +97,8 @@ class FluxAdapter(StackedTransformerAdapter):
         def _check_grid(cls, value: list[int] | None) -> list[int] | None:
             return check_grid(value)
 
+    params: Params
+
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         from diffusers import FluxTransformer2DModel  # lazy: keeps plugin discovery light
@@ -111,22 +116,22 @@ class FluxAdapter(StackedTransformerAdapter):
         ) -> tuple[tuple, dict, torch.Tensor] | None:
             if len(args) > 8:
                 return None
-            args, kwargs = list(args), dict(kwargs)
-            hidden = args[0] if args else kwargs["hidden_states"]
+            args_list, kwargs = list(args), dict(kwargs)
+            hidden = args_list[0] if args_list else kwargs["hidden_states"]
             order = runtime.region_order(grid, hidden.device)
             if order is None:
                 return None
             perm, inverse = order
             for index, name in ((0, "hidden_states"), (4, "img_ids")):
-                if index < len(args):
-                    if args[index] is not None:
-                        args[index] = args[index].index_select(1 if index == 0 else -2, perm)
+                if index < len(args_list):
+                    if args_list[index] is not None:
+                        args_list[index] = args_list[index].index_select(1 if index == 0 else -2, perm)
                 elif kwargs.get(name) is not None:
                     kwargs[name] = kwargs[name].index_select(1 if index == 0 else -2, perm)
             for key in ("controlnet_block_samples", "controlnet_single_block_samples"):
                 if kwargs.get(key) is not None:
                     kwargs[key] = [None if r is None else r.index_select(1, perm) for r in kwargs[key]]
-            return tuple(args), kwargs, inverse
+            return tuple(args_list), kwargs, inverse
 
         return reorder
 
@@ -149,7 +154,7 @@ class FluxAdapter(StackedTransformerAdapter):
 
 
 def flux_inputs(
-    model: nn.Module,
+    model: FluxTransformer2DModel,
     batch: int,
     height: int,
     width: int,
@@ -179,7 +184,7 @@ def flux_inputs(
     return Inputs((), kwargs, h * w)
 
 
-def _model() -> type[nn.Module]:
+def _model() -> type[FluxTransformer2DModel]:
     from diffusers import FluxTransformer2DModel
 
     return FluxTransformer2DModel

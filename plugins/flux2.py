@@ -17,7 +17,7 @@ tokens appended to the image tokens) is not supported while merging: a clear err
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -28,6 +28,9 @@ from tokenreduce.engine.sites import JOINT_TEXT_FIRST, CallInfo, Stack, StackedT
 from tokenreduce.engine.sites.stack import check_blocks, check_grid
 from tokenreduce.hookspecs import hookimpl
 from tokenreduce.params import AdapterParams
+
+if TYPE_CHECKING:
+    from diffusers import Flux2Transformer2DModel
 
 DOUBLE, SINGLE = "double", "single"
 
@@ -77,6 +80,8 @@ class Flux2Adapter(StackedTransformerAdapter):
         def _check_grid(cls, value: list[int] | None) -> list[int] | None:
             return check_grid(value)
 
+    params: Params
+
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         from diffusers import Flux2Transformer2DModel
@@ -111,7 +116,7 @@ def position_ids(t: int, h: int, w: int, layers: int, device: Any, dtype: torch.
 
 
 def flux2_inputs(
-    model: nn.Module,
+    model: Flux2Transformer2DModel,
     batch: int,
     height: int,
     width: int,
@@ -138,7 +143,7 @@ def flux2_inputs(
     return Inputs((), kwargs, h * w)
 
 
-def _model() -> type[nn.Module]:
+def _model() -> type[Flux2Transformer2DModel]:
     from diffusers import Flux2Transformer2DModel
 
     return Flux2Transformer2DModel

@@ -9,7 +9,7 @@ downsampling). Values are those of the published ``scheduler_config.json`` / ``v
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from torch import nn
 from tokenreduce.bench.generation import GenerationRecipe, register
 from tokenreduce.bench.models import DenoiserCall
 from tokenreduce.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, AutoencoderKLQwenImage, AutoencoderKLWan, ModelMixin
 
 GUIDANCE = {"sdxl": 5.0, "flux": 3.5, "wan": 5.0, "sd3": 3.5, "qwenimage": 4.0}
 
@@ -34,7 +37,7 @@ SDXL_SCHEDULER = {
     "use_karras_sigmas": False,
 }
 # stabilityai/stable-diffusion-xl-base-1.0, vae/config.json
-SDXL_VAE = {
+SDXL_VAE: dict[str, Any] = {
     "act_fn": "silu",
     "block_out_channels": [128, 256, 512, 512],
     "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -59,7 +62,7 @@ FLUX_SCHEDULER = {
     "use_dynamic_shifting": True,
 }
 # black-forest-labs/FLUX.1-dev, vae/config.json
-FLUX_VAE = {
+FLUX_VAE: dict[str, Any] = {
     "act_fn": "silu",
     "block_out_channels": [128, 256, 512, 512],
     "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -119,7 +122,7 @@ TINY_KL = {
 }
 
 
-def _on_meta(cls: type[nn.Module], config: dict[str, Any]) -> nn.Module:
+def _on_meta(cls: type[ModelMixin], config: dict[str, Any]) -> nn.Module:
     with torch.device("meta"):
         return cls.from_config(config).eval()
 
@@ -182,7 +185,7 @@ class SdxlRecipe(GenerationRecipe):
     def vae(self, arch: str) -> nn.Module | None:
         return _kl(SDXL_VAE, arch, latent_channels=4)
 
-    def decode(self, vae: nn.Module, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def decode(self, vae: AutoencoderKL, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         latents = latents.to(next(vae.parameters()).dtype)
         return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
 
@@ -231,7 +234,7 @@ class FluxRecipe(GenerationRecipe):
     def vae(self, arch: str) -> nn.Module | None:
         return _kl(FLUX_VAE, arch, latent_channels=FLUX_VAE["latent_channels"] if not _tiny(arch) else 4)
 
-    def decode(self, vae: nn.Module, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def decode(self, vae: AutoencoderKL, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         # FluxPipeline._unpack_latents: (B, h*w, C*4) tokens of 2x2 patches -> (B, C, 2h, 2w).
         b, _, packed = latents.shape
         h, w = height // 16, width // 16
@@ -286,7 +289,7 @@ class WanRecipe(GenerationRecipe):
             return _on_meta(AutoencoderKLWan, config)
         return _on_meta(AutoencoderKLWan, {})  # the class defaults are Wan 2.1's published config
 
-    def decode(self, vae: nn.Module, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def decode(self, vae: AutoencoderKLWan, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         z = vae.config.z_dim
         mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, z, 1, 1, 1)
         std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, z, 1, 1, 1)
@@ -330,7 +333,7 @@ class Sd3Recipe(SdxlRecipe):
     def vae(self, arch: str) -> nn.Module | None:
         return _kl(SD3_VAE, arch, latent_channels=16)
 
-    def decode(self, vae: nn.Module, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def decode(self, vae: AutoencoderKL, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = latents / vae.config.scaling_factor + vae.config.shift_factor
         return vae.decode(x.to(next(vae.parameters()).dtype), return_dict=False)[0]
 
@@ -389,7 +392,9 @@ class QwenImageRecipe(FluxRecipe):
             return None
         return _on_meta(AutoencoderKLQwenImage, {})  # the class defaults: Qwen-Image's VAE config
 
-    def decode(self, vae: nn.Module, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def decode(
+        self, vae: AutoencoderKLQwenImage, latents: torch.Tensor, height: int, width: int
+    ) -> torch.Tensor:
         # QwenImagePipeline._unpack_latents: 2x2 patches -> (B, C, 1 frame, H/8, W/8).
         b, _, packed = latents.shape
         h, w = height // 16, width // 16

@@ -16,7 +16,7 @@ tokens are refused with a clear error.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -27,6 +27,9 @@ from tokenreduce.engine.sites import CallInfo, Rope, Stack, StackedTransformerAd
 from tokenreduce.engine.sites.stack import check_blocks
 from tokenreduce.hookspecs import hookimpl
 from tokenreduce.params import AdapterParams
+
+if TYPE_CHECKING:
+    from diffusers import QwenImageTransformer2DModel
 
 JOINT = "joint"
 
@@ -68,6 +71,8 @@ class QwenImageAdapter(StackedTransformerAdapter):
         def _check_blocks(cls, value: list[int] | None) -> list[int] | None:
             return check_blocks(value)
 
+    params: Params
+
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         from diffusers import QwenImageTransformer2DModel
@@ -91,7 +96,7 @@ class QwenImageAdapter(StackedTransformerAdapter):
 
 
 def qwenimage_inputs(
-    model: nn.Module,
+    model: QwenImageTransformer2DModel,
     batch: int,
     height: int,
     width: int,
@@ -116,7 +121,7 @@ def qwenimage_inputs(
     return Inputs((), kwargs, h * w)
 
 
-def restore_rope(model: nn.Module) -> None:
+def restore_rope(model: QwenImageTransformer2DModel) -> None:
     """Rebuild the RoPE frequency tables (plain tensors, not buffers: a meta-device build has no
     values) where diffusers makes them, on the host; they are moved to the call's device on use."""
     rope = model.pos_embed
@@ -124,7 +129,7 @@ def restore_rope(model: nn.Module) -> None:
         model.pos_embed = type(rope)(theta=rope.theta, axes_dim=rope.axes_dim, scale_rope=rope.scale_rope)
 
 
-def _model() -> type[nn.Module]:
+def _model() -> type[QwenImageTransformer2DModel]:
     from diffusers import QwenImageTransformer2DModel
 
     return QwenImageTransformer2DModel

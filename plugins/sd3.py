@@ -16,7 +16,7 @@ work unchanged; attention masks and gradient checkpointing are refused while mer
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -27,6 +27,9 @@ from tokenreduce.engine.sites import NO_ROPE, CallInfo, Stack, StackedTransforme
 from tokenreduce.engine.sites.stack import check_blocks
 from tokenreduce.hookspecs import hookimpl
 from tokenreduce.params import AdapterParams
+
+if TYPE_CHECKING:
+    from diffusers import SD3Transformer2DModel
 
 JOINT = "joint"
 
@@ -52,17 +55,19 @@ class SD3Adapter(StackedTransformerAdapter):
         def _check_blocks(cls, value: list[int] | None) -> list[int] | None:
             return check_blocks(value)
 
+    params: Params
+
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         from diffusers import SD3Transformer2DModel
 
         return isinstance(model, SD3Transformer2DModel)
 
-    def token_grid(self, model: nn.Module, height: int, width: int) -> tuple[int, int]:
+    def token_grid(self, model: SD3Transformer2DModel, height: int, width: int) -> tuple[int, int]:
         p = model.config.patch_size
         return (height // (8 * p), width // (8 * p))
 
-    def reader(self, model: nn.Module) -> Callable[..., CallInfo]:
+    def reader(self, model: SD3Transformer2DModel) -> Callable[..., CallInfo]:
         patch = model.config.patch_size
 
         def read(
@@ -80,7 +85,7 @@ class SD3Adapter(StackedTransformerAdapter):
 
 
 def sd3_inputs(
-    model: nn.Module,
+    model: SD3Transformer2DModel,
     batch: int,
     height: int,
     width: int,
@@ -104,7 +109,7 @@ def sd3_inputs(
     return Inputs((), kwargs, (h // cfg.patch_size) * (w // cfg.patch_size))
 
 
-def restore_pos_embed(model: nn.Module) -> None:
+def restore_pos_embed(model: SD3Transformer2DModel) -> None:
     """Recompute the sine-cosine position table (a constant buffer, not a weight) in place on its device."""
     from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
@@ -122,7 +127,7 @@ def restore_pos_embed(model: nn.Module) -> None:
         table.copy_(values.float().unsqueeze(0))
 
 
-def _model() -> type[nn.Module]:
+def _model() -> type[SD3Transformer2DModel]:
     from diffusers import SD3Transformer2DModel
 
     return SD3Transformer2DModel

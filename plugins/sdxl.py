@@ -38,10 +38,13 @@ from tokenreduce.plugins import _unet_wrappers as w
 from tokenreduce.plugins._unet_levels import UNetBlock, describe_levels, grid_at, latent_size, unet_blocks
 
 if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
+
     from tokenreduce.config import ConfigBase
 
 Site = Literal["attn1", "attn2", "ff", "block", "stack"]
 SITE_ORDER: tuple[Site, ...] = ("attn1", "attn2", "ff")  # execution order inside a block
+DEFAULT_SITES: tuple[Site, ...] = ("stack",)
 
 #: SDXL's VAE downsamples images 8x.
 VAE_SCALE_FACTOR = 8
@@ -62,7 +65,7 @@ class SDXLAdapter(ModelAdapter):
         # "stack" is the default: the fastest placement measured in both eager and captured modes, and
         # equal to per-block merging when merge-after-unmerge is the identity (docs/performance.md).
         sites: list[Site] = Field(
-            default_factory=lambda: ["stack"],
+            default_factory=lambda: list(DEFAULT_SITES),
             min_length=1,
             description=(
                 "Where tokens are merged: any of 'attn1' (self-attention), 'attn2' (cross-attention "
@@ -102,6 +105,8 @@ class SDXLAdapter(ModelAdapter):
                 if whole in self.sites and len(self.sites) > 1:
                     raise ValueError(f"site {whole!r} already covers attn1, attn2 and ff; use it alone")
             return self
+
+    params: Params
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -187,10 +192,12 @@ class SDXLAdapter(ModelAdapter):
                 specs.append(SiteSpec(path=path, site=site, group=group, grid=grid))
         return specs
 
-    def grids_for(self, model: nn.Module, height: int, width: int) -> dict[str, tuple[int, int]]:
+    def grids_for(self, model: nn.Module, height: int, width: int, **size: int) -> dict[str, tuple[int, ...]]:
         """Token grid per group (level kinds and block paths) for an image of ``height x width`` pixels."""
+        if size:
+            raise TypeError(f"unexpected size arguments {sorted(size)}; SDXL grids take height and width")
         latent = (height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR)
-        grids = {}
+        grids: dict[str, tuple[int, ...]] = {}
         for b in unet_blocks(model):
             grids[level_kind(b.level)] = grids[b.path] = grid_at(latent, b.downsample)
         return grids
@@ -238,17 +245,17 @@ class SDXLAdapter(ModelAdapter):
                 self._weigh_attn1(b, runtime, cell, patches)
                 patches.wrap_forward(b.block, w.whole_block(runtime, group, grid, source, cell))
                 continue
-            cell = w.PlanCell()
+            plan_cell = w.PlanCell()
             if from_input:
-                patches.wrap_forward(b.block, w.plan_at_block_input(runtime, group, grid, cell))
+                patches.wrap_forward(b.block, w.plan_at_block_input(runtime, group, grid, plan_cell))
             site_factory = w.kv_only_site if group.merger.kv_only else w.merged_site
             for j, site in enumerate(sites):
                 plans = j == 0 and not from_input
-                make = site_factory(runtime, group, grid, cell, plans)
+                make = site_factory(runtime, group, grid, plan_cell, plans)
                 if site == "attn1" and self.params.size_weighting and not group.merger.kv_only:
                     weighting = SizeWeighting(b.block.attn1, patches)
                     cache = weights.setdefault(group.name, KeyWeightsCache())
-                    make = w.merged_site(runtime, group, grid, cell, plans, (weighting, cache))
+                    make = w.merged_site(runtime, group, grid, plan_cell, plans, (weighting, cache))
                 patches.wrap_forward(getattr(b.block, site), make)
         patches.wrap_forward(model, w.begin_denoiser_call(runtime))
         self._build_host_state(model, runtime, {grid.grid for grid in cells.values()})
@@ -273,7 +280,7 @@ class SDXLAdapter(ModelAdapter):
 
 
 def unet_inputs(
-    model: nn.Module,
+    model: UNet2DConditionModel,
     batch: int,
     height: int,
     width: int,
@@ -301,7 +308,7 @@ def unet_inputs(
     )
 
 
-def _model() -> type[nn.Module]:
+def _model() -> type[UNet2DConditionModel]:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -30,7 +30,7 @@ from torch import nn
 
 from tokenreduce.api import begin_call
 from tokenreduce.archs import Architecture, Inputs, random_maker
-from tokenreduce.config import instantiate
+from tokenreduce.config import ConfigBase, instantiate
 from tokenreduce.engine.attention import route
 from tokenreduce.engine.patch import PatchSet
 from tokenreduce.engine.runtime import Runtime
@@ -39,6 +39,9 @@ from tokenreduce.hookspecs import hookimpl
 from tokenreduce.interfaces import ModelAdapter, SiteSpec
 from tokenreduce.manager import get_registry
 from tokenreduce.params import AdapterParams
+
+if TYPE_CHECKING:
+    from diffusers import WanTransformer3DModel
 
 GROUP = "blocks"
 Part = Literal["attn1", "attn2", "ffn"]
@@ -75,7 +78,9 @@ def latent_grid(
     return (lf // patch[0], height // vae[1] // patch[1], width // vae[2] // patch[2])
 
 
-def wrap_transformer(model: nn.Module, runtime: Runtime, state: CallState) -> Callable[[Any], Any]:
+def wrap_transformer(
+    model: WanTransformer3DModel, runtime: Runtime, state: CallState
+) -> Callable[[Any], Any]:
     """The denoiser's forward: advance the step clock and set this call's token grid."""
     patch = tuple(model.config.patch_size)
 
@@ -136,19 +141,21 @@ class WanAdapter(ModelAdapter):
                 raise ValueError(f"parts lists a part twice: {value}")
             return value
 
+    params: Params
+
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         from diffusers import WanTransformer3DModel  # lazy: keeps plugin discovery light
 
         return isinstance(model, WanTransformer3DModel)
 
-    def selected(self, model: nn.Module) -> list[int]:
+    def selected(self, model: WanTransformer3DModel) -> list[int]:
         n = len(model.blocks)
         if self.params.blocks is None:
             return list(range(self.params.skip, n))
         return sorted(i for i in set(self.params.blocks) if i < n)
 
-    def check(self, config: Any) -> None:
+    def check(self, config: ConfigBase) -> None:
         merger = get_registry().get("merger", config.merger.name)
         if merger.kv_only:
             raise ValueError(
@@ -156,7 +163,7 @@ class WanAdapter(ModelAdapter):
                 "while the wan adapter merges the video tokens themselves and needs a merger that can unmerge"
             )
 
-    def validate(self, model: nn.Module, config: Any) -> None:
+    def validate(self, model: WanTransformer3DModel, config: ConfigBase) -> None:
         self.check(config)
         n = len(model.blocks)
         if self.params.blocks is not None and any(i >= n for i in self.params.blocks):
@@ -174,7 +181,7 @@ class WanAdapter(ModelAdapter):
                 except ValueError as exc:
                     raise ValueError(f"blocks.{i}.attn1: {exc}") from None
 
-    def sites(self, model: nn.Module, config: Any) -> list[SiteSpec]:
+    def sites(self, model: WanTransformer3DModel, config: ConfigBase) -> list[SiteSpec]:
         per_block = instantiate("reuse", config.reuse).sharing == "block"
         specs = []
         for i in self.selected(model):
@@ -184,13 +191,17 @@ class WanAdapter(ModelAdapter):
         return specs
 
     def grids_for(
-        self, model: nn.Module, height: int, width: int, frames: int = 81
+        self, model: WanTransformer3DModel, height: int, width: int, frames: int = 81, **size: int
     ) -> dict[str, tuple[int, ...]]:
         """Token grid per group for a ``frames``-frame video of ``height x width`` pixels (Wan 2.1 VAE)."""
-        grid = latent_grid(frames, height, width, tuple(model.config.patch_size))
+        if size:
+            raise TypeError(
+                f"unexpected size arguments {sorted(size)}; Wan grids take height, width and frames"
+            )
+        grid: tuple[int, ...] = latent_grid(frames, height, width, tuple(model.config.patch_size))
         return {GROUP: grid} | {f"blocks.{i}": grid for i in self.selected(model)}
 
-    def install(self, model: nn.Module, runtime: Runtime, patches: PatchSet) -> None:
+    def install(self, model: WanTransformer3DModel, runtime: Runtime, patches: PatchSet) -> None:
         state = CallState()
         chosen = self.selected(model)
         rope = RopeArg(name="rotary_emb", position=3, token_dim=1)
@@ -208,7 +219,7 @@ class WanAdapter(ModelAdapter):
 # --------------------------------------------------------------------------- published architectures
 
 
-def restore_rope(model: nn.Module) -> None:
+def restore_rope(model: WanTransformer3DModel) -> None:
     """Rebuild the RoPE tables (constant, not weights) on the model's device, in float32 as Wan keeps them."""
     rope = model.rope
     device = next(model.parameters()).device
@@ -217,7 +228,7 @@ def restore_rope(model: nn.Module) -> None:
 
 
 def wan_inputs(
-    model: nn.Module,
+    model: WanTransformer3DModel,
     batch: int,
     height: int,
     width: int,
@@ -246,7 +257,7 @@ def wan_inputs(
     return Inputs((), kwargs, grid[0] * grid[1] * grid[2])
 
 
-def _model() -> type[nn.Module]:
+def _model() -> type[WanTransformer3DModel]:
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel
@@ -269,7 +280,7 @@ def _architectures() -> tuple[Architecture, ...]:
         "multiple": 16,  # 8x VAE, 2x2 patches
         "restore_buffers": restore_rope,
     }
-    video = {"dtype": "bf16", "text_tokens": 512, "frames": 81}
+    video: dict[str, Any] = {"dtype": "bf16", "text_tokens": 512, "frames": 81}
     return (
         Architecture(
             name="wan-1.3b",

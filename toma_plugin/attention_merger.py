@@ -74,6 +74,8 @@ class AttentionMerger(Merger):
             description="Unmerge map: the assignment itself ('transpose') or the pseudo-inverse of the merge ('pinv').",
         )
 
+    params: Params
+
     def plan(
         self, x: torch.Tensor, features: torch.Tensor, destinations: torch.Tensor, layout: Layout
     ) -> MergePlan:

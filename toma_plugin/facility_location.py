@@ -112,6 +112,8 @@ class FacilityLocationSelector(Selector):
             ),
         )
 
+    params: Params
+
     def count(self, regions: Regions, keep: Sequence[int]) -> tuple[int, ...]:
         return destinations_for_fraction(regions.sizes, tuple(keep), self.params.fraction)
 

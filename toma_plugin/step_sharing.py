@@ -28,6 +28,8 @@ class StepSharingPolicy(ReusePolicy):
             "kind", description="'kind': blocks of one kind share a plan; 'block': every block has its own."
         )
 
+    params: Params
+
     def __init__(self, params: StrictParams | None = None) -> None:
         super().__init__(params)
         self.sharing = self.params.sharing

@@ -9,7 +9,7 @@ count and the padding is marked invalid, so every region has the same static sha
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 from pydantic import Field, field_validator
 
@@ -43,9 +43,11 @@ class TilePartitioner(Partitioner):
                 raise ValueError(f"tile sides must be positive, got {value!r}")
             return list(sides)
 
+    params: Params
+
     def __init__(self, params: StrictParams | None = None) -> None:
         super().__init__(params)
-        self.tile: tuple[int, ...] = tuple(self.params.size)  # normalised by the validator
+        self.tile: tuple[int, ...] = tuple(cast("list[int]", self.params.size))  # normalised by the validator
         self._cache: dict[tuple[int, ...], Regions] = {}
 
     def min_grid(self) -> tuple[int, ...]:

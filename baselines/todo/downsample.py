@@ -14,7 +14,7 @@ so that reports and sweeps that read the ratio stay truthful.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,9 @@ from tokenreduce.interfaces import MergePlan, Merger
 from tokenreduce.layout import Layout
 from tokenreduce.manager import get_registry
 from tokenreduce.params import StrictParams
+
+if TYPE_CHECKING:
+    from tokenreduce.config import ConfigBase
 
 RATIO_TOLERANCE = 1e-6
 
@@ -81,6 +84,8 @@ class DownsampleMerger(Merger):
             description="Pooling of each f x f window: its top-left token, the mean or the maximum.",
         )
 
+    params: Params
+
     @property
     def linear(self) -> bool:
         """Nearest and average pooling are linear maps of the tokens; max pooling is not."""
@@ -90,7 +95,7 @@ class DownsampleMerger(Merger):
     def convex(self) -> bool:
         return self.params.mode != "max"
 
-    def check(self, config: Any) -> None:
+    def check(self, config: ConfigBase) -> None:
         factor = self.params.factor
         expected = 1.0 - 1.0 / factor**2
         problems = []
@@ -119,4 +124,5 @@ class DownsampleMerger(Merger):
         destinations: torch.Tensor | None,
         layout: Layout,
     ) -> MergePlan:
-        return DownsamplePlan(layout.regions.grid, self.params.factor, self.params.mode)
+        rows, cols = layout.regions.grid  # grid_ranks: validation refused other ranks
+        return DownsamplePlan((rows, cols), self.params.factor, self.params.mode)

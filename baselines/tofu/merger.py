@@ -13,7 +13,7 @@ and fuses after it, through :meth:`Merger.for_site`. There is no official code: 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field
@@ -28,6 +28,9 @@ from tokenreduce.baselines.tomesd.matching import StaticPlanCache, bipartite_mat
 from tokenreduce.interfaces import MergePlan, Merger
 from tokenreduce.layout import Layout
 from tokenreduce.params import StrictParams
+
+if TYPE_CHECKING:
+    from tokenreduce.config import ConfigBase
 
 
 def mlerp(xr: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -80,6 +83,8 @@ class TofuMerger(Merger):
         )
         matching: MatchingMode = MATCHING_FIELD
 
+    params: Params
+
     def __init__(self, params: StrictParams | None = None) -> None:
         super().__init__(params)
         self._static = StaticPlanCache()
@@ -100,7 +105,7 @@ class TofuMerger(Merger):
         """MLERP's merged tokens can be longer than any convex combination of their group."""
         return self.mode == "prune"
 
-    def check(self, config: Any) -> None:
+    def check(self, config: ConfigBase) -> None:
         check_matching_for_adapter(self, self.params.matching, config)
 
     def for_site(self, position: float) -> Merger:

@@ -7,7 +7,7 @@ destination's output.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field
@@ -24,16 +24,19 @@ from tokenreduce.layout import Layout
 from tokenreduce.manager import get_registry
 from tokenreduce.params import StrictParams
 
+if TYPE_CHECKING:
+    from tokenreduce.config import ConfigBase
+
 MatchingMode = Literal["per_sample", "shared"]
 
-MATCHING_FIELD = Field(
+MATCHING_FIELD: MatchingMode = Field(
     "per_sample",
     description="'per_sample': every sample is matched on its own scores, as ToMeSD; 'shared': scores are "
     "summed over the batch so every sample keeps the same tokens (batch-shared positions, needed for Flux RoPE).",
 )
 
 
-def check_matching_for_adapter(merger: Merger, mode: MatchingMode, config: Any) -> None:
+def check_matching_for_adapter(merger: Merger, mode: MatchingMode, config: ConfigBase) -> None:
     """Per-sample kept sets have no batch-shared positions: reject adapters that declare they need them."""
     adapter = get_registry().adapter_of(config)
     if mode == "per_sample" and adapter is not None and adapter.shared_positions:
@@ -76,11 +79,13 @@ class BipartiteMerger(Merger):
         name: Literal["bipartite"] = "bipartite"
         matching: MatchingMode = MATCHING_FIELD
 
+    params: Params
+
     def __init__(self, params: StrictParams | None = None) -> None:
         super().__init__(params)
         self._static = StaticPlanCache()
 
-    def check(self, config: Any) -> None:
+    def check(self, config: ConfigBase) -> None:
         check_matching_for_adapter(self, self.params.matching, config)
 
     def plan(

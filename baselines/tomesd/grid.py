@@ -27,7 +27,8 @@ def region_extents(regions: Regions) -> list[tuple[int, int]]:
     """``(rows, cols)`` spanned by the valid slots of every region (host, set-up time)."""
     if regions.local_rc is None:
         if regions.is_raster:
-            return [regions.grid]  # one raster region: the whole grid
+            rows, cols = regions.grid  # one raster region: the whole grid
+            return [(rows, cols)]
         raise ValueError(
             "needs rectangular regions with per-slot rows/cols (Regions.local_rc); the partitioner provides none"
         )
@@ -117,6 +118,8 @@ class TomesdGridSelector(Selector):
             if len(value) != 2 or min(value) < 1:
                 raise ValueError(f"stride must be [rows, cols] of positive ints, got {value!r}")
             return value
+
+    params: Params
 
     def __init__(self, params: StrictParams | None = None) -> None:
         super().__init__(params)

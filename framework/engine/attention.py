@@ -45,13 +45,16 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from tokenreduce.engine.patch import PatchSet
 from tokenreduce.interfaces import MergePlan
+
+if TYPE_CHECKING:
+    from diffusers.models.attention_processor import Attention
 
 Forward = Callable[..., Any]
 
@@ -289,7 +292,8 @@ class _SdpaPatch:
         if cls.users or original is None:
             return
         current = torch.nn.functional.scaled_dot_product_attention
-        if getattr(current, _MARK, None) is original:  # leave a function someone replaced since
+        wrapped: Callable[..., Any] | None = getattr(current, _MARK, None)
+        if wrapped is original:  # leave a function someone replaced since
             torch.nn.functional.scaled_dot_product_attention = original
         cls.original = None
 
@@ -328,7 +332,7 @@ def _pad_heads(x: torch.Tensor, heads: int, block: torch.Tensor | None, factor: 
     return xh.reshape(b, n, heads * (d + width))
 
 
-def _install_projections(attn: nn.Module, patches: PatchSet) -> _ProjectionCell:
+def _install_projections(attn: Attention, patches: PatchSet) -> _ProjectionCell:
     cell = _ProjectionCell(attn.heads)
     inner = attn.to_out[0].in_features  # heads x the original head dim
 

@@ -70,6 +70,7 @@ class Site:
         weighting = self.weighting
         if weighting is None:
             return original(*args, **kwargs)
+        assert self.weights is not None, "a size-weighted site has a key-weights cache"
         weights = self.weights.get(plan, text_len, self.text_first and not image_first)
         return weighting.call(weights, original, *args, **kwargs)
 

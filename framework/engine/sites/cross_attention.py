@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -43,7 +43,8 @@ from tokenreduce.engine.runtime import Group, IdentityPlan, Runtime
 from tokenreduce.interfaces import MergePlan
 
 #: The parts of a block this site kind can merge, in execution order.
-CROSS_ATTENTION_PARTS: tuple[str, ...] = ("attn1", "attn2", "ffn")
+CrossAttentionPart = Literal["attn1", "attn2", "ffn"]
+CROSS_ATTENTION_PARTS: tuple[CrossAttentionPart, ...] = ("attn1", "attn2", "ffn")
 
 Forward = Callable[..., Any]
 

@@ -47,9 +47,9 @@ def wrap_joint_attn(site: Site, rope: Rope, what: str) -> Wrapper:
                 if len(args) > 1:
                     raise TypeError(f"{what}: unexpected positional arguments to attention")
                 kwargs[rope.arg] = args[0]
-            if rope.arg in kwargs:
-                kwargs[rope.arg] = rope.merged(site, plan, kwargs[rope.arg], encoder_hidden_states.shape[1])
             text_len = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+            if rope.arg in kwargs:
+                kwargs[rope.arg] = rope.merged(site, plan, kwargs[rope.arg], text_len)
             merged = plan.merge(hidden_states)
             out = site.attend(plan, text_len, original, merged, encoder_hidden_states, None, **kwargs)
             # (image, text[, image-shaped extras such as an IP-adapter output])

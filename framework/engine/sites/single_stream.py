@@ -21,13 +21,16 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from tokenreduce.engine.sites.call import Site, Wrapper, no_mask
 from tokenreduce.engine.sites.rope import Rope
+
+if TYPE_CHECKING:
+    from diffusers.models.normalization import AdaLayerNormZeroSingle
 
 # --------------------------------------------------------------------------- split (norm, attn, proj_out)
 
@@ -55,6 +58,7 @@ def wrap_single_norm(site: Site, norm: nn.Module) -> Wrapper:
     the unmodified block. A prefix plan (the ideal) modulates only the kept tokens (a view).
     """
     fused = fusable_norm(norm)
+    stock = cast("AdaLayerNormZeroSingle", norm)  # read only on the fused path, which checked the type
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
@@ -73,8 +77,8 @@ def wrap_single_norm(site: Site, norm: nn.Module) -> Wrapper:
                 site.plan, site.route = plan, "cat"
                 return torch.cat((normed[:, :t], plan.merge(image)), dim=1), gate
             # The stock forward, op for op: emb -> (shift, scale, gate); ln(x) * (1 + scale) + shift.
-            shift, scale, gate = norm.linear(norm.silu(emb)).chunk(3, dim=1)
-            ln = norm.norm(x)
+            shift, scale, gate = stock.linear(stock.silu(emb)).chunk(3, dim=1)
+            ln = stock.norm(x)
             scale, shift = 1 + scale[:, None], shift[:, None]
             image = ln[:, t:]
             plan = site.runtime.plan(
@@ -83,9 +87,10 @@ def wrap_single_norm(site: Site, norm: nn.Module) -> Wrapper:
             if plan.is_identity:
                 return ln * scale + shift, gate
             site.plan = plan
-            if getattr(plan, "prefix", None) is not None:
+            prefix = getattr(plan, "prefix", None)
+            if prefix is not None:
                 site.route = "prefix"
-                return ln[:, : t + plan.prefix] * scale + shift, gate
+                return ln[:, : t + prefix] * scale + shift, gate
             if not getattr(plan, "convex", False):
                 site.route = "cat"
                 normed = ln * scale + shift
@@ -153,6 +158,7 @@ def wrap_single_proj_out(site: Site, proj_out: nn.Module) -> Wrapper:
     ``[text; image]`` is a view of that buffer: one batched matmul over the unmodified block.
     """
     linear = fusable_linear(proj_out)
+    dense = cast(nn.Linear, proj_out)  # read only on the fused path, which checked the type
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
@@ -174,9 +180,9 @@ def wrap_single_proj_out(site: Site, proj_out: nn.Module) -> Wrapper:
                 out = original(x)
                 return torch.cat((out[:, n:], plan.unmerge(out[:, :n])), dim=1)
             full = math.prod(site.ctx.grid)
-            buf = x.new_empty(1, n + t + full, proj_out.out_features)
+            buf = x.new_empty(1, n + t + full, dense.out_features)
             head = buf[0, : n + t]
-            torch.addmm(proj_out.bias, x[0], proj_out.weight.t(), out=head)
+            torch.addmm(dense.bias, x[0], dense.weight.t(), out=head)
             plan.unmerge_into(head[:n].unsqueeze(0), buf[:, n + t :])
             return buf[:, n:]
 

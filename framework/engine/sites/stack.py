@@ -63,6 +63,11 @@ def check_grid(value: list[int] | None) -> list[int] | None:
     return value
 
 
+def _child(module: nn.Module, name: str) -> nn.Module:
+    """The sub-module ``module.<name>`` (``nn.Module`` types its attributes ``Tensor | Module``)."""
+    return getattr(module, name)
+
+
 class StackedTransformerAdapter(ModelAdapter):
     """Shared mechanics; subclasses set the class attributes and :meth:`reader`."""
 
@@ -145,7 +150,7 @@ class StackedTransformerAdapter(ModelAdapter):
         found = []
         for stack, path in self._paths(model):
             block = model.get_submodule(path)
-            found.append((f"{path}.attn", block.attn))
+            found.append((f"{path}.attn", _child(block, "attn")))
             extra = getattr(block, stack.extra_self, None) if stack.extra_self else None
             if extra is not None:
                 found.append((f"{path}.{stack.extra_self}", extra))
@@ -174,7 +179,7 @@ class StackedTransformerAdapter(ModelAdapter):
         ]
 
     def grids_for(self, model: nn.Module, height: int, width: int, **size: int) -> dict[str, tuple[int, ...]]:
-        grid = self.token_grid(model, height, width)
+        grid: tuple[int, ...] = self.token_grid(model, height, width)
         return {s.kind: grid for s in self.stacks} | {path: grid for _, path in self._paths(model)}
 
     # ---- installation ----
@@ -196,7 +201,7 @@ class StackedTransformerAdapter(ModelAdapter):
             position = place / (len(paths) - 1) if len(paths) > 1 else 0.0
             block = model.get_submodule(path)
             group = runtime.group(stack.kind, path, position)
-            site = site_for(group, block.attn)
+            site = site_for(group, _child(block, "attn"))
             if stack.site == "joint":
                 patches.wrap_forward(block.attn, wrap_joint_attn(site, self.rope, what))
                 extra = getattr(block, stack.extra_self, None) if stack.extra_self else None
@@ -205,9 +210,10 @@ class StackedTransformerAdapter(ModelAdapter):
             elif stack.site == "single_fused":
                 patches.wrap_forward(block.attn, wrap_single_fused(site, self.rope, what))
             else:
-                patches.wrap_forward(block.norm, wrap_single_norm(site, block.norm))
+                norm, proj_out = _child(block, "norm"), _child(block, "proj_out")
+                patches.wrap_forward(norm, wrap_single_norm(site, norm))
                 patches.wrap_forward(block.attn, wrap_single_attn(site, self.rope, what))
-                patches.wrap_forward(block.proj_out, wrap_single_proj_out(site, block.proj_out))
+                patches.wrap_forward(proj_out, wrap_single_proj_out(site, proj_out))
         patches.wrap_forward(model, self._denoiser(model, runtime, ctx))
 
     def reorderer(self, runtime: Runtime) -> Reorder | None:
