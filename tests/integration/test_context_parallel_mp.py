@@ -8,7 +8,8 @@ outputs (gathered by the model itself) are compared with the same model in this 
 On a CPU-only torch diffusers 0.42 cannot enable parallelism as shipped: it picks the rank's
 device as ``rank % torch.accelerator.device_count()`` and the count is 0 (``ZeroDivisionError:
 integer modulo by zero`` in ``ModelMixin._resolve_parallel_config``). The ranks therefore report
-one accelerator; the device is only recorded, the computation stays on the CPU. Ring attention
+one accelerator; the device is only recorded, the computation stays on the CPU (GPUs are hidden
+from the ranks). Ring attention
 is not covered: diffusers' native backend raises "Native attention does not support
 return_lse=True" under ``ring_degree=2``.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import traceback
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,7 @@ def _forward(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return out * 1  # a plain tensor (the model's gather returns a waiting collective tensor)
 
 
-def _scenarios(rank: int) -> dict[str, Any]:
+def _scenarios() -> dict[str, Any]:
     from diffusers import ContextParallelConfig
 
     def parallel(model: Any) -> None:
@@ -99,10 +101,17 @@ def _scenarios(rank: int) -> dict[str, Any]:
 
 def _rank(rank: int, folder: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{folder}/rendezvous",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=60),  # a rank that fails stops the other one's collectives
+    )
     try:
-        torch.accelerator.device_count = lambda: 1  # see the module docstring
-        torch.save(_scenarios(rank), os.path.join(folder, f"rank{rank}.pt"))
+        if torch.accelerator.device_count() == 0:
+            torch.accelerator.device_count = lambda: 1  # see the module docstring
+        torch.save(_scenarios(), os.path.join(folder, f"rank{rank}.pt"))
     except BaseException:
         Path(folder, f"rank{rank}.err").write_text(traceback.format_exc())
         raise
@@ -113,9 +122,18 @@ def _rank(rank: int, folder: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     folder = tmp_path_factory.mktemp("cp")
-    processes = mp.start_processes(_rank, args=(str(folder),), nprocs=WORLD, join=False, start_method="spawn")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CUDA_VISIBLE_DEVICES", "")  # the ranks run on the CPU even where a GPU is present
+        env.setenv("OMP_NUM_THREADS", "1")
+        processes = mp.start_processes(
+            _rank, args=(str(folder),), nprocs=WORLD, join=False, start_method="spawn"
+        )
     for process in processes.processes:
-        process.join(timeout=300)
+        process.join(timeout=180)
+    for process in processes.processes:
+        if process.is_alive():  # never leave a rank behind
+            process.kill()
+            process.join()
     errors = [p.read_text() for p in sorted(folder.glob("*.err"))]
     assert not errors, errors[0]
     assert all(p.exitcode == 0 for p in processes.processes), [p.exitcode for p in processes.processes]
