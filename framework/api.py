@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenreduce import parallel
 from tokenreduce.config import ConfigBase, ConfigError, check_combination, instantiate, load_config, resolve
 from tokenreduce.engine import PatchSet, Runtime
 from tokenreduce.engine.patch import PICKLE_HINT
@@ -179,19 +180,6 @@ def uncompiled(module: Any) -> Any:
     return module
 
 
-def check_not_context_parallel(model: nn.Module) -> None:
-    """Refuse a model that already splits its sequence across ranks (diffusers'
-    ``enable_parallelism``): its blocks would see one rank's share of the tokens, not the grid the
-    layouts are built for. Applying first and enabling parallelism afterwards keeps the grid whole
-    where tokenreduce reads it."""
-    parallel = getattr(model, "_parallel_config", None)
-    if getattr(parallel, "context_parallel_config", None) is not None:
-        raise ConfigError(
-            f"context parallelism is already enabled on this {type(model).__name__}: apply tokenreduce "
-            "first, then call enable_parallelism(...) (the other order is not supported)"
-        )
-
-
 def prepare(
     pipe_or_model: Any, config: Any = None, **overrides: Any
 ) -> tuple[nn.Module, Any, ModelAdapter, Runtime, list[SiteSpec]]:
@@ -201,7 +189,6 @@ def prepare(
         config = default_preset(pipe_or_model)
     config = load_config(config, **overrides)
     model, pipeline, detected = find_denoiser(pipe_or_model)
-    check_not_context_parallel(model)
     registry = get_registry()
     if config.adapter.name == "auto":
         if detected is None:
@@ -222,7 +209,9 @@ def prepare(
     resolved = resolve(config, adapter=adapter)
     runtime = Runtime(resolved)
     runtime.clock.timestep_scale = adapter.timestep_scale
+    runtime.parallel_guard = parallel.Guard(model, adapter)
     try:
+        parallel.check(model, adapter)  # context parallelism already enabled
         runtime.check_rank(adapter.grid_rank)
         adapter.validate(model, config)
         sites = adapter.sites(model, config)
@@ -398,5 +387,8 @@ def disabled(pipe_or_model: Any) -> Iterator[None]:
 def begin_call(runtime: Runtime, timestep: Any) -> None:
     """For adapters: call at the top of the denoiser's forward (before any site runs) whenever
     ``runtime.switched_on``; afterwards ``runtime.enabled`` says whether this call merges (off on a
-    step the merge schedule skips: then every site must run the original computation)."""
+    step the merge schedule skips: then every site must run the original computation). A model
+    whose context parallelism (enabled after ``apply``) the adapter cannot serve raises here."""
+    if runtime.parallel_guard is not None:
+        runtime.parallel_guard()
     runtime.clock.begin_call(timestep)

@@ -261,7 +261,10 @@ class ModelAdapter(Component):
     Declared capabilities (read by other components' validation instead of adapter names):
     ``shared_positions``: merged tokens carry positional data (e.g. RoPE rows, one table for the
     whole batch), so every sample must keep the same tokens; ``kv_only_sites``: the adapter has a
-    site where a ``kv_only`` merger (shortened keys/values, full-length queries) can act.
+    site where a ``kv_only`` merger (shortened keys/values, full-length queries) can act;
+    ``context_parallel``: under diffusers' context parallelism the adapter reads each rank's token
+    grid from the rank's own chunk and its plans depend on their tiles only (see
+    :mod:`tokenreduce.parallel`); other adapters refuse a model with context parallelism enabled.
     """
 
     kind = "adapter"
@@ -275,6 +278,7 @@ class ModelAdapter(Component):
     timestep_scale: ClassVar[float] = 1000.0
     shared_positions: ClassVar[bool] = False
     kv_only_sites: ClassVar[bool] = False
+    context_parallel: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod

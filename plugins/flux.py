@@ -65,6 +65,9 @@ class FluxAdapter(StackedTransformerAdapter):
         ),
     )
     rope = JOINT_TEXT_FIRST
+    # Context parallelism splits hidden states and img_ids at the model's forward: the wrapper
+    # reads each rank's band from its ids (see tokenreduce.parallel).
+    context_parallel = True
 
     class Params(AdapterParams):
         name: Literal["flux"] = "flux"

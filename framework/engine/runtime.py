@@ -82,6 +82,9 @@ class Runtime:
         # is also off on a step the schedule does not merge. The clock sets it once per step.
         self.switched_on = True
         self.enabled = True
+        # Set by `prepare`: checks at every call that the model's context parallelism (if any) can
+        # be served (see tokenreduce.parallel).
+        self.parallel_guard: Callable[[], None] | None = None
         self.groups: dict[str, Group] = {}
         self.clock = Clock(self)
         self._layouts: dict[tuple[int, ...], Layout] = {}

@@ -14,6 +14,7 @@ from tokenreduce.api import begin_call
 from tokenreduce.engine.attention import KeyWeightsCache, SizeWeighting
 from tokenreduce.engine.runtime import Group, Runtime
 from tokenreduce.interfaces import MergePlan
+from tokenreduce.parallel import band_hint, gathered_inverse
 
 Wrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -99,10 +100,17 @@ Reorder = Callable[
 
 
 def to_raster(out: Any, inverse: torch.Tensor) -> Any:
-    """The denoiser's output (a tuple or an output object) with its sample back in raster order."""
+    """The denoiser's output (a tuple or an output object) with its sample back in raster order.
+
+    Under context parallelism the model may gather the ranks' chunks inside its forward
+    (``proj_out``): the sample then holds every rank's chunk, each in its own region order."""
+    sample = out[0] if isinstance(out, tuple) else out.sample
+    ranks = sample.shape[1] // inverse.numel()
+    if ranks > 1:
+        inverse = gathered_inverse(inverse, ranks)
     if isinstance(out, tuple):
-        return (out[0].index_select(1, inverse), *out[1:])
-    out.sample = out.sample.index_select(1, inverse)
+        return (sample.index_select(1, inverse), *out[1:])
+    out.sample = sample.index_select(1, inverse)
     return out
 
 
@@ -128,7 +136,15 @@ def wrap_denoiser(
         def forward(*args: Any, **kwargs: Any) -> Any:
             if not runtime.switched_on:
                 return original(*args, **kwargs)
-            info = read(*args, **kwargs)
+            try:
+                info = read(*args, **kwargs)
+            except ValueError as exc:
+                if runtime.parallel_guard is not None:
+                    runtime.parallel_guard()  # parallelism this adapter cannot serve: say that
+                hint = band_hint(model)
+                if hint is None:
+                    raise
+                raise ValueError(f"{exc}; {hint}") from None
             begin_call(runtime, info.timestep)  # the clock runs on steps that do not merge too
             if not runtime.enabled:
                 return original(*args, **kwargs)
