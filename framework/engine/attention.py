@@ -220,6 +220,11 @@ class _RegistryPatch:
                     registry._backends[name] = _weighted_backend(fn, takes_scale)
         cls.users += 1
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> _RegistryPatch:
+        # A deep-copied patched model is one more user: its removal must not unwrap the
+        # backends the original still needs.
+        return type(self)()
+
     def undo(self) -> None:
         cls = type(self)
         cls.users -= 1
@@ -284,6 +289,11 @@ class _SdpaPatch:
                 cls.original = fn
                 torch.nn.functional.scaled_dot_product_attention = _weighted_sdpa(fn)
         cls.users += 1
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _RegistryPatch:
+        # A deep-copied patched model is one more user: its removal must not unwrap the
+        # backends the original still needs.
+        return type(self)()
 
     def undo(self) -> None:
         cls = type(self)
