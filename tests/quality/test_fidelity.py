@@ -149,8 +149,8 @@ def test_a_reused_frechet_distance_equals_a_fresh_one():
 
 
 def test_a_variant_naming_another_component_replaces_the_presets_parameters():
-    """Swapping the preset's schedule `every` (k, offset) for `window` must not keep k and offset."""
-    config = fidelity.config_for("flux", "toma-flux", schedule={"name": "window", "start": 0.5})
-    assert config["schedule"] == {"name": "window", "start": 0.5}
-    assert fidelity.config_for("flux", "toma-flux", schedule={"offset": 0})["schedule"]["k"] == 3
+    """Swapping the preset's schedule `window` (start, stop) for `every` must not keep start and stop."""
+    config = fidelity.config_for("flux", "toma-flux", schedule={"name": "every", "k": 3})
+    assert config["schedule"] == {"name": "every", "k": 3}
+    assert fidelity.config_for("flux", "toma-flux", schedule={"start": 0.25})["schedule"]["stop"] == 1.0
     prepare(_random_proxy("flux"), config)  # a valid config

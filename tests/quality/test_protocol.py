@@ -48,7 +48,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     from tokenreduce.testing.tiny_sdxl import tiny_sdxl_pipeline
 
     root = tmp_path_factory.mktemp("assets")
-    # 64x64-pixel images: token grids 16x16 and 8x8, large enough for toma-sdxl's 8x8 tiles.
+    # 64x64-pixel images: token grids 16x16 and 8x8, large enough for the ToMA presets' 8x8 tiles.
     tiny_sdxl_pipeline(sample_size=32).save_pretrained(root / "pipe")
     save_tiny_clip(root / "clip")
     save_tiny_dino(root / "dino")
@@ -68,10 +68,10 @@ def eval_args(assets: dict[str, Path], output: Path, **changes: str | None) -> l
         "--model": str(assets["pipe"]),
         "--prompts": str(assets["prompts.txt"]),
         "--prompt-template": "a {}",
-        "--configs": "toma-sdxl",
+        "--configs": "toma-sdxl-block",
         "--ratios": "0.75",
         "--num-seeds": "2",
-        "--steps": "6",  # the preset merges steps 2 and 5
+        "--steps": "6",  # the preset merges every step
         "--reference": str(assets["reference"]),
         "--clip-model": str(assets["clip"]),
         "--dino-model": str(assets["dino"]),
@@ -110,14 +110,14 @@ def test_eval_measures_every_run_then_resumes(capsys, assets, tmp_path: Path) ->
     assert code == 0, err
     record = results(out)
     runs = {r["name"]: r for r in record["runs"]}
-    assert list(runs) == ["baseline", "toma-sdxl@0.75"]
+    assert list(runs) == ["baseline", "toma-sdxl-block@0.75"]
     for r in runs.values():
         assert r["images"] == 4 and r["timed_images"] == 4
         for metric in ("clip_t", "dino", "fid", "seconds_per_image"):
             assert math.isfinite(r[metric]), (r["name"], metric)
-    assert runs["baseline"]["config"] is None and runs["toma-sdxl@0.75"]["config"]["ratio"] == 0.75
+    assert runs["baseline"]["config"] is None and runs["toma-sdxl-block@0.75"]["config"]["ratio"] == 0.75
     assert abs(runs["baseline"]["dino"] - 1) < 1e-5
-    assert runs["toma-sdxl@0.75"]["dino"] < 1
+    assert runs["toma-sdxl-block@0.75"]["dino"] < 1
     assert record["inputs"]["reference_images"] == 3 and record["inputs"]["prompt_count"] == 2
     assert generated(record) == 8
     made = images(out)
@@ -127,7 +127,7 @@ def test_eval_measures_every_run_then_resumes(capsys, assets, tmp_path: Path) ->
     baseline, reduced = (np.asarray(Image.open(made[f"images/{r}/00000_s0.png"])) for r in runs)
     assert not np.array_equal(baseline, reduced)
     table = (out / "results.md").read_text()
-    assert "| toma-sdxl@0.75 | 0.75 | 4 |" in table and "toma-sdxl@0.75" in stdout
+    assert "| toma-sdxl-block@0.75 | 0.75 | 4 |" in table and "toma-sdxl-block@0.75" in stdout
 
     # A rerun makes nothing and touches no image.
     mtimes = {name: p.stat().st_mtime_ns for name, p in made.items()}
@@ -137,7 +137,7 @@ def test_eval_measures_every_run_then_resumes(capsys, assets, tmp_path: Path) ->
     assert {name: p.stat().st_mtime_ns for name, p in images(out).items()} == mtimes
 
     # A deleted image is made again, alone, and identical.
-    victim = made["images/toma-sdxl@0.75/00001_s1.png"]
+    victim = made["images/toma-sdxl-block@0.75/00001_s1.png"]
     before = np.asarray(Image.open(victim))
     victim.unlink()
     code, _, err = run(capsys, eval_args(assets, out))
@@ -145,7 +145,7 @@ def test_eval_measures_every_run_then_resumes(capsys, assets, tmp_path: Path) ->
     assert generated(results(out)) == 1
     assert np.array_equal(np.asarray(Image.open(victim)), before)
     changed = {name for name, p in images(out).items() if p.stat().st_mtime_ns != mtimes[name]}
-    assert changed == {"images/toma-sdxl@0.75/00001_s1.png"}
+    assert changed == {"images/toma-sdxl-block@0.75/00001_s1.png"}
 
 
 def test_without_reference_fid_is_skipped_with_a_reason(capsys, assets, tmp_path: Path) -> None:
@@ -196,7 +196,7 @@ def _ddpm_pipeline(folder: Path) -> None:
         ("bad ratio", "ratio must be in [0, 1)"),
         ("CLIP model that does not exist", "--clip-model"),
         ("template without a slot", "--prompt-template"),
-        ("size too small for the config", "toma-sdxl@0.75 at height 32, width 32: token grid"),
+        ("size too small for the config", "toma-sdxl-block@0.75 at height 32, width 32: token grid"),
     ],
 )
 def test_bad_inputs_fail_before_generating(capsys, assets, tmp_path: Path, case: str, needle: str) -> None:
