@@ -95,7 +95,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         steps=args.steps,
         ratio=args.ratio,
         console=console,
-        latent=args.latent,
+        latent=not args.pixel,
         weights=Path(args.weights) if args.weights else None,
     )
     return 0
@@ -212,10 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     p.add_argument("--ratio", type=float, default=None, help="merge ratio (default: each preset's)")
-    p.add_argument(
+    space = p.add_mutually_exclusive_group()
+    space.add_argument(
         "--latent",
+        dest="pixel",
+        action="store_false",
+        help="the latent proxies: an autoencoder and latent denoisers, decoded 128x128 images (default)",
+    )
+    space.add_argument(
+        "--pixel",
         action="store_true",
-        help="the latent proxies (autoencoder + latent denoisers, 128x128 images) instead of pixel space",
+        help="the pixel-space proxies instead (64x64 images, no decoder; merge errors show unfiltered)",
     )
     p.add_argument("--weights", default=None, help="proxy weights folder (default: the committed ones)")
     p.set_defaults(func=cmd_demo)

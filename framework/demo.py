@@ -1,8 +1,8 @@
 """``tokenreduce demo``: ToMA on the embedded proxy models, CPU, no download.
 
 The proxies are small SDXL-shaped and Flux-shaped models trained on photographs (committed
-weights, see docs/quality.md): in pixel space by default, or with ``latent=True`` on the latents
-of a small autoencoder, whose decoder the merge errors then pass through as in the real models.
+weights, see docs/quality.md): on the latents of a small autoencoder by default, whose decoder the
+merge errors pass through as in the real models, or with ``latent=False`` in pixel space.
 Each generates a few class-conditional images from the same seeds with and without each model's
 default ToMA preset; the demo prints the time per denoising step on this CPU (not a GPU speedup:
 it says so), the difference (PSNR against the unmodified images) and writes a side-by-side PNG
@@ -108,7 +108,7 @@ def run_demo(
     steps: int = 20,
     ratio: float | None = None,
     console: Console | None = None,
-    latent: bool = False,
+    latent: bool = True,
     weights: Path | None = None,
 ) -> dict[str, Any]:
     """Each model's default ToMA preset (at ``ratio`` if given) against the unmodified proxy."""

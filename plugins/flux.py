@@ -255,13 +255,13 @@ def tokenreduce_register(registry: Any) -> None:
         "toma-flux",
         "tokenreduce.toma_plugin.presets",
         "toma-flux.yaml",
-        "ToMA on Flux: r=0.5 at every 3rd step from step 2, facility location on 4x4 tiles, attention merge",
+        "ToMA on Flux: r=0.5 in the second half of the steps, size-weighted, facility location on 4x4 tiles",
     )
     registry.add_preset(
         "toma-flux-fast",
         "tokenreduce.toma_plugin.presets",
         "toma-flux-fast.yaml",
-        "ToMA on Flux, faster than toma-flux: r=0.5 at every 2nd step, same components",
+        "ToMA on Flux, faster than toma-flux: r=0.75 in the second half of the steps, same components",
     )
     for arch in ARCHITECTURES:
         registry.add_architecture(arch)

@@ -394,13 +394,13 @@ def tokenreduce_register(registry: Any) -> None:
         "toma-sdxl",
         "tokenreduce.toma_plugin.presets",
         "toma-sdxl.yaml",
-        "ToMA on SDXL: r=0.5 at every 3rd step from step 2, facility location on 8x8 tiles, plans shared per level",
+        "ToMA on SDXL: r=0.5 in the second half of the steps, facility location on 8x8 tiles, plans shared per level",
     )
     registry.add_preset(
         "toma-sdxl-fast",
         "tokenreduce.toma_plugin.presets",
         "toma-sdxl-fast.yaml",
-        "ToMA on SDXL, faster than toma-sdxl: r=0.5 at every step of the second half, same components",
+        "ToMA on SDXL, faster than toma-sdxl: r=0.75 in the second half of the steps, same components",
     )
     registry.add_preset(
         "toma-sdxl-block",

@@ -186,7 +186,10 @@ def test_demo_writes_table_picture_and_json(capsys, tmp_path: Path) -> None:
     code, out, err = run(capsys, "demo", "-o", str(tmp_path), "--steps", "3")  # the presets merge step 2
     assert code == 0, err
     results = json.loads((tmp_path / "demo.json").read_text())
-    assert set(results["models"]) == {"SDXL-shaped UNet", "Flux-shaped transformer"}
+    assert set(results["models"]) == {
+        "SDXL-shaped UNet (latent space)",
+        "Flux-shaped transformer (latent space)",
+    }
     for model in results["models"].values():
         assert model["step_ms_unmodified"] > 0 and model["step_ms_toma"] > 0
         assert 10 < model["psnr_db"] < 100
