@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -210,6 +211,7 @@ def prepare(
     runtime = Runtime(resolved)
     runtime.clock.timestep_scale = adapter.timestep_scale
     runtime.parallel_guard = parallel.Guard(model, adapter)
+    runtime.on_new_tokens = functools.partial(reset_cache_hooks, model)
     try:
         parallel.check(model, adapter)  # context parallelism already enabled
         runtime.check_rank(adapter.grid_rank)
@@ -221,6 +223,16 @@ def prepare(
     except ValueError as exc:
         raise ConfigError(f"{adapter.name}: {exc}") from None
     return model, pipeline, adapter, runtime, sites
+
+
+def reset_cache_hooks(model: nn.Module) -> None:
+    """Reset the state of diffusers' stateful hooks (Pyramid Attention Broadcast, FirstBlockCache,
+    FasterCache, ...) on ``model``: a step that merges after one that did not (or the reverse), or
+    that selects new destinations, must not be served an output cached for other tokens."""
+    for module in model.modules():
+        registry = module.__dict__.get("_diffusers_hook")
+        if registry is not None:
+            registry.reset_stateful_hooks(recurse=False)
 
 
 def check_grids_fit(sites: list[SiteSpec], runtime: Runtime) -> None:

@@ -128,9 +128,15 @@ class Clock:
         # Past the scheduler's last timestep (after its last step) there is no step to merge.
         beyond = self.timesteps is not None and self.step >= len(self.timesteps)
         self.merging = not beyond and runtime.schedule.merges(self.step, self.num_steps, self._timestep())
+        was = runtime.enabled
         runtime.enabled = runtime.switched_on and self.merging
-        if self.merging:
-            runtime.mark_all(runtime.reuse.decide(self.merged_steps))
+        decision = runtime.reuse.decide(self.merged_steps) if self.merging else None
+        if decision is not None:
+            runtime.mark_all(decision)
+        if runtime.on_new_tokens is not None and (was != runtime.enabled or decision is Decision.SELECT):
+            # What a cache hook kept from the last step holds other tokens now (another count, or
+            # other destinations): let such hooks compute again.
+            runtime.on_new_tokens()
 
     def _timestep(self) -> float | None:
         if self.runtime.schedule.needs != "timestep":

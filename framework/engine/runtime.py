@@ -85,6 +85,9 @@ class Runtime:
         # Set by `prepare`: checks at every call that the model's context parallelism (if any) can
         # be served (see tokenreduce.parallel).
         self.parallel_guard: Callable[[], None] | None = None
+        # Called by the clock when a step starts merging, stops merging or selects new destinations
+        # (set by `apply`: resets other libraries' cache hooks, whose cached tokens are stale then).
+        self.on_new_tokens: Callable[[], None] | None = None
         self.groups: dict[str, Group] = {}
         self.clock = Clock(self)
         self._layouts: dict[tuple[int, ...], Layout] = {}

@@ -240,3 +240,31 @@ def test_first_block_cache_on_flux_in_both_orders(fbc_first):
     HookRegistry.check_if_exists_or_initialize(model).remove_hook("fbc_block_hook", recurse=True)
     assert torch.equal(run(), reference)
     assert no_links_left(model)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@torch.no_grad()
+def test_pab_across_merged_and_unmerged_steps(name):
+    """A cached attention output from a merged step has fewer tokens than an unmerged step needs
+    (and a plan's destinations may have changed since): a step that switches between merging and
+    not merging resets the cache hooks, so they compute again instead of broadcasting a stale output."""
+    build, config, overrides = MODELS[name]
+    model, _ = build()
+    inputs = (
+        tiny_flux_inputs(model, batch=1, height_tokens=8, width_tokens=8)
+        if name == "flux"
+        else tiny_sdxl_inputs(model, batch=2, seed=1)
+    )
+    every_other = {**overrides, "schedule": {"name": "every", "k": 2, "offset": 0}}
+    twin, _ = build()  # tokenreduce alone
+    tr.apply(model, config, **every_other)
+    tr.apply(twin, config, **every_other)
+    hooked = pab(model, timestep=500.0, skip=2)  # inside its range: every second call is cached
+    for t in (0.9, 0.8, 0.7, 0.6):  # steps 0 and 2 merge, 1 and 3 do not
+        step = {
+            **inputs,
+            "timestep": torch.full_like(inputs["timestep"], t * (1000 if name == "sdxl" else 1)),
+        }
+        # every step switches between merging and not: the cache computes again each time
+        assert torch.equal(model(**step).sample, twin(**step).sample)
+    assert pab_calls(hooked) == len(hooked)  # reset at each switch: one call since the last
