@@ -68,33 +68,14 @@ class Combination:
         return Combination(None, self.cache, self.compile)
 
 
-#: Steps checked for "merges at every step" (a schedule's answer past them is not needed here).
-CHECKED_STEPS = 200
-CACHE_AND_SCHEDULE = (
-    "the cache reuses attention outputs across steps, and a merge schedule that merges some steps only "
-    "changes the number of tokens between them (the cache would return an output of the other size); "
-    "timed instead with the same preset merging at every step"
-)
-
-
-def merges_every_step(config: dict[str, Any]) -> bool:
-    """Whether the config's merge schedule (where the version has them) merges at every step."""
-    from tokenreduce.config import load_config, resolve
-
-    schedule = getattr(resolve(load_config(config)), "schedule", None)
-    if schedule is None:
-        return True
-    steps = [i / CHECKED_STEPS for i in range(CHECKED_STEPS, 0, -1)]  # normalised timesteps, 1 -> 0
-    return all(schedule.steps(CHECKED_STEPS, steps))
-
-
 def combinations(
     family: str, parts: Sequence[str], model: torch.nn.Module
 ) -> tuple[list[Combination], VariantSet]:
     """Every subset of ``{ToMA} + parts``; skipped ones recorded (no preset, no cache support).
 
-    The cache cannot follow a merge schedule that merges some steps only: with ``cache``, such a
-    preset is also timed merging at every step (``<preset>@every-step``, alone and with the cache).
+    The preset runs with its own merge schedule next to the cache: at a step that starts or stops
+    merging (or selects new destinations) tokenreduce resets the cache's state, so the cache never
+    serves an attention output of other tokens.
     """
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
@@ -106,27 +87,16 @@ def combinations(
     tomas: list[Variant | None] = [None] + [
         Variant(v.name, v.method, v.config["ratio"], v.config) for v in toma.variants
     ]
-    every_step: list[Variant] = []
-    if "cache" in parts:
-        for v in toma.variants:
-            if not merges_every_step(v.config):
-                config = {**v.config, "schedule": {"name": "always"}}
-                every_step.append(Variant(f"{v.name}@every-step", v.method, v.ratio, config))
     cacheable = hasattr(model, "enable_cache")
     out = []
-    for t, cache, compiled in itertools.product([*tomas, *every_step], [False, True], [False, True]):
+    for t, cache, compiled in itertools.product(tomas, [False, True], [False, True]):
         if (cache and "cache" not in parts) or (compiled and "compile" not in parts):
             continue
-        if t in every_step and compiled:
-            continue  # it stands in for the scheduled preset next to the cache only
         combo = Combination(t, cache, compiled)
         if cache and not cacheable:
             skipped.skip(
                 combo.name, combo.variant.method, None, f"{type(model).__name__} has no enable_cache"
             )
-            continue
-        if cache and t is not None and not merges_every_step(t.config):
-            skipped.skip(combo.name, combo.variant.method, t.ratio, CACHE_AND_SCHEDULE)
             continue
         out.append(combo)
     return out, skipped
