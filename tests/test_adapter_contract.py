@@ -172,7 +172,7 @@ class LeakyWanAdapter(WanAdapter):
 
     def install(self, model: nn.Module, runtime: Runtime, patches: PatchSet) -> None:
         super().install(model, runtime, patches)
-        model.blocks[0].leftover = runtime
+        model.get_submodule("blocks.0").leftover = runtime
 
 
 class StandIns:

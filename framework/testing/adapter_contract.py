@@ -18,8 +18,9 @@ Checks (one test method each; the model runs at the case's preset, by default th
 ``default_preset``, with ``overrides`` applied and the merge schedule replaced by ``always`` so
 that every call merges):
 
-- ``test_the_adapter_serves_the_model``: the adapter matches the model, ``apply`` picks it and
-  installs at least one site;
+- ``test_the_adapter_serves_the_model``: the adapter matches the model and no other registered
+  adapter does, validation (``tokenreduce.api.prepare``) leaves the model untouched, and
+  ``apply`` picks the adapter and installs at least one site;
 - ``test_ratio_zero_is_bit_exact``: at ratio 0, batches of 1, 2 and 3 give bit-identical outputs
   to the unmodified model;
 - ``test_remove_restores_the_model``: after merging and ``handle.remove()`` every module is the
@@ -53,13 +54,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import pytest
 import torch
 from torch import nn
 
 import tokenreduce
+import tokenreduce.api
 from tokenreduce.interfaces import ModelAdapter
 from tokenreduce.manager import get_registry
 
@@ -108,7 +110,7 @@ class AdapterCase:
     compiled: AdapterCase | None = None
 
     def adapter_class(self) -> type[ModelAdapter]:
-        return get_registry().get("adapter", self.adapter)  # type: ignore[return-value]
+        return cast("type[ModelAdapter]", get_registry().get("adapter", self.adapter))
 
     def preset_name(self) -> str:
         preset = self.preset or self.adapter_class().default_preset
@@ -116,13 +118,15 @@ class AdapterCase:
             raise ValueError(f"adapter {self.adapter!r} has no default_preset: set the case's `preset`")
         return preset
 
-    def apply(self, model: nn.Module, **overrides: Any) -> Any:
-        """``tokenreduce.apply`` with the case's preset and overrides; every call merges."""
-        return tokenreduce.apply(
-            model, self.preset_name(), **{"schedule": {"name": "always"}, **self.overrides, **overrides}
-        )
+    def overrides_for(self, **extra: Any) -> dict[str, Any]:
+        """``apply`` overrides: every call merges, then the case's overrides, then ``extra``."""
+        return {"schedule": {"name": "always"}, **self.overrides, **extra}
 
-    def call(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+    def apply(self, model: nn.Module, **extra: Any) -> Any:
+        """``tokenreduce.apply`` with the case's preset and overrides; every call merges."""
+        return tokenreduce.apply(model, self.preset_name(), **self.overrides_for(**extra))
+
+    def call(self, model: Callable[..., Any], inputs: Mapping[str, Any]) -> torch.Tensor:
         with torch.no_grad():
             return self.output(model(**inputs))
 
@@ -262,6 +266,18 @@ class AdapterContract:
         model = case.model()
         adapter = case.adapter_class()
         assert adapter.matches(model), f"{adapter.__name__}.matches() refuses the case's model"
+        registry = get_registry()
+        others = [
+            name
+            for name in registry.names("adapter")
+            if name != case.adapter
+            and cast("type[ModelAdapter]", registry.get("adapter", name)).matches(model)
+        ]
+        assert not others, f"adapters {others} match the model too: apply(model) would pick by name order"
+        before = model_snapshot(model)
+        tokenreduce.api.prepare(model, case.preset_name(), **case.overrides_for())
+        problems = _snapshot_differences(before, model_snapshot(model))
+        assert not problems, "validation (and sites()) must not modify the model:\n" + "\n".join(problems)
         handle = case.apply(model)
         try:
             assert handle.config.adapter.name == case.adapter
