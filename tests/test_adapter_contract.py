@@ -163,7 +163,8 @@ class SyncingWanAdapter(WanAdapter):
 
 
 class LeakyWanAdapter(WanAdapter):
-    """The Wan adapter plus an attribute set on the model outside the patch set (never undone)."""
+    """The Wan adapter plus attributes set outside the patch set (never undone): on a block, and
+    inside the attention processor of another block."""
 
     name = "contract_test_leaky"
 
@@ -173,6 +174,7 @@ class LeakyWanAdapter(WanAdapter):
     def install(self, model: nn.Module, runtime: Runtime, patches: PatchSet) -> None:
         super().install(model, runtime, patches)
         model.get_submodule("blocks.0").leftover = runtime
+        model.get_submodule("blocks.1.attn1").processor.leftover = runtime
 
 
 class StandIns:
@@ -204,5 +206,7 @@ def test_a_host_read_fails_the_meta_check() -> None:
 
 @pytest.mark.usefixtures("stand_ins")
 def test_a_leftover_attribute_fails_the_remove_check() -> None:
-    with pytest.raises(AssertionError, match=r"blocks\.0\.leftover: added"):
+    with pytest.raises(AssertionError) as failure:
         AdapterContract().test_remove_restores_the_model(_broken("contract_test_leaky"))
+    assert "blocks.0.leftover: added" in str(failure.value)
+    assert "blocks.1.attn1.processor.leftover: added" in str(failure.value)

@@ -22,7 +22,8 @@ that every call merges):
   adapter does, validation (``tokenreduce.api.prepare``) leaves the model untouched, and
   ``apply`` picks the adapter and installs at least one site;
 - ``test_ratio_zero_is_bit_exact``: at ratio 0, batches of 1, 2 and 3 give bit-identical outputs
-  to the unmodified model;
+  to the unmodified model (the preset's components must accept ratio 0: choose a preset whose
+  ratio is not fixed by its components);
 - ``test_remove_restores_the_model``: after merging and ``handle.remove()`` every module is the
   same object with the same attributes (forwards included) as before, and outputs are
   bit-identical again;
@@ -34,7 +35,9 @@ that every call merges):
   gives what it gives alone, within ``tolerance``: the adapter keeps samples apart. (A preset's
   own selector chooses destinations shared by the whole batch, so there a sample's result may
   depend on the others by design; and a greedy selector can flip a near-tie on the rounding
-  differences between batched and single calls.)
+  differences between batched and single calls.) The preset's merger must plan each sample from
+  its own tokens (ToMA's attention merge does); set ``independent_samples=False`` for one that
+  couples them;
 - ``test_compiled_matches_eager`` (``slow``): ``torch.compile(fullgraph=True)`` of the patched
   model (the case's ``compiled`` case when it has one: fewer blocks compile faster) runs in one
   graph over two timesteps and matches eager within ``tolerance``;
@@ -51,7 +54,7 @@ per-sample shapes), so input makers need nothing more than a ``batch`` argument.
 
 from __future__ import annotations
 
-import copy
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
@@ -69,6 +72,7 @@ __all__ = [
     "AdapterCase",
     "AdapterContract",
     "model_snapshot",
+    "snapshot_differences",
     "output_of",
     "split_batch",
     "to_device",
@@ -103,6 +107,9 @@ class AdapterCase:
     output: Callable[[Any], torch.Tensor] = output_of
     #: the keyword that carries the timestep (varied by the compile check; ``None``: not varied)
     timestep: str | None = "timestep"
+    #: whether the preset's merger plans each sample from its own tokens (``False`` for a merger
+    #: that couples the samples, e.g. a batch-shared matching: the per-sample check is skipped)
+    independent_samples: bool = True
     #: absolute and relative tolerance of the compile and per-sample comparisons
     tolerance: float = 1e-4
     #: the case the compile check runs (``None``: this one); compiling takes seconds per block on a
@@ -194,23 +201,42 @@ def to_device(value: Any, device: str | torch.device) -> Any:
 _TENSOR_SLOTS = ("_parameters", "_buffers", "_modules")
 
 
-def model_snapshot(model: nn.Module) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
-    """Every module by path, with its instance attributes (forward links included) and tensors.
+@dataclass(frozen=True)
+class _Seen:
+    """An attribute value and a shallow copy of its entries (a dict's items, a plain object's attributes)."""
 
-    Compared with ``==`` after :func:`copy.copy`: attribute values by identity where they are
-    objects (a wrapped forward is a different object), parameters and buffers by identity.
+    value: Any
+    entries: dict[str, Any]
+
+
+def _shallow(value: Any) -> Any:
+    """``value``, or for a dict or a plain object (e.g. an attention processor) a :class:`_Seen`."""
+    if isinstance(value, dict):
+        return _Seen(value, {str(k): v for k, v in value.items()})
+    skip = (nn.Module, torch.Tensor, type, types.FunctionType, types.MethodType, types.BuiltinFunctionType)
+    attrs = None if isinstance(value, skip) else getattr(value, "__dict__", None)
+    return _Seen(value, dict(attrs)) if isinstance(attrs, dict) else value
+
+
+def model_snapshot(model: nn.Module) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
+    """Every module by path, with its instance attributes (forwards included), parameters, buffers
+    and, one level down, the entries of dict attributes and the attributes of plain objects.
+
+    Compared by :func:`snapshot_differences`: objects by identity, plain values (numbers, strings,
+    tuples of them) by equality.
     """
     snap = {}
     for name, module in model.named_modules():
-        attrs = {k: v for k, v in module.__dict__.items() if k not in _TENSOR_SLOTS}
+        attrs = {k: _shallow(v) for k, v in module.__dict__.items() if k not in _TENSOR_SLOTS}
         attrs |= {f"{slot}:{k}": v for slot in _TENSOR_SLOTS for k, v in module.__dict__[slot].items()}
-        snap[name] = (module, copy.copy(attrs))
+        snap[name] = (module, attrs)
     return snap
 
 
-def _snapshot_differences(
+def snapshot_differences(
     before: dict[str, tuple[nn.Module, dict[str, Any]]], after: dict[str, tuple[nn.Module, dict[str, Any]]]
 ) -> list[str]:
+    """What changed between two :func:`model_snapshot` s of one model, one line each."""
     problems = []
     if list(before) != list(after):
         gone, new = set(before) - set(after), set(after) - set(before)
@@ -220,19 +246,31 @@ def _snapshot_differences(
         where = name or "<root>"
         if m0 is not m1:
             problems.append(f"{where}: a different module object")
-            continue
-        for key in a0.keys() | a1.keys():
-            if key not in a1:
-                problems.append(f"{where}.{key}: removed")
-            elif key not in a0:
-                problems.append(f"{where}.{key}: added ({type(a1[key]).__name__})")
-            elif a0[key] is not a1[key] and not _same_value(a0[key], a1[key]):
-                problems.append(f"{where}.{key}: changed")
+        else:
+            problems += _entry_differences(where, a0, a1)
     return sorted(problems)
 
 
+def _entry_differences(where: str, a0: dict[str, Any], a1: dict[str, Any]) -> list[str]:
+    problems = []
+    for key in a0.keys() | a1.keys():
+        if key not in a1:
+            problems.append(f"{where}.{key}: removed")
+            continue
+        v1 = a1[key].value if isinstance(a1[key], _Seen) else a1[key]
+        if key not in a0:
+            problems.append(f"{where}.{key}: added ({type(v1).__name__})")
+            continue
+        v0 = a0[key].value if isinstance(a0[key], _Seen) else a0[key]
+        if v0 is not v1 and not _same_value(v0, v1):
+            problems.append(f"{where}.{key}: changed")
+        elif isinstance(a0[key], _Seen) and isinstance(a1[key], _Seen):
+            problems += _entry_differences(f"{where}.{key}", a0[key].entries, a1[key].entries)
+    return problems
+
+
 def _same_value(a: Any, b: Any) -> bool:
-    """Equal plain values (ints, strings, tuples of them); objects must be identical."""
+    """Equal plain values (numbers, strings, tuples of them); objects must be identical."""
     plain = (int, float, str, bytes, bool, type(None), tuple, frozenset)
     if isinstance(a, plain) and type(a) is type(b):
         try:
@@ -276,7 +314,7 @@ class AdapterContract:
         assert not others, f"adapters {others} match the model too: apply(model) would pick by name order"
         before = model_snapshot(model)
         tokenreduce.api.prepare(model, case.preset_name(), **case.overrides_for())
-        problems = _snapshot_differences(before, model_snapshot(model))
+        problems = snapshot_differences(before, model_snapshot(model))
         assert not problems, "validation (and sites()) must not modify the model:\n" + "\n".join(problems)
         handle = case.apply(model)
         try:
@@ -303,7 +341,7 @@ class AdapterContract:
         merged = case.call(model, inputs)
         handle.remove()
         assert not torch.equal(merged, want), "merging changed nothing: the check below would prove nothing"
-        problems = _snapshot_differences(before, model_snapshot(model))
+        problems = snapshot_differences(before, model_snapshot(model))
         assert not problems, "remove() left the model changed:\n" + "\n".join(problems)
         assert torch.equal(case.call(model, inputs), want), "remove() must restore outputs bit for bit"
 
@@ -322,6 +360,8 @@ class AdapterContract:
     def test_samples_match_their_runs_alone(self, case: AdapterCase, batch: int) -> None:
         """With destinations that do not depend on the data (the ``random`` selector, re-seeded for
         each call), every sample of a batch gives what it gives alone: the adapter keeps samples apart."""
+        if not case.independent_samples:
+            pytest.skip(f"{case.preset_name()}: its merger couples the samples of a batch")
         model = case.model()
         inputs, samples = split_batch(case, model, batch)
         with case.apply(model, selector={"name": "random"}) as handle:
