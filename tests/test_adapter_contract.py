@@ -173,8 +173,8 @@ class LeakyWanAdapter(WanAdapter):
 
     def install(self, model: nn.Module, runtime: Runtime, patches: PatchSet) -> None:
         super().install(model, runtime, patches)
-        model.get_submodule("blocks.0").leftover = runtime
-        model.get_submodule("blocks.1.attn1").processor.leftover = runtime
+        model.get_submodule("blocks.0").__dict__["leftover"] = runtime
+        model.get_submodule("blocks.1.attn1").processor.__dict__["leftover"] = runtime
 
 
 class StandIns:

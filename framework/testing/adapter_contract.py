@@ -57,7 +57,7 @@ from __future__ import annotations
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -117,7 +117,7 @@ class AdapterCase:
     compiled: AdapterCase | None = None
 
     def adapter_class(self) -> type[ModelAdapter]:
-        return cast("type[ModelAdapter]", get_registry().get("adapter", self.adapter))
+        return get_registry().get("adapter", self.adapter)
 
     def preset_name(self) -> str:
         preset = self.preset or self.adapter_class().default_preset
@@ -308,8 +308,7 @@ class AdapterContract:
         others = [
             name
             for name in registry.names("adapter")
-            if name != case.adapter
-            and cast("type[ModelAdapter]", registry.get("adapter", name)).matches(model)
+            if name != case.adapter and registry.get("adapter", name).matches(model)
         ]
         assert not others, f"adapters {others} match the model too: apply(model) would pick by name order"
         before = model_snapshot(model)
