@@ -1,4 +1,8 @@
-"""SD3, Flux.2 and Qwen-Image adapters: exactness, placement, RoPE rows, shared plans, bad input."""
+"""SD3, Flux.2 and Qwen-Image adapters: placement, RoPE rows, shared plans, bad input.
+
+Ratio 0 and ``remove`` exactness, finite merged outputs, batches, compile and the absence of host
+reads are the adapter contract's (tests/test_adapter_contract.py).
+"""
 
 from __future__ import annotations
 
@@ -65,26 +69,9 @@ def patched(model: torch.nn.Module) -> list[str]:
 
 
 @models
-@pytest.mark.parametrize("batch", [1, 2, 3])
-def test_ratio_zero_is_bit_exact(case: Case, batch: int) -> None:
-    model, pristine = case.make(), case.make()
-    inputs = case.inputs(model, batch=batch, height_tokens=6, width_tokens=10)
-    tr.apply(model, case.preset, adapter=case.every_block, ratio=0.0)
-    assert torch.equal(run(model, inputs), run(pristine, inputs))
-
-
-@models
-@pytest.mark.parametrize("batch", [2, 3])  # guidance batch and an odd one
-def test_merging_is_finite_and_remove_is_bit_exact(case: Case, batch: int) -> None:
-    model, pristine = case.make(), case.make()
-    inputs = case.inputs(model, batch=batch, height_tokens=6, width_tokens=10)
-    want = run(pristine, inputs)
-    handle = tr.apply(model, case.preset, adapter=case.every_block)
-    merged = run(model, inputs)
-    assert merged.shape == want.shape and torch.isfinite(merged).all() and not torch.equal(merged, want)
+def test_sharing_groups_are_the_block_kinds(case: Case) -> None:
+    handle = tr.apply(case.make(), case.preset, adapter=case.every_block)
     assert set(handle.runtime.groups) == set(case.groups)
-    handle.remove()
-    assert patched(model) == [] and torch.equal(run(model, inputs), want)
 
 
 @models
