@@ -37,6 +37,17 @@ from torch import nn
 ENTRY_SPLIT_HOOK = "cp_input---"
 
 
+def supported_adapters() -> str:
+    """The registered adapters that declare context parallelism, for messages."""
+    from tokenreduce.manager import get_registry
+
+    registry = get_registry()
+    names = [
+        n for n in registry.names("adapter") if getattr(registry.get("adapter", n), "context_parallel", False)
+    ]
+    return ", ".join(sorted(names)) or "none registered"
+
+
 def context_parallel_config(model: nn.Module) -> Any:
     """The ``ContextParallelConfig`` enabled on ``model``, or ``None``."""
     return getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None)
@@ -67,7 +78,7 @@ def unsupported(model: nn.Module, adapter: Any) -> str | None:
         return (
             f"the {adapter.name} adapter does not support context parallelism (enabled on this {name}); "
             "token merging runs with context parallelism on adapters whose models split the sequence "
-            "at their own forward (flux). Disable one of them"
+            f"at their own forward ({supported_adapters()}). Disable one of them"
         )
     if getattr(config, "ulysses_anything", False) or getattr(config, "ring_anything", False):
         return (
@@ -123,6 +134,6 @@ def band_hint(model: nn.Module) -> str | None:
         return None
     return (
         f"under context parallelism each of the {degree(config)} ranks receives a contiguous chunk of "
-        "the image tokens, which must be whole token rows: the image's token rows (height / 16 for "
-        f"Flux) must be a multiple of {degree(config)}"
+        "the image tokens, which must be whole token rows: the image's token rows (its height in "
+        f"pixels over the pixels per token row) must be a multiple of {degree(config)}"
     )

@@ -31,6 +31,7 @@ EXEMPT = {
     "quality/proxy/models.py": "defines the SDXL- and Flux-shaped proxy denoisers",
     "quality/proxy/train.py": "trains those proxies with each family's noise schedule",
     "quality/schedule_sweep.py": "sweeps the SDXL and Flux presets' schedules on those proxies",
+    "quality/frontier.py": "sweeps the SDXL and Flux presets and baselines on the latent proxies",
     "testing/": "the test kit ships tiny models of each supported family, named after it",
 }
 

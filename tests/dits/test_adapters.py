@@ -59,6 +59,10 @@ CASES = {
 models = pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 
 
+#: Single calls of a bare model: merge at each (the presets' schedules need a pipeline's step count).
+EVERY_CALL: dict[str, Any] = {"schedule": {"name": "always"}}
+
+
 def run(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).sample
@@ -91,7 +95,7 @@ def test_a_permutation_plan_leaves_the_output_unchanged(case: Case, batch: int) 
     """Every site merges and unmerges the image tokens it should, with their own RoPE rows."""
     model, pristine = case.make(), case.make()
     inputs = case.inputs(model, batch=batch, height_tokens=6, width_tokens=10, text_len=5)
-    tr.apply(model, case.preset, adapter=case.every_block, merger={"name": "dit_test_permute"})
+    tr.apply(model, case.preset, adapter=case.every_block, merger={"name": "dit_test_permute"}, **EVERY_CALL)
     torch.testing.assert_close(run(model, inputs), run(pristine, inputs), rtol=1e-4, atol=1e-5)
 
 
@@ -100,7 +104,13 @@ def test_wrong_rope_rows_change_the_output(case: Case) -> None:
     """The check above can fail: the same permutation without its RoPE rows is another model."""
     model, pristine = case.make(), case.make()
     inputs = case.inputs(model, height_tokens=6, width_tokens=10)
-    tr.apply(model, case.preset, adapter=case.every_block, merger={"name": "dit_test_wrong_positions"})
+    tr.apply(
+        model,
+        case.preset,
+        adapter=case.every_block,
+        merger={"name": "dit_test_wrong_positions"},
+        **EVERY_CALL,
+    )
     close = torch.allclose(run(model, inputs), run(pristine, inputs), rtol=1e-4, atol=1e-5)
     assert close is not case.rope
 
@@ -116,6 +126,7 @@ def test_one_plan_per_block_kind_and_call(case: Case, sharing: str) -> None:
         adapter=case.every_block,
         merger={"name": "dit_test_permute"},
         reuse={"name": "step_sharing", "destinations_every": 1, "weights_every": 1, "sharing": sharing},
+        **EVERY_CALL,
     )
     run(model, inputs)
     assert [60] * (len(case.groups) if sharing == "kind" else case.blocks) == PLANS
@@ -148,7 +159,11 @@ def test_qwenimage_grid_comes_from_img_shapes() -> None:
     model, pristine = tiny_qwenimage_transformer(), tiny_qwenimage_transformer()
     inputs = tiny_qwenimage_inputs(model, height_tokens=6, width_tokens=10)
     tr.apply(
-        model, "toma-qwenimage", adapter={"name": "qwenimage", "skip": 0}, merger={"name": "dit_test_permute"}
+        model,
+        "toma-qwenimage",
+        adapter={"name": "qwenimage", "skip": 0},
+        merger={"name": "dit_test_permute"},
+        **EVERY_CALL,
     )
     with pytest.raises(ValueError, match="8x8 do not match 60"):
         run(model, {**inputs, "img_shapes": [[(1, 8, 8)]]})
@@ -162,7 +177,11 @@ def test_qwenimage_text_padding_mask_still_applies() -> None:
     inputs = tiny_qwenimage_inputs(model, batch=2, height_tokens=6, width_tokens=10, text_len=6)
     inputs["encoder_hidden_states_mask"] = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
     tr.apply(
-        model, "toma-qwenimage", adapter={"name": "qwenimage", "skip": 0}, merger={"name": "dit_test_permute"}
+        model,
+        "toma-qwenimage",
+        adapter={"name": "qwenimage", "skip": 0},
+        merger={"name": "dit_test_permute"},
+        **EVERY_CALL,
     )
     torch.testing.assert_close(run(model, inputs), run(pristine, inputs), rtol=1e-4, atol=1e-5)
 

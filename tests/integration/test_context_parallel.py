@@ -70,7 +70,7 @@ def test_an_adapter_without_support_is_refused_at_apply() -> None:
 
 def test_an_adapter_without_support_is_refused_at_the_call_when_enabled_after_apply() -> None:
     model = tiny_wan_transformer()
-    handle = tr.apply(model, "toma-wan")
+    handle = tr.apply(model, "toma-wan", schedule={"name": "always"})  # a bare model: merge every call
     inputs = tiny_wan_inputs(model)
     model(**inputs)  # fine before
     model._parallel_config = SimpleNamespace(context_parallel_config=SimpleNamespace(ulysses_degree=2))

@@ -215,8 +215,8 @@ def test_presets_merge_the_steps_their_comments_name(model):
     """Defaults: the second half of the steps; `-fast`: the same steps at a higher ratio."""
     default = tr.load_config(f"toma-{model}")
     fast = tr.load_config(f"toma-{model}-fast")
-    for config in (default, fast):
-        merged = [i for i, m in enumerate(tr.config.resolve(config).schedule.steps(20)) if m]
+    for preset in (default, fast):
+        merged = [i for i, m in enumerate(tr.config.resolve(preset).schedule.steps(20)) if m]
         assert merged == list(range(10, 20))
     assert (default.ratio, fast.ratio) == (0.5, 0.75)
     assert fast.merger == default.merger and fast.reuse == default.reuse and fast.adapter == default.adapter

@@ -14,6 +14,9 @@ from tokenreduce.config import ConfigError
 from tokenreduce.plugins.wan import WanAdapter, latent_grid
 from tokenreduce.testing.tiny_wan import tiny_wan_inputs, tiny_wan_transformer
 
+#: Single calls of a bare model: merge at each (the preset's schedule needs a pipeline's step count).
+EVERY_CALL = {"schedule": {"name": "always"}}
+
 GRID = (3, 7, 5)  # frames x rows x cols after 1x2x2 patches of a 3 x 14 x 10 latent
 
 
@@ -47,7 +50,7 @@ def test_every_part_runs_on_merged_tokens_with_destination_rope(t2v) -> None:
     ]
     block.attn1.processor = recording
     try:
-        with tr.apply(t2v, "toma-wan") as handle:
+        with tr.apply(t2v, "toma-wan", **EVERY_CALL) as handle:
             call(t2v, inputs)
             plan = handle.runtime.groups["blocks"].slots[0].plan
     finally:
@@ -65,7 +68,9 @@ def test_every_part_runs_on_merged_tokens_with_destination_rope(t2v) -> None:
 
 
 def test_sites_groups_and_filters(t2v) -> None:
-    handle = tr.apply(t2v, "toma-wan", adapter={"name": "wan", "skip": 1, "parts": ["attn1", "ffn"]})
+    handle = tr.apply(
+        t2v, "toma-wan", adapter={"name": "wan", "skip": 1, "parts": ["attn1", "ffn"]}, **EVERY_CALL
+    )
     try:
         assert [s.path for s in handle.sites] == [
             f"blocks.{i}.{p}" for i in (1, 2, 3) for p in ("attn1", "ffn")
@@ -138,7 +143,7 @@ def test_bench_builds_and_runs_the_tiny_wan_architecture() -> None:
     )
     assert bench_call.tokens == 3 * 7 * 5
     plain = bench_call(model)
-    with tr.apply(model, "toma-wan"):
+    with tr.apply(model, "toma-wan", **EVERY_CALL):
         merged = bench_call(model)
     assert torch.isfinite(plain).all() and torch.isfinite(merged).all() and not torch.equal(merged, plain)
     assert {"wan-1.3b", "wan-14b"} <= set(models.names())
