@@ -95,11 +95,27 @@ DEMO_MODELS = (
     ("flux", "toma-flux", "Flux-shaped transformer"),
 )
 
+#: Measured per-step speedups of each preset's merged step on a GPU (from committed bench records).
+GPU_SPEEDS = Path(__file__).parent / "quality" / "assets" / "gpu-step-speedups.json"
+
+
+def gpu_speedup(preset: str, config: Any, steps: int) -> float | None:
+    """End-to-end speedup of ``config`` at 1024x1024 on the recorded GPU: its measured merged-step
+    speedup at the config's ratio, mixed with unmodified steps as its schedule runs them over ``steps``
+    (``None`` where the record has no such ratio)."""
+    from tokenreduce.quality.speed import schedule_speedup
+
+    record = json.loads(GPU_SPEEDS.read_text(encoding="utf-8"))
+    step = record["speedups"].get(preset.removesuffix("-fast"), {}).get(f"{config.ratio:g}")
+    return None if step is None else schedule_speedup(config, step, steps)
+
+
 SPEED_NOTE = (
-    "The time ratio is measured here, on this CPU, for the proxies' small images over whole "
-    "generations (steps that do not merge included). It is not the GPU speedup: token reduction "
-    "pays where attention over many tokens dominates (1024x1024 on a GPU); docs/performance.md has "
-    "measured GPU step speedups, and a schedule that merges some steps only gains in proportion."
+    "The CPU time ratio is measured here, for the proxies' small images over whole generations "
+    "(steps that do not merge included); token reduction pays where attention over many tokens "
+    "dominates. The GPU speedup is that of a whole generation of the real model with this preset "
+    "at 1024x1024: the merged step's speedup measured on an NVIDIA H200 (docs/performance.md), "
+    "mixed with the unmodified steps of the preset's schedule."
 )
 
 
@@ -127,6 +143,7 @@ def run_demo(
         "ms/step, unmodified",
         "ms/step, ToMA",
         "CPU time ratio",
+        "GPU speedup (1024x1024)",
         "PSNR vs unmodified",
     ):
         table.add_column(column)
@@ -159,7 +176,10 @@ def run_demo(
             config = handle.config
         merged = sum(handle.runtime.schedule.steps(steps, [1 - i / steps for i in range(steps)]))
         quality = float(psnr(reduced, base).mean())
-        label = f"{preset} (r={config.ratio:g}, merges {merged}/{steps} steps)"
+        gpu = gpu_speedup(preset, config, steps)
+        label = f"{preset} (r={config.ratio:g}, merges {merged}/{steps} steps" + (
+            ")" if gpu is None else f"; {gpu:.2f}x per generation at 1024x1024 on a GPU)"
+        )
         table.add_row(
             name,
             preset,
@@ -168,6 +188,7 @@ def run_demo(
             f"{base_step * 1000:.1f}",
             f"{reduced_step * 1000:.1f}",
             f"{base_step / reduced_step:.2f}x",
+            "-" if gpu is None else f"{gpu:.2f}x",
             f"{quality:.1f} dB",
         )
         results["models"][name] = {
@@ -178,6 +199,7 @@ def run_demo(
             "step_ms_unmodified": base_step * 1000,
             "step_ms_toma": reduced_step * 1000,
             "cpu_time_ratio": base_step / reduced_step,
+            "gpu_speedup_1024": gpu,
             "psnr_db": quality,
             "classes": list(DEMO_CLASSES),
         }

@@ -16,6 +16,9 @@ from tokenreduce.engine.attention import KeyWeights, SizeWeighting, _weighted_ba
 from tokenreduce.testing.tiny_flux import tiny_flux_inputs, tiny_flux_transformer
 from tokenreduce.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet
 
+#: Single calls of a bare model: merge at each (the presets' schedules need a pipeline's step count).
+ALWAYS = {"name": "always"}
+
 
 def biased_reference(q, k, v, log_sizes, scale):  # (B, S, H, d) layout
     logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale + log_sizes[:, None, None, :]
@@ -288,9 +291,11 @@ def test_wan_site_library_weighs_self_attention_and_stays_exact_at_ratio_zero() 
         reference = model(**inputs).sample
         outs = {}
         for on in (False, True):
-            with tr.apply(model, "toma-wan", adapter={"name": "wan", "size_weighting": on}):
+            with tr.apply(model, "toma-wan", adapter={"name": "wan", "size_weighting": on}, schedule=ALWAYS):
                 outs[on] = model(**inputs).sample
-        with tr.apply(model, "toma-wan", ratio=0.0, adapter={"name": "wan", "size_weighting": True}):
+        with tr.apply(
+            model, "toma-wan", ratio=0.0, adapter={"name": "wan", "size_weighting": True}, schedule=ALWAYS
+        ):
             unmerged = model(**inputs).sample
     assert (outs[True] - outs[False]).abs().max() > 1e-5
     assert torch.equal(unmerged, reference)

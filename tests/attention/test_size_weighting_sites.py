@@ -15,6 +15,9 @@ from tokenreduce.testing.tiny_flux2 import tiny_flux2_inputs, tiny_flux2_transfo
 from tokenreduce.testing.tiny_qwenimage import tiny_qwenimage_inputs, tiny_qwenimage_transformer
 from tokenreduce.testing.tiny_sd3 import tiny_sd3_inputs, tiny_sd3_transformer
 
+#: Single calls of a bare model: merge at each (the presets' schedules need a pipeline's step count).
+ALWAYS = {"name": "always"}
+
 HEIGHT, WIDTH = 4, 8  # tokens; pairs (2i, 2i + 1) are horizontal neighbours
 
 
@@ -81,9 +84,11 @@ def test_qwen_image_weighting_runs_with_the_text_mask_and_is_exact_at_ratio_zero
         reference = model(**inputs).sample
         outs = {}
         for on in (False, True):
-            with tr.apply(model, "toma-qwenimage", adapter={**base, "size_weighting": on}):
+            with tr.apply(model, "toma-qwenimage", adapter={**base, "size_weighting": on}, schedule=ALWAYS):
                 outs[on] = model(**inputs).sample
-        with tr.apply(model, "toma-qwenimage", ratio=0.0, adapter={**base, "size_weighting": True}):
+        with tr.apply(
+            model, "toma-qwenimage", ratio=0.0, adapter={**base, "size_weighting": True}, schedule=ALWAYS
+        ):
             unmerged = model(**inputs).sample
     assert torch.isfinite(outs[True]).all()
     assert (outs[True] - outs[False]).abs().max() > 1e-5

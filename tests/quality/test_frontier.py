@@ -63,3 +63,26 @@ def test_speeds_are_joined_through_the_schedule() -> None:
     assert joined["speedup"] == pytest.approx(20 / (10 + 10 / 1.5))
     (missing,) = frontier.with_speed([row], {})
     assert missing["speedup"] is None
+
+
+def test_the_demos_gpu_speeds_are_those_of_the_committed_records() -> None:
+    """The packaged per-step speedups are copied from the bench records they name, not typed in."""
+    import json
+    from pathlib import Path
+
+    from tokenreduce.demo import GPU_SPEEDS, gpu_speedup
+
+    root = Path(__file__).resolve().parents[2]
+    packaged = json.loads(GPU_SPEEDS.read_text(encoding="utf-8"))
+    found = {}
+    for path in packaged["records"]:
+        record = json.loads((root / path).read_text(encoding="utf-8"))
+        assert record["env"]["gpu"] == packaged["gpu"] and record["revision"] == packaged["revision"]
+        run = next(r for r in record["runs"] if r["mode"] == packaged["mode"])
+        found[f"toma-{run['arch']}"] = {
+            f"{v['ratio']:g}": round(v["speedup"], 4) for v in run["variants"] if v["method"] == "toma"
+        }
+    assert found == packaged["speedups"]
+    config = load_config("toma-flux")
+    assert gpu_speedup("toma-flux", config, 20) == pytest.approx(20 / (10 + 10 / found["toma-flux"]["0.5"]))
+    assert gpu_speedup("toma-flux", load_config("toma-flux", ratio=0.3), 20) is None
