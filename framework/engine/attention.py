@@ -290,7 +290,7 @@ class _SdpaPatch:
                 torch.nn.functional.scaled_dot_product_attention = _weighted_sdpa(fn)
         cls.users += 1
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> _RegistryPatch:
+    def __deepcopy__(self, memo: dict[int, Any]) -> _SdpaPatch:
         # A deep-copied patched model is one more user: its removal must not unwrap the
         # backends the original still needs.
         return type(self)()
