@@ -70,7 +70,7 @@ def component_times(
     preset: str, grid: tuple[int, int], batch: int, channels: int, dtype: torch.dtype
 ) -> dict[str, dict[str, float]]:
     runtime = Runtime(resolve(load_config(preset)))
-    layout = runtime.layout(grid).to("cuda")
+    layout = runtime.layout(grid).to(torch.device("cuda"))
     x = torch.randn(batch, math.prod(grid), channels, device="cuda", dtype=dtype)
     ctx = SelectContext(layout=layout, generator=torch.Generator(device="cuda"))
     features = runtime.features(x, layout)

@@ -20,7 +20,7 @@ import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from rich.console import Console
@@ -40,6 +40,15 @@ ORDER_NOTE = (
     "cannot switch variants without recompiling), each after its own warm-up, the others interleaved; "
     "speedup_over_part = the same combination without ToMA over this one"
 )
+
+
+@runtime_checkable
+class Cacheable(Protocol):
+    """A denoiser with diffusers' ``CacheMixin`` methods."""
+
+    def enable_cache(self, config: Any) -> None: ...
+
+    def disable_cache(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -84,9 +93,10 @@ def combinations(
     preset = toma_preset(family)
     toma = check_against(model, VariantSet([Variant(preset, "toma", None, _validated(preset))]))
     skipped.skipped += toma.skipped
-    tomas: list[Variant | None] = [None] + [
-        Variant(v.name, v.method, v.config["ratio"], v.config) for v in toma.variants
-    ]
+    tomas: list[Variant | None] = [None]
+    for v in toma.variants:
+        assert v.config is not None  # built above from the preset's config
+        tomas.append(Variant(v.name, v.method, v.config["ratio"], v.config))
     cacheable = hasattr(model, "enable_cache")
     out = []
     for t, cache, compiled in itertools.product(tomas, [False, True], [False, True]):
@@ -107,16 +117,17 @@ def installed(gen: generation.Generation, combo: Combination) -> Iterator[None]:
     """``combo`` set up on ``gen``'s pipeline-shaped object: apply, cache hooks, compile; undone in reverse."""
     pipe, model = gen.pipe, gen.pipe.denoiser
     handle = apply(pipe, combo.toma.config) if combo.toma is not None else None
-    cached = False
+    cached: Cacheable | None = None
     try:
         if combo.cache:
             from diffusers import PyramidAttentionBroadcastConfig
 
+            assert isinstance(model, Cacheable)  # combinations() skips the cache otherwise
             config = PyramidAttentionBroadcastConfig(
                 **PAB, current_timestep_callback=lambda: pipe.current_timestep
             )
             model.enable_cache(config)
-            cached = True
+            cached = model
         if combo.compile:
             if handle is not None:  # layouts built before compiling, not inside the graph
                 handle.prepare(gen.height, gen.width, **gen.size)
@@ -126,8 +137,8 @@ def installed(gen: generation.Generation, combo: Combination) -> Iterator[None]:
         if combo.compile:
             pipe.forward = model
             torch._dynamo.reset()  # the next variant compiles its own graphs
-        if cached:
-            model.disable_cache()
+        if cached is not None:
+            cached.disable_cache()
         if handle is not None:
             handle.remove()
 

@@ -19,7 +19,7 @@ import datetime
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from rich.console import Console
@@ -427,7 +427,7 @@ def _without_schedule(config: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def merged_step_speedups(
     per_step: dict[str, Any], arch: str, mode: str = "eager"
-) -> list[tuple[dict, float]]:
+) -> list[tuple[dict[str, Any] | None, float]]:
     """(config without its schedule, merged-step speedup) of every timed row of ``arch`` in a per-step
     ``tokenreduce bench`` record (it times merged steps only)."""
     out = []
@@ -526,6 +526,15 @@ class GenerationSettings:
     output: Any = "bench-results"
 
 
+class _Shared(TypedDict):
+    """The keyword arguments every generation bench of a run shares."""
+
+    seed: int
+    height: int | None
+    width: int | None
+    console: Console
+
+
 def run_generation_bench(settings: GenerationSettings, console: Console | None = None) -> dict[str, Any]:
     """Time whole generations of every architecture (and the compositions asked for); write the record."""
     import json
@@ -551,7 +560,12 @@ def run_generation_bench(settings: GenerationSettings, console: Console | None =
     runs, notes = [], []
     for arch in settings.archs:
         dtype = settings.dtype or (models.spec(arch).dtype if cuda else "fp32")
-        common = dict(seed=settings.seed, height=settings.height, width=settings.width, console=console)
+        common: _Shared = {
+            "seed": settings.seed,
+            "height": settings.height,
+            "width": settings.width,
+            "console": console,
+        }
         timing_args = (settings.steps, device, dtype, settings.rounds, settings.warmup)
         if settings.compose:
             run = compose.bench_compose(arch, settings.compose, *timing_args, **common)

@@ -57,7 +57,7 @@ STEP_KINDS = {Decision.SELECT: "select", Decision.WEIGHTS: "weights", Decision.R
 REAL = {"flux": ("flux", "bf16"), "sdxl": ("sdxl", "fp16")}
 #: The same architectures with fewer repeated blocks (same widths, grids and placements): per-block
 #: counts are the same, the count is several times faster (the budget test uses these).
-SHORT = {
+SHORT: dict[str, dict[str, Any]] = {
     "flux": {"num_layers": 7, "num_single_layers": 7},
     "sdxl": {"transformer_layers_per_block": [1, 2, 2]},
 }

@@ -6,7 +6,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -209,11 +209,19 @@ def table(run: dict[str, Any]) -> Any:
 PLOT_SKIPPED = "plot skipped: matplotlib is not installed (pip install 'tokenreduce[plots]')"
 
 
-def write(record: dict[str, Any], output: Path) -> dict[str, Path | None]:
+class Written(TypedDict):
+    """The files :func:`write` wrote; ``plot`` is ``None`` without matplotlib."""
+
+    json: Path
+    markdown: Path
+    plot: Path | None
+
+
+def write(record: dict[str, Any], output: Path) -> Written:
     """``bench.json``, ``bench.md`` and ``bench.png`` in ``output``; the plot is ``None`` without
     matplotlib (an optional extra)."""
     output.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path | None] = {
+    paths: Written = {
         "json": output / "bench.json",
         "markdown": output / "bench.md",
         "plot": output / "bench.png",

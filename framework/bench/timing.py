@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +177,7 @@ def time_eager(
             try:
                 with applied(model, variant) as handle:
                     run_cycle(model, call, handle, 1)
-                    ms = watch(lambda h=handle, n=steps: run_cycle(model, call, h, n))
+                    ms = watch(partial(run_cycle, model, call, handle, steps))
             except Exception as exc:  # one broken variant must not end a long benchmark
                 out.errors[variant.name] = describe_error(exc)
                 active.remove(variant)
@@ -393,6 +394,8 @@ def time_compiled(
                 with applied(model, variant) as handle:
                     run_cycle(model, call, handle, 1)
                     compiled = torch.compile(model, backend=backend)
+                    # torch.compile of a module returns a module (OptimizedModule); typed as a callable
+                    assert isinstance(compiled, nn.Module)
                     start = time.perf_counter()
                     for _ in range(max(warmup, 1)):
                         run_cycle(compiled, call, handle, steps)
@@ -402,7 +405,7 @@ def time_compiled(
                         compile_s[variant.name] = round(time.perf_counter() - start, 2)
                         graphs[variant.name] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
                     for rnd in range(rounds):
-                        ms = watch(lambda h=handle, n=steps, m=compiled: run_cycle(m, call, h, n))
+                        ms = watch(partial(run_cycle, compiled, call, handle, steps))
                         samples.append(ms / steps)
                         out.log.append((rnd, variant.name))
                         if advance is not None and not repeat:
