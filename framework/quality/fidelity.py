@@ -62,12 +62,14 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in update.items():
         old = out.get(key)
-        same = (
+        if (
             isinstance(value, dict)
             and isinstance(old, dict)
             and value.get("name", old.get("name")) == old.get("name")
-        )
-        out[key] = _merge(old, value) if same else copy.deepcopy(value)
+        ):
+            out[key] = _merge(old, value)
+        else:
+            out[key] = copy.deepcopy(value)
     return out
 
 
@@ -107,7 +109,8 @@ def knob_variants(kind: str, ratio: float = 0.5) -> list[Variant]:
     """ToMA's defaults varied one knob at a time (the default itself is in the method rows)."""
     arch = spec(kind).arch
     preset = f"toma-{arch}"
-    base = load_config(preset)
+    # The preset's own values, read as data (a component's parameters are not typed on the config).
+    base = load_config(preset).model_dump()
 
     def v(group: str, label: str, **update: Any) -> Variant:
         return Variant(kind, "toma", group, label, config_for(kind, preset, ratio=ratio, **update))
@@ -117,13 +120,13 @@ def knob_variants(kind: str, ratio: float = 0.5) -> list[Variant]:
     out = [
         v("tile", f"tile={s}", partitioner={"size": [s, s]})
         for s in (2, 4, 8, 16)
-        if [s, s] != base.partitioner.size and s <= smallest
+        if [s, s] != base["partitioner"]["size"] and s <= smallest
     ]
     out += [v("temperature", f"temperature={t:g}", merger={"temperature": t}) for t in (1e-4, 1e-2, 1e-1)]
     out += [
         v("reuse", f"reuse={d}/{w}", reuse={"destinations_every": d, "weights_every": w})
         for d, w in ((1, 1), (5, 5), (10, 5), (10, 10), (20, 10))
-        if (d, w) != (base.reuse.destinations_every, base.reuse.weights_every)
+        if (d, w) != (base["reuse"]["destinations_every"], base["reuse"]["weights_every"])
     ]
     if arch == "sdxl":
         out += [v("sites", f"sites={s}", adapter={"sites": [s]}) for s in ("attn1", "block")]

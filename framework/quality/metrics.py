@@ -22,7 +22,9 @@ def ssim(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
     """Per-image SSIM, ``(N,)``."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    return structural_similarity_index_measure(images, references, data_range=1.0, reduction="none")
+    out = structural_similarity_index_measure(images, references, data_range=1.0, reduction="none")
+    assert isinstance(out, torch.Tensor)  # a tuple only with return_full_image / contrast sensitivity
+    return out
 
 
 @torch.no_grad()
@@ -40,10 +42,11 @@ class FrechetDistance:
     def __init__(self, features: nn.Module, references: torch.Tensor) -> None:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
+        channels, height, width = references.shape[1:]
         self.metric = FrechetInceptionDistance(
             feature=features,
             normalize=True,
-            input_img_size=tuple(references.shape[1:]),
+            input_img_size=(channels, height, width),
             reset_real_features=False,
         ).to(next(features.parameters()).device)
         self._update(references, real=True)

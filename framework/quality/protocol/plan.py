@@ -38,7 +38,8 @@ def plan_runs(configs: Sequence[str], ratios: Sequence[float] | None) -> list[Ru
     runs = [Run(BASELINE, None)]
     for source in configs:
         stem = Path(source).stem if Path(source).suffix or Path(source).exists() else source
-        for ratio in ratios or [None]:
+        each: Sequence[float | None] = ratios or [None]
+        for ratio in each:
             run = Run(stem if ratio is None else f"{stem}@{ratio:g}", source, ratio)
             try:
                 load_config(source, **run.overrides)

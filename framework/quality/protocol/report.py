@@ -43,9 +43,9 @@ def run_results(
             }
         )
     base_seconds = results[0]["seconds_per_image"]
-    for run in results:
-        s = run["seconds_per_image"]
-        run["speedup"] = round(base_seconds / s, 4) if base_seconds and s else None
+    for result in results:
+        s = result["seconds_per_image"]
+        result["speedup"] = round(base_seconds / s, 4) if base_seconds and s else None
     return results
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
@@ -16,6 +16,9 @@ from torch import nn
 from tokenreduce.quality.protocol.plan import Item, Run, image_path
 from tokenreduce.quality.protocol.settings import EvalSettings, ProtocolError
 
+if TYPE_CHECKING:
+    from transformers import CLIPModel, PreTrainedModel
+
 METRIC_BATCH = 32  # images per feature-model call when measuring
 
 
@@ -23,7 +26,7 @@ class _TensorFeatures(nn.Module):
     """A ``CLIPModel`` whose feature methods return tensors, as torchmetrics' CLIPScore expects
     (transformers 5 returns output objects: torchmetrics <= 1.9.0 fails on them)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: CLIPModel) -> None:
         super().__init__()
         self.model = model
         self.config = model.config
@@ -56,7 +59,7 @@ class ClsFeatures(nn.Module):
     """CLS embedding of a ViT-like model (DINO) for uint8 images ``(N, 3, H, W)``; usable as
     torchmetrics FID's ``feature`` module."""
 
-    def __init__(self, model: nn.Module, processor: Any) -> None:
+    def __init__(self, model: PreTrainedModel, processor: Any) -> None:
         super().__init__()
         self.model = model.eval()
         self.processor = processor
@@ -129,12 +132,15 @@ def measure(
         fid_note = "no --reference folder given"
     else:
         with console.status(f"FID: features of {len(reference)} reference images ({settings.fid_features})"):
-            extra = {}
+            weights = None
             if settings.fid_features == "inception" and settings.inception_weights is not None:
-                extra["feature_extractor_weights_path"] = str(settings.inception_weights)
+                weights = str(settings.inception_weights)
             feature: int | nn.Module = 2048 if settings.fid_features == "inception" else dino
             fid = FrechetInceptionDistance(
-                feature=feature, reset_real_features=False, sync_on_compute=False, **extra
+                feature=feature,
+                reset_real_features=False,
+                feature_extractor_weights_path=weights,
+                sync_on_compute=False,
             ).to(device)
             for chunk in image_chunks(reference):
                 fid.update(torch.stack(chunk).to(device), real=True)

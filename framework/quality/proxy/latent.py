@@ -63,6 +63,9 @@ class _Up(nn.Module):
 class ProxyAutoencoder(nn.Module):
     """Images ``(N, 3, H, W)`` in [-1, 1] <-> normalised latents ``(N, 4, H/4, W/4)``."""
 
+    shift: torch.Tensor  # buffers (registered in __init__)
+    scale: torch.Tensor
+
     def __init__(self, width: int = 32) -> None:
         super().__init__()
         w1, w2 = width, 2 * width

@@ -181,8 +181,8 @@ def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def sdxl_time_ids(batch: int, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    size = float(size)
-    return torch.tensor([[size, size, 0.0, 0.0, size, size]], device=device, dtype=dtype).repeat(batch, 1)
+    side = float(size)
+    return torch.tensor([[side, side, 0.0, 0.0, side, side]], device=device, dtype=dtype).repeat(batch, 1)
 
 
 @functools.lru_cache(maxsize=8)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,9 @@ from tokenreduce.quality.proxy.models import (
     spec,
     weights_path,
 )
+
+if TYPE_CHECKING:
+    from tokenreduce.quality.proxy.latent import ProxyAutoencoder
 
 PARTS = ("features", *KINDS, "ae", *LATENT_KINDS)
 # Parts trained by default: the pixel proxies (the latent ones are asked for by name or --latent).
@@ -113,7 +116,7 @@ def train_denoiser(
     settings: TrainSettings,
     device: torch.device,
     console: Console | None = None,
-    vae: nn.Module | None = None,
+    vae: ProxyAutoencoder | None = None,
 ) -> ProxyPipeline:
     """Train one proxy: on pixel crops of ``bank``, or (latent kinds) on the latents that ``vae``
     gives for crops or clips of ``bank``."""
@@ -132,9 +135,8 @@ def train_denoiser(
         sample = lambda count, gen: latent_batch(kind, bank, vae, count, gen)  # noqa: E731
 
     torch.manual_seed(settings.seed)
-    net = nn.ModuleDict(
-        {"denoiser": build_denoiser(kind), "prompts": build_prompts(kind, len(bank.names))}
-    ).to(device)
+    prompts = build_prompts(kind, len(bank.names))  # a module of ``net``, moved and trained in place
+    net = nn.ModuleDict({"denoiser": build_denoiser(kind), "prompts": prompts}).to(device)
     # EMA with warm-up (decay 1 - (1 + step)^-3/4, capped): a fixed decay would keep a third of
     # the initial weights after a thousand steps.
     ema = EMAModel(net.parameters(), decay=settings.ema, use_ema_warmup=True, power=0.75, foreach=True)
@@ -189,9 +191,7 @@ def train_denoiser(
         "loss_curve": loss_curve(losses),
         "params": sum(p.numel() for p in trained["denoiser"].parameters()),
     }
-    return ProxyPipeline(
-        kind, trained["denoiser"].eval(), trained["prompts"], list(bank.names), record=record, vae=vae
-    )
+    return ProxyPipeline(kind, trained["denoiser"].eval(), prompts, list(bank.names), record=record, vae=vae)
 
 
 def train_features(
