@@ -20,17 +20,18 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import torch
 from hypothesis import assume
 from hypothesis import strategies as st
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from tokenreduce.builtins import GlobalPartitioner, StripePartitioner
 from tokenreduce.interfaces import Component, Partitioner
 from tokenreduce.layout import Regions, grid_fits
+from tokenreduce.params import StrictParams
 
 T = TypeVar("T")
 
@@ -51,6 +52,18 @@ def _strategy(value: T | st.SearchStrategy[T]) -> st.SearchStrategy[T]:
 # --------------------------------------------------------------------------- shapes and ratios
 
 
+@overload
+def grids(
+    *, min_side: int = ..., max_side: int = ..., rank: Literal[2] = ..., max_frames: int = ...
+) -> st.SearchStrategy[tuple[int, int]]: ...
+@overload
+def grids(
+    *, min_side: int = ..., max_side: int = ..., rank: Literal[3], max_frames: int = ...
+) -> st.SearchStrategy[tuple[int, int, int]]: ...
+@overload
+def grids(
+    *, min_side: int = ..., max_side: int = ..., rank: int, max_frames: int = ...
+) -> st.SearchStrategy[tuple[int, ...]]: ...
 def grids(
     *, min_side: int = 1, max_side: int = 12, rank: int = 2, max_frames: int = 4
 ) -> st.SearchStrategy[tuple[int, ...]]:
@@ -323,13 +336,13 @@ EDGE_SCENARIOS: tuple[Scenario, ...] = (
 # --------------------------------------------------------------------------- parameters
 
 
-def example_params(component_cls: type[Component]) -> BaseModel:
+def example_params(component_cls: type[Component]) -> StrictParams:
     """Params to build ``component_cls`` with: its ``example_params()`` classmethod, else the defaults."""
-    factory: Callable[[], BaseModel] | None = getattr(component_cls, "example_params", None)
+    factory: Callable[[], StrictParams] | None = getattr(component_cls, "example_params", None)
     return factory() if factory is not None else component_cls.Params()
 
 
-def component_params(component_cls: type[Component]) -> st.SearchStrategy[BaseModel]:
+def component_params(component_cls: type[Component]) -> st.SearchStrategy[StrictParams]:
     """Valid ``Params`` of a component: its example/defaults, or fields drawn from their types and bounds.
 
     Numbers honour ``ge``/``gt``/``le``/``lt`` (unbounded ones stay within 16 of their lower
@@ -345,7 +358,7 @@ def component_params(component_cls: type[Component]) -> st.SearchStrategy[BaseMo
         if name != "name"
     }
 
-    def build(values: dict[str, Any]) -> BaseModel:
+    def build(values: dict[str, Any]) -> StrictParams:
         try:
             return params_cls.model_validate({**base.model_dump(), **values})
         except ValidationError:
@@ -380,8 +393,13 @@ def _type_strategy(annotation: Any, metadata: Sequence[Any] = ()) -> st.SearchSt
     if origin is typing.Literal:
         return st.sampled_from(args)
     if origin in (typing.Union, types.UnionType):
-        options = [st.none() if a is type(None) else _type_strategy(a, metadata) for a in args]
-        return None if any(o is None for o in options) else st.one_of(options)
+        options: list[st.SearchStrategy[Any]] = []
+        for a in args:
+            option = st.none() if a is type(None) else _type_strategy(a, metadata)
+            if option is None:  # a member that cannot be drawn: the field keeps its default
+                return None
+            options.append(option)
+        return st.one_of(options)
     if origin is list:
         item = _type_strategy(args[0]) if args else None
         if item is None:

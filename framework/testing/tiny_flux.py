@@ -122,7 +122,9 @@ def _clip_tokenizer(folder: Path) -> Any:
 def _t5_tokenizer() -> Any:
     """A character-level T5 tokenizer built in memory from a ``tokenizers`` Unigram model."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
+
+    # transformers 5 exports it lazily (an alias of T5Tokenizer), so its stubs lack the name
+    from transformers import T5TokenizerFast  # type: ignore[attr-defined,unused-ignore]
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     pieces += (
