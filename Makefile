@@ -30,7 +30,7 @@ lint: setup
 	$(BIN)/ruff check framework plugins toma_plugin baselines tests
 	$(BIN)/ruff format --check framework plugins toma_plugin baselines tests
 
-# mypy on the checked packages (listed in .ci/typecheck), through a tree with the installed layout.
+# mypy on the whole package (.ci/typecheck), through a tree with the installed layout.
 typecheck: setup
 	PYTHON=$(abspath $(BIN))/python .ci/typecheck
 
