@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the pixel-space proxies instead (64x64 images, no decoder; merge errors show unfiltered)",
     )
     p.add_argument("--weights", default=None, help="proxy weights folder (default: the committed ones)")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, pixel=False)
 
     p = sub.add_parser("generate", help="generate an image with a diffusers pipeline and a config")
     p.add_argument("--model", required=True, help="model id (hub cache) or local pipeline folder")

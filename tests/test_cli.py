@@ -201,3 +201,14 @@ def test_demo_writes_table_picture_and_json(capsys, tmp_path: Path) -> None:
 
     with Image.open(tmp_path / "side_by_side.png") as picture:
         assert picture.width > 200 and picture.height > 200
+
+
+def test_demo_runs_the_latent_proxies_unless_told_pixel() -> None:
+    from tokenreduce.cli import build_parser
+
+    parser = build_parser()
+    assert [parser.parse_args(["demo", *flags]).pixel for flags in ([], ["--latent"], ["--pixel"])] == [
+        False,
+        False,
+        True,
+    ]
