@@ -293,5 +293,17 @@ def tokenreduce_register(registry: Any) -> None:
         "toma-flux-fast.yaml",
         "ToMA on Flux, faster than toma-flux: r=0.75 in the second half of the steps, same components",
     )
+    registry.add_preset(
+        "toma-flux-run",
+        "tokenreduce.toma_plugin.presets",
+        "toma-flux-run.yaml",
+        "toma-flux merging once around the run of single-stream blocks (opt-in: residual carried merged)",
+    )
+    registry.add_preset(
+        "toma-flux-ff",
+        "tokenreduce.toma_plugin.presets",
+        "toma-flux-ff.yaml",
+        "toma-flux with the double-stream blocks' image feed-forward on merged tokens too (opt-in)",
+    )
     for arch in ARCHITECTURES:
         registry.add_architecture(arch)

@@ -65,7 +65,10 @@ def wrap_run_block(site: Site, cell: RunCell, first: bool, last: bool, source: S
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
         def forward(
-            hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any
+            hidden_states: torch.Tensor,
+            encoder_hidden_states: torch.Tensor | None = None,
+            *args: Any,
+            **kwargs: Any,
         ) -> Any:
             ctx = site.ctx
             joint = encoder_hidden_states is None  # [text; image] in one sequence

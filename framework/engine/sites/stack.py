@@ -64,6 +64,20 @@ def site_name(stack: Stack, params: object) -> str:
     return stack.kind
 
 
+#: What the opt-in site names (:func:`site_name`) mean, for ``explain``.
+PLACEMENT_NOTES = {
+    "_run": "merged once around each run of consecutive merged blocks (the residual stream is carried "
+    "merged inside a run: opt-in, approximate)",
+    "_ff": "the image feed-forward runs on merged tokens too, besides the attention (opt-in)",
+}
+
+
+def placement_notes(sites: list[SiteSpec]) -> list[str]:
+    """One line per opt-in placement among ``sites``: ``"<site>: <what it does>"``."""
+    names = sorted({s.site for s in sites})
+    return [f"{n}: {note}" for n in names for suffix, note in PLACEMENT_NOTES.items() if n.endswith(suffix)]
+
+
 def run_source(stack: Stack, block: nn.Module) -> Source:
     """The tokens a merged run's plan is computed from: what the first block's ``norm`` makes of them
     (split blocks: the modulated norm, from the block's ``temb``; fused: the norm before modulation)."""
@@ -168,9 +182,9 @@ class StackedTransformerAdapter(ModelAdapter):
                 f"the block filter selects no block: the model has {self._counts(model)} ({settings})"
             )
         for stack, path in self._paths(model):
-            if stack.image_ff and getattr(self.params, stack.image_ff):
-                if not isinstance(getattr(model.get_submodule(path), "ff", None), nn.Module):
-                    raise ValueError(f"{path} has no image feed-forward `ff` to merge ({stack.image_ff})")
+            ff = getattr(model.get_submodule(path), "ff", None)
+            if stack.image_ff and getattr(self.params, stack.image_ff) and not isinstance(ff, nn.Module):
+                raise ValueError(f"{path} has no image feed-forward `ff` to merge ({stack.image_ff})")
         if getattr(self.params, "size_weighting", False):
             for path, attn in self._attentions(model):
                 try:
