@@ -84,6 +84,33 @@ def test_a_run_wraps_its_ends_and_attentions_only() -> None:
     assert {s.group for s in handle.sites if "single" in s.path} == {"single_transformer_blocks.0"}
 
 
+def test_blocks_called_outside_the_transformer_after_a_failed_call_run_unchanged() -> None:
+    """A call that fails inside a run leaves its plan behind; blocks called on their own ignore it."""
+    model, pristine = tiny_flux_transformer(), tiny_flux_transformer()
+    inputs = tiny_flux_inputs(model, batch=2)
+    apply(model, "flux", {"single_placement": "run"})
+
+    def fail(*_: object) -> None:
+        raise RuntimeError("stop")
+
+    hook = model.single_transformer_blocks[-1].register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="stop"):
+        run(model, inputs)
+    hook.remove()
+    with torch.no_grad():
+        image = model.x_embedder(inputs["hidden_states"])
+        text = model.context_embedder(inputs["encoder_hidden_states"])
+        temb = torch.zeros(2, image.shape[-1])
+        rope = model.pos_embed(torch.cat((inputs["txt_ids"], inputs["img_ids"])))
+        args = {"hidden_states": image, "encoder_hidden_states": text, "temb": temb, "image_rotary_emb": rope}
+        for got, want in zip(
+            model.single_transformer_blocks[2](**args),
+            pristine.single_transformer_blocks[2](**args),
+            strict=True,
+        ):
+            assert torch.equal(got, want)
+
+
 def test_double_ff_wraps_the_image_feed_forward_only() -> None:
     model = tiny_flux_transformer(num_layers=2, num_single_layers=2)
     handle = apply(model, "flux", {"double_ff": True})

@@ -81,7 +81,7 @@ def wrap_image_ff(site: Site) -> Wrapper:
         @functools.wraps(original)
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             plan = site.plan
-            if plan is None:
+            if plan is None or not site.ctx.on:  # (a plan left by a call that failed in between)
                 return original(hidden_states, *args, **kwargs)
             site.plan = None
             return plan.unmerge(original(plan.merge(hidden_states), *args, **kwargs))

@@ -88,7 +88,7 @@ def wrap_run_block(site: Site, cell: RunCell, first: bool, last: bool, source: S
                 hidden_states = torch.cat((hidden_states[:, :t], merged), dim=1) if joint else merged
             out = original(hidden_states, encoder_hidden_states, *args, **kwargs)
             plan = cell.plan
-            if not last or plan is None:
+            if not last or plan is None or not ctx.on:
                 return out
             residual, merged = cell.residual, cell.merged
             cell.plan = cell.residual = cell.merged = None  # hold no activations past the call
@@ -108,7 +108,7 @@ def wrap_run_attn(site: Site, cell: RunCell, rope: Rope, what: str) -> Wrapper:
         @functools.wraps(original)
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             plan = cell.plan
-            if plan is None:
+            if plan is None or not site.ctx.on:  # (a plan left by a call that failed mid-run)
                 return original(hidden_states, *args, **kwargs)
             if args:  # the blocks pass everything by keyword; positional arguments are not expected
                 raise TypeError(f"{what}: unexpected positional arguments to attention")
