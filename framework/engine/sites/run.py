@@ -87,14 +87,13 @@ def wrap_run_block(site: Site, cell: RunCell, first: bool, last: bool, source: S
                 cell.plan, cell.residual, cell.merged = plan, image, merged
                 hidden_states = torch.cat((hidden_states[:, :t], merged), dim=1) if joint else merged
             out = original(hidden_states, encoder_hidden_states, *args, **kwargs)
-            plan = cell.plan
-            if not last or plan is None or not ctx.on:
+            running, residual, entered = cell.plan, cell.residual, cell.merged
+            if not last or running is None or residual is None or entered is None or not ctx.on:
                 return out
-            residual, merged = cell.residual, cell.merged
             cell.plan = cell.residual = cell.merged = None  # hold no activations past the call
             if isinstance(out, tuple):  # (text, merged image)
-                return (out[0], plan.residual_update(residual, merged, out[1]), *out[2:])
-            return torch.cat((out[:, :t], plan.residual_update(residual, merged, out[:, t:])), dim=1)
+                return (out[0], running.residual_update(residual, entered, out[1]), *out[2:])
+            return torch.cat((out[:, :t], running.residual_update(residual, entered, out[:, t:])), dim=1)
 
         return forward
 

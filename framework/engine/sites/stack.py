@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import torch
 from torch import nn
 
 from tokenreduce.config import instantiate
@@ -81,15 +82,19 @@ def placement_notes(sites: list[SiteSpec]) -> list[str]:
 def run_source(stack: Stack, block: nn.Module) -> Source:
     """The tokens a merged run's plan is computed from: what the first block's ``norm`` makes of them
     (split blocks: the modulated norm, from the block's ``temb``; fused: the norm before modulation)."""
-    norm = block.norm
+    norm = _child(block, "norm")
     if stack.site == "single_split":
 
-        def split(args: tuple, kwargs: dict) -> Callable | None:
+        def split(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
             temb = kwargs["temb"] if "temb" in kwargs else args[0]
             return lambda v: norm(v, emb=temb)[0]
 
         return split
-    return lambda args, kwargs: norm
+
+    def fused(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+        return norm
+
+    return fused
 
 
 def check_blocks(value: list[int] | None) -> list[int] | None:
