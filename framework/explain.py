@@ -14,6 +14,7 @@ from tokenreduce import archs
 from tokenreduce.api import prepare
 from tokenreduce.config import ConfigBase, load_config
 from tokenreduce.engine import Runtime
+from tokenreduce.engine.sites.stack import placement_notes
 from tokenreduce.interfaces import MergeSchedule, ModelAdapter, SiteSpec
 from tokenreduce.layout import grid_text
 
@@ -114,6 +115,8 @@ def explain(
         )
     else:
         console.print("size-weighted attention: off")
+    for line in placement_notes(sites):
+        console.print(f"placement {line}", markup=False)
     by_group: dict[str, list] = defaultdict(list)
     for site in sites:
         by_group[site.group].append(site)

@@ -53,7 +53,13 @@ class FluxAdapter(StackedTransformerAdapter):
     timestep_scale = 1.0  # the pipeline passes t / 1000
     stacks = (
         Stack(
-            DOUBLE, "transformer_blocks", "joint", skip="skip_double", enable="double", noun="double-stream"
+            DOUBLE,
+            "transformer_blocks",
+            "joint",
+            skip="skip_double",
+            enable="double",
+            noun="double-stream",
+            image_ff="double_ff",
         ),
         Stack(
             SINGLE,
@@ -62,6 +68,7 @@ class FluxAdapter(StackedTransformerAdapter):
             skip="skip_single",
             enable="single",
             noun="single-stream",
+            placement="single_placement",
         ),
     )
     rope = JOINT_TEXT_FIRST
@@ -75,6 +82,22 @@ class FluxAdapter(StackedTransformerAdapter):
         skip_single: int = Field(5, ge=0, description="The first N single-stream blocks are not merged.")
         double: bool = Field(True, description="Merge in double-stream blocks at all.")
         single: bool = Field(True, description="Merge in single-stream blocks at all.")
+        single_placement: Literal["block", "run"] = Field(
+            "block",
+            description=(
+                "'block': each merged single-stream block merges and unmerges itself, its residual full "
+                "length. 'run' (opt-in, approximate): merge once before each run of consecutive merged "
+                "single-stream blocks and unmerge the run's update after its last block; the residual "
+                "stream is carried merged through the run. Fewer kernels per block."
+            ),
+        )
+        double_ff: bool = Field(
+            False,
+            description=(
+                "Opt-in: the image stream's feed-forward of merged double-stream blocks runs on merged "
+                "tokens too (merge its normalised input, feed-forward, unmerge), besides the attention."
+            ),
+        )
         blocks: list[int] | None = Field(
             None,
             description=(
@@ -140,6 +163,7 @@ class FluxAdapter(StackedTransformerAdapter):
 
     def reader(self, model: nn.Module) -> Callable[..., CallInfo]:
         grids = self.id_grids()
+        runs = self.params.single_placement == "run"
 
         def read(
             hidden_states: torch.Tensor,
@@ -150,6 +174,12 @@ class FluxAdapter(StackedTransformerAdapter):
             *args: Any,
             **kwargs: Any,
         ) -> CallInfo:
+            if runs and kwargs.get("controlnet_single_block_samples") is not None:
+                raise ValueError(
+                    "Flux single_placement 'run' keeps the image tokens merged between single-stream blocks, "
+                    "where ControlNet adds its single-block residuals at full length; use single_placement "
+                    "'block' with a ControlNet"
+                )
             grid = grids(img_ids, hidden_states.shape[1])
             return CallInfo(timestep, grid, encoder_hidden_states.shape[1])
 
@@ -262,6 +292,18 @@ def tokenreduce_register(registry: Any) -> None:
         "tokenreduce.toma_plugin.presets",
         "toma-flux-fast.yaml",
         "ToMA on Flux, faster than toma-flux: r=0.75 in the second half of the steps, same components",
+    )
+    registry.add_preset(
+        "toma-flux-run",
+        "tokenreduce.toma_plugin.presets",
+        "toma-flux-run.yaml",
+        "toma-flux merging once around the run of single-stream blocks (opt-in: residual carried merged)",
+    )
+    registry.add_preset(
+        "toma-flux-ff",
+        "tokenreduce.toma_plugin.presets",
+        "toma-flux-ff.yaml",
+        "toma-flux with the double-stream blocks' image feed-forward on merged tokens too (opt-in)",
     )
     for arch in ARCHITECTURES:
         registry.add_architecture(arch)

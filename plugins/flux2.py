@@ -44,7 +44,13 @@ class Flux2Adapter(StackedTransformerAdapter):
     timestep_scale = 1.0  # the pipeline passes t / 1000
     stacks = (
         Stack(
-            DOUBLE, "transformer_blocks", "joint", skip="skip_double", enable="double", noun="double-stream"
+            DOUBLE,
+            "transformer_blocks",
+            "joint",
+            skip="skip_double",
+            enable="double",
+            noun="double-stream",
+            image_ff="double_ff",
         ),
         Stack(
             SINGLE,
@@ -53,6 +59,7 @@ class Flux2Adapter(StackedTransformerAdapter):
             skip="skip_single",
             enable="single",
             noun="single-stream",
+            placement="single_placement",
         ),
     )
     rope = JOINT_TEXT_FIRST
@@ -63,6 +70,22 @@ class Flux2Adapter(StackedTransformerAdapter):
         skip_single: int = Field(5, ge=0, description="The first N single-stream blocks are not merged.")
         double: bool = Field(True, description="Merge in double-stream blocks at all.")
         single: bool = Field(True, description="Merge in single-stream blocks at all.")
+        single_placement: Literal["block", "run"] = Field(
+            "block",
+            description=(
+                "'block': each merged single-stream block merges and unmerges itself, its residual full "
+                "length. 'run' (opt-in, approximate): merge once before each run of consecutive merged "
+                "single-stream blocks and unmerge the run's update after its last block; the residual "
+                "stream is carried merged through the run. Fewer kernels per block."
+            ),
+        )
+        double_ff: bool = Field(
+            False,
+            description=(
+                "Opt-in: the image stream's feed-forward of merged double-stream blocks runs on merged "
+                "tokens too (merge its normalised input, feed-forward, unmerge), besides the attention."
+            ),
+        )
         blocks: list[int] | None = Field(
             None, description="Explicit blocks, as indices into [double blocks..., single blocks...]."
         )

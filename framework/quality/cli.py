@@ -11,7 +11,6 @@ from rich.console import Console
 from tokenreduce.generate import DTYPES
 from tokenreduce.quality.protocol import (
     DEFAULT_CLIP,
-    DEFAULT_CONFIGS,
     DEFAULT_DINO,
     DEFAULT_OUTPUT,
     FID_FEATURES,
@@ -87,9 +86,13 @@ def add_eval_parser(subparsers: Any, func: Callable[[argparse.Namespace], int]) 
     g.add_argument(
         "--configs",
         nargs="+",
-        default=list(DEFAULT_CONFIGS),
+        default=None,
         metavar="CONFIG",
-        help="config files or presets, one run each (default: toma); the unmodified model always runs, as baseline",
+        help=(
+            "config files or presets, one run each (default: toma); the unmodified model always runs, as "
+            "baseline; with --proxy: only these (on every --kinds proxy they fit, at --ratios if given) "
+            "instead of the methods and knobs"
+        ),
     )
     g.add_argument("--height", type=int, default=None, help="pixels (default: the pipeline's)")
     g.add_argument("--width", type=int, default=None, help="pixels (default: the pipeline's)")

@@ -142,6 +142,31 @@ def knob_variants(kind: str, ratio: float = 0.5) -> list[Variant]:
     return out
 
 
+def config_variants(
+    kinds: Sequence[str], configs: Sequence[str], ratios: Sequence[float] | None = None
+) -> list[Variant]:
+    """Given configs (presets or files), each on every proxy whose architecture its adapter fits
+    (``ValueError`` for one that fits none), at its own ratio or at each of ``ratios``."""
+    out = []
+    for source in configs:
+        adapter = load_config(source).adapter.name
+        fits = [kind for kind in kinds if spec(kind).arch == adapter]
+        if not fits:
+            raise ValueError(
+                f"config {source!r} (adapter {adapter!r}) fits none of the proxies {', '.join(kinds)}"
+            )
+        label = Path(source).stem if Path(source).suffix else source
+        for kind in fits:
+            if ratios is None:
+                out.append(Variant(kind, label, "configs", label, config_for(kind, source)))
+            else:
+                out += [
+                    Variant(kind, label, "configs", f"{label}@{r}", config_for(kind, source, ratio=r))
+                    for r in ratios
+                ]
+    return out
+
+
 def sweep(kinds: Sequence[str], ratios: Sequence[float] = RATIOS, knobs: bool = True) -> list[Variant]:
     out = []
     for kind in kinds:
@@ -483,7 +508,10 @@ def run_proxy_eval(args: Any, console: Console) -> int:
         raise ValueError("--proxy uses seeds 0..N-1 per class: give --num-seeds N, not --seeds")
     if args.batch_size:
         raise ValueError("--proxy scores several batch sizes: give --batches B [B ...], not --batch-size")
-    variants = sweep(kinds, tuple(args.ratios or RATIOS), knobs=not args.no_knobs)
+    if getattr(args, "configs", None):
+        variants = config_variants(kinds, args.configs, args.ratios)
+    else:
+        variants = sweep(kinds, tuple(args.ratios or RATIOS), knobs=not args.no_knobs)
     # Everything is loaded and validated before the first image is generated.
     pipes = {kind: load_proxy(kind, weights, device) for kind in kinds}
     features = load_features(weights, device)

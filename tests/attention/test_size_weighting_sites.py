@@ -42,6 +42,13 @@ def paired_flux2() -> tuple[Any, dict[str, Any], dict[str, Any]]:
     return model, inputs, adapter
 
 
+def paired_flux2_run_ff() -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The same with the single-stream blocks merged once as a run and the double blocks' image MLP
+    merged: identical pairs stay identical through a merged run, so it is exact when weighted."""
+    model, inputs, adapter = paired_flux2()
+    return model, inputs, {**adapter, "single_placement": "run", "double_ff": True}
+
+
 def paired_sd3() -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """SD3 (joint attention over [image; text], SD3.5's image self-attention too) without its
     position embedding, on a latent whose patches come in identical horizontal pairs."""
@@ -56,7 +63,11 @@ def paired_sd3() -> tuple[Any, dict[str, Any], dict[str, Any]]:
     return model, inputs, {"name": "sd3", "skip": 0}
 
 
-@pytest.mark.parametrize("make", [paired_flux2, paired_sd3], ids=["flux2-text-first", "sd3-text-last"])
+@pytest.mark.parametrize(
+    "make",
+    [paired_flux2, paired_flux2_run_ff, paired_sd3],
+    ids=["flux2-text-first", "flux2-run-ff", "sd3-text-last"],
+)
 def test_merging_identical_pairs_changes_nothing_with_size_weighting(make) -> None:
     model, inputs, adapter = make()
     with torch.no_grad():

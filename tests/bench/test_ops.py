@@ -11,6 +11,7 @@ from collections import Counter
 
 import pytest
 import torch
+from torch import nn
 
 from tokenreduce.bench import ops
 from tokenreduce.config import load_config
@@ -22,6 +23,13 @@ SIZE_WEIGHTING = {"select": 3 + 11, "reuse": 3}
 #: The concatenations size weighting makes on a reuse step (the only ones allowed there).
 SIZE_WEIGHTING_CATS = 2
 
+#: The opt-in Flux placements (docs/quality.md, "Beyond the ideal"). A merged run of single-stream
+#: blocks recomputes its first block's modulated norm for the plan (silu, linear, layer norm,
+#: scale, shift: 5 kernels, on plan steps only) and unmerges once at its last block (subtract,
+#: unmerge, add: 3); the blocks in between add only what size weighting adds. The double blocks'
+#: image feed-forward on merged tokens adds one merge and one unmerge (2).
+RUN_PLAN_SOURCE, RUN_EXIT, FF_MERGE = 5, 3, 2
+
 #: (site, step kind) -> most kernels a merged block may add over the unmodified one: ToMA's own
 #: budget (select 60, reuse 2 on Flux) plus size weighting where the preset turns it on.
 BUDGETS = {
@@ -29,6 +37,18 @@ BUDGETS = {
         "toma-flux": {
             ("double", "select"): 60 + SIZE_WEIGHTING["select"],
             ("double", "reuse"): 2 + SIZE_WEIGHTING["reuse"],
+            ("single", "select"): 60 + SIZE_WEIGHTING["select"],
+            ("single", "reuse"): 2 + SIZE_WEIGHTING["reuse"],
+        },
+        "toma-flux-run": {
+            ("double", "select"): 60 + SIZE_WEIGHTING["select"],
+            ("double", "reuse"): 2 + SIZE_WEIGHTING["reuse"],
+            ("single_run", "select"): 60 + SIZE_WEIGHTING["select"] + RUN_PLAN_SOURCE,
+            ("single_run", "reuse"): RUN_EXIT + SIZE_WEIGHTING["reuse"],
+        },
+        "toma-flux-ff": {
+            ("double_ff", "select"): 60 + SIZE_WEIGHTING["select"] + FF_MERGE,
+            ("double_ff", "reuse"): 2 + SIZE_WEIGHTING["reuse"] + FF_MERGE,
             ("single", "select"): 60 + SIZE_WEIGHTING["select"],
             ("single", "reuse"): 2 + SIZE_WEIGHTING["reuse"],
         },
@@ -78,6 +98,23 @@ def test_reuse_steps_gather_and_concatenate_nothing(counted: tuple[str, dict]) -
                 assert not {"index_select", "gather"} & set(reuse), (preset, site)
                 weighted = load_config(preset).adapter.size_weighting
                 assert reuse.get("cat", 0) == (SIZE_WEIGHTING_CATS if weighted else 0), (preset, site)
+
+
+@pytest.mark.slow
+def test_inside_a_merged_run_blocks_add_only_size_weighting() -> None:
+    """Between a run's first and last block nothing is merged or unmerged (real widths, a run of 5)."""
+    from tokenreduce import archs
+
+    model = nn.Module.to(
+        archs.build("flux", overrides={"num_layers": 1, "num_single_layers": 5}), torch.bfloat16
+    )
+    model.requires_grad_(False)
+    call = ops.meta_inputs("flux", model, torch.bfloat16)
+    adapter = {"skip_double": 0, "skip_single": 0}
+    config = load_config("toma-flux-run", schedule={"name": "always"}, adapter=adapter).model_dump()
+    sites = ops.count_variant(model, call, config, ops.count_call(model, call))
+    assert sites["single_run"]["reuse"]["min"] == SIZE_WEIGHTING["reuse"]
+    assert sites["single_run"]["reuse"]["added"] == RUN_EXIT + SIZE_WEIGHTING["reuse"]
 
 
 @pytest.mark.slow

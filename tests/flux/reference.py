@@ -11,6 +11,14 @@ and ``U (B, N, N')`` taken from a plan, applied with ``@``:
 - single-stream block: ``M`` on the image part of the normalised tokens; attention and MLP on
   ``[text; merged image]``; ``U`` on the image part of ``proj_out``'s output; gate and residual at
   full length.
+
+Opt-in placements:
+
+- ``double_ff``: in a merged double-stream block the image MLP also runs on merged tokens,
+  ``x + gate * U ff(M n)`` with ``n`` the normalised, modulated image tokens it receives;
+- ``single_run``: each run of consecutive merged single-stream blocks runs whole (attention, MLP,
+  gate, residual) on ``[text; M x]`` (``M`` from the run's first block's normalised image tokens),
+  and after the run ``x + U (y - M x)`` with ``y`` the run's merged image output.
 """
 
 from __future__ import annotations
@@ -75,6 +83,8 @@ def reference_forward(
     merged_single: set[int],
     planner: Planner,
     share_by_kind: bool = True,
+    double_ff: bool = False,
+    single_run: bool = False,
 ) -> torch.Tensor:
     """The Flux transformer's output with merging in the given blocks (plans from ``planner``)."""
     x = model.x_embedder(inputs["hidden_states"])
@@ -111,13 +121,35 @@ def reference_forward(
         else:
             image_out, text_out = attention(block.attn, nx, cos, sin, text=nc)
         x = x + gate_msa[:, None] * image_out
-        x = x + gate_mlp[:, None] * block.ff(block.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
+        ff_in = block.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        if double_ff and i in merged_double:
+            x = x + gate_mlp[:, None] * (unmerge @ block.ff(merge @ ff_in))
+        else:
+            x = x + gate_mlp[:, None] * block.ff(ff_in)
         ctx = ctx + c_gate_msa[:, None] * text_out
         ctx = ctx + c_gate_mlp[:, None] * block.ff_context(
             block.norm2_context(ctx) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
         )
 
+    run_start = None  # (M, U, x before the run) while inside a merged run
     for j, block in enumerate(model.single_transformer_blocks):
+        if single_run and j in merged_single:
+            if run_start is None:  # the run's first block: plan from its normalised image tokens
+                normed, _ = block.norm(torch.cat((ctx, x), 1), emb=temb)
+                merge, unmerge, mcos, msin = plan_for("single", j, normed[:, t:])
+                run_start = (merge, unmerge, x)
+                x = merge @ x
+            h = torch.cat((ctx, x), 1)
+            normed, gate = block.norm(h, emb=temb)
+            mlp = block.act_mlp(block.proj_mlp(normed))
+            out = block.proj_out(torch.cat((attention(block.attn, normed, mcos, msin), mlp), 2))
+            h = h + gate[:, None] * out
+            ctx, x = h[:, :t], h[:, t:]
+            if j + 1 not in merged_single:  # the run's last block
+                merge, unmerge, before = run_start
+                x = before + unmerge @ (x - merge @ before)
+                run_start = None
+            continue
         h = torch.cat((ctx, x), 1)
         normed, gate = block.norm(h, emb=temb)
         if j in merged_single:

@@ -73,6 +73,8 @@ def run_both(cfg: dict, *, grid=(8, 8), batch=1, text_len=7, layers=(2, 3), seed
             set(single),
             component_planner(cfg, grid),
             share_by_kind=cfg["reuse"].get("sharing", "kind") == "kind",
+            double_ff=adapter.params.double_ff,
+            single_run=adapter.params.single_placement == "run",
         )
     handle.remove()
     return got, want
@@ -128,3 +130,34 @@ def test_merging_changes_the_reference_output() -> None:
     with torch.no_grad():
         plain = model(**tiny_flux_inputs(model, batch=2, height_tokens=6, width_tokens=10)).sample
     assert (got - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("adapter", "merger"),
+    [
+        ({"single_placement": "run", "skip_single": 1}, "attention"),
+        (
+            {"single_placement": "run", "blocks": [0, 2, 3, 5]},
+            "flux_test_fixed",
+        ),  # two runs, one of one block
+        ({"double_ff": True, "skip_double": 0}, "attention"),
+        ({"double_ff": True, "single_placement": "run", "blocks": [1, 3, 4]}, "flux_test_fixed"),
+    ],
+)
+@pytest.mark.parametrize("sharing", ["kind", "block"])
+def test_opt_in_placements_match_reference(adapter, merger, sharing) -> None:
+    """Merging once around runs of single-stream blocks and the double blocks' image MLP, where the
+    reference places them (non-convex ``M`` and non-stochastic ``U`` for the stand-in merger)."""
+    cfg = config(adapter=adapter, merger={"name": merger}, reuse={"sharing": sharing}, ratio=0.4)
+    got, want = run_both(cfg, grid=(6, 10), batch=2, layers=(2, 4))
+    plain_cfg = config(
+        adapter={k: v for k, v in adapter.items() if k in ("skip_single", "blocks", "skip_double")}
+    )
+    plain, _ = run_both(
+        {**plain_cfg, "merger": cfg["merger"], "reuse": cfg["reuse"], "ratio": 0.4},
+        grid=(6, 10),
+        batch=2,
+        layers=(2, 4),
+    )
+    assert (got - plain).abs().max() > 1e-4  # the option changes where tokens are merged
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)

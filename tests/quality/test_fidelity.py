@@ -154,3 +154,20 @@ def test_a_variant_naming_another_component_replaces_the_presets_parameters():
     assert config["schedule"] == {"name": "every", "k": 3}
     assert fidelity.config_for("flux", "toma-flux", schedule={"start": 0.25})["schedule"]["stop"] == 1.0
     prepare(_random_proxy("flux"), config)  # a valid config
+
+
+def test_given_configs_run_on_the_proxies_they_fit():
+    variants = fidelity.config_variants(["sdxl", "flux"], ["toma-flux-run", "toma-sdxl"], ratios=[0.25, 0.5])
+    assert [(v.kind, v.label) for v in variants] == [
+        ("flux", "toma-flux-run@0.25"),
+        ("flux", "toma-flux-run@0.5"),
+        ("sdxl", "toma-sdxl@0.25"),
+        ("sdxl", "toma-sdxl@0.5"),
+    ]
+    flux = variants[0].config
+    assert flux["ratio"] == 0.25 and flux["adapter"]["single_placement"] == "run"
+    assert flux["adapter"]["skip_single"] < 5  # the proxies' skipped blocks
+    prepare(_random_proxy("flux"), flux)
+    assert [v.label for v in fidelity.config_variants(["flux"], ["toma-flux"])] == ["toma-flux"]
+    with pytest.raises(ValueError, match="fits none of the proxies"):
+        fidelity.config_variants(["flux"], ["toma-sdxl"])

@@ -24,8 +24,12 @@ from tokenreduce.engine.sites.call import Site, Wrapper, no_mask
 from tokenreduce.engine.sites.rope import Rope
 
 
-def wrap_joint_attn(site: Site, rope: Rope, what: str) -> Wrapper:
-    """``attn`` of a joint block: merged image Q/K/V, image output(s) unmerged after ``to_out``."""
+def wrap_joint_attn(site: Site, rope: Rope, what: str, hand_on: bool = False) -> Wrapper:
+    """``attn`` of a joint block: merged image Q/K/V, image output(s) unmerged after ``to_out``.
+
+    ``hand_on``: leave this call's plan in ``site.plan`` (``None`` when nothing is merged) for the
+    block's image feed-forward (:func:`wrap_image_ff`).
+    """
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
@@ -37,12 +41,16 @@ def wrap_joint_attn(site: Site, rope: Rope, what: str) -> Wrapper:
             **kwargs: Any,
         ) -> Any:
             ctx = site.ctx
+            if hand_on:
+                site.plan = None
             if not ctx.on:
                 return original(hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
             plan = site.runtime.plan(site.group, hidden_states, ctx.grid, sequence=ctx.sequence)
             if plan.is_identity:
                 return original(hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
             no_mask(attention_mask, what)
+            if hand_on:
+                site.plan = plan
             if args:  # a positional rotary table (Flux's attention takes it fourth)
                 if len(args) > 1:
                     raise TypeError(f"{what}: unexpected positional arguments to attention")
@@ -54,6 +62,29 @@ def wrap_joint_attn(site: Site, rope: Rope, what: str) -> Wrapper:
             out = site.attend(plan, text_len, original, merged, encoder_hidden_states, None, **kwargs)
             # (image, text[, image-shaped extras such as an IP-adapter output])
             return (plan.unmerge(out[0]), out[1], *(plan.unmerge(o) for o in out[2:]))
+
+        return forward
+
+    return make
+
+
+def wrap_image_ff(site: Site) -> Wrapper:
+    """The image stream's feed-forward of a joint block on merged tokens: ``U(ff(M n))``.
+
+    Opt-in, beyond the attention-only placement: ``n`` (the normalised, modulated image tokens the
+    feed-forward receives) is merged with the plan the block's joint attention used in this call
+    (handed on in ``site.plan``), the feed-forward runs on the merged tokens and its output is
+    unmerged; the gate and residual stay full length. Exact when nothing is merged.
+    """
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            plan = site.plan
+            if plan is None or not site.ctx.on:  # (a plan left by a call that failed in between)
+                return original(hidden_states, *args, **kwargs)
+            site.plan = None
+            return plan.unmerge(original(plan.merge(hidden_states), *args, **kwargs))
 
         return forward
 

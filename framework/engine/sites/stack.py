@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import torch
 from torch import nn
 
 from tokenreduce.config import instantiate
 from tokenreduce.engine.attention import KeyWeightsCache, SizeWeighting, route
 from tokenreduce.engine.sites.call import CallContext, CallInfo, Reorder, Site, Wrapper, wrap_denoiser
 from tokenreduce.engine.sites.grid import GridResolver
-from tokenreduce.engine.sites.joint_stream import wrap_image_self_attn, wrap_joint_attn
+from tokenreduce.engine.sites.joint_stream import wrap_image_ff, wrap_image_self_attn, wrap_joint_attn
 from tokenreduce.engine.sites.rope import Rope
+from tokenreduce.engine.sites.run import RunCell, Source, runs, wrap_run_attn, wrap_run_block
 from tokenreduce.engine.sites.single_stream import (
     wrap_single_attn,
     wrap_single_fused,
@@ -47,6 +49,52 @@ class Stack:
     enable: str | None = None  # Params field: merge in this stack at all
     noun: str = "transformer"  # in messages: "<n> <noun> blocks"
     extra_self: str | None = None  # joint blocks: an optional image-only self-attention on the same tokens
+    #: Params field (bool), joint blocks: the image stream's feed-forward ``ff`` runs on merged tokens too.
+    image_ff: str | None = None
+    #: Params field, single-stream blocks: ``"block"`` merges in each block, ``"run"`` once around each
+    #: run of consecutive merged blocks (:mod:`.run`).
+    placement: str | None = None
+
+
+def site_name(stack: Stack, params: object) -> str:
+    """The site name ``explain`` and ``bench --ops`` show for a stack's merged blocks."""
+    if stack.image_ff and getattr(params, stack.image_ff):
+        return f"{stack.kind}_ff"
+    if stack.placement and getattr(params, stack.placement) == "run":
+        return f"{stack.kind}_run"
+    return stack.kind
+
+
+#: What the opt-in site names (:func:`site_name`) mean, for ``explain``.
+PLACEMENT_NOTES = {
+    "_run": "merged once around each run of consecutive merged blocks (the residual stream is carried "
+    "merged inside a run: opt-in, approximate)",
+    "_ff": "the image feed-forward runs on merged tokens too, besides the attention (opt-in)",
+}
+
+
+def placement_notes(sites: list[SiteSpec]) -> list[str]:
+    """One line per opt-in placement among ``sites``: ``"<site>: <what it does>"``."""
+    names = sorted({s.site for s in sites})
+    return [f"{n}: {note}" for n in names for suffix, note in PLACEMENT_NOTES.items() if n.endswith(suffix)]
+
+
+def run_source(stack: Stack, block: nn.Module) -> Source:
+    """The tokens a merged run's plan is computed from: what the first block's ``norm`` makes of them
+    (split blocks: the modulated norm, from the block's ``temb``; fused: the norm before modulation)."""
+    norm = _child(block, "norm")
+    if stack.site == "single_split":
+
+        def split(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+            temb = kwargs["temb"] if "temb" in kwargs else args[0]
+            return lambda v: norm(v, emb=temb)[0]
+
+        return split
+
+    def fused(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+        return norm
+
+    return fused
 
 
 def check_blocks(value: list[int] | None) -> list[int] | None:
@@ -138,6 +186,10 @@ class StackedTransformerAdapter(ModelAdapter):
             raise ValueError(
                 f"the block filter selects no block: the model has {self._counts(model)} ({settings})"
             )
+        for stack, path in self._paths(model):
+            ff = getattr(model.get_submodule(path), "ff", None)
+            if stack.image_ff and getattr(self.params, stack.image_ff) and not isinstance(ff, nn.Module):
+                raise ValueError(f"{path} has no image feed-forward `ff` to merge ({stack.image_ff})")
         if getattr(self.params, "size_weighting", False):
             for path, attn in self._attentions(model):
                 try:
@@ -168,15 +220,26 @@ class StackedTransformerAdapter(ModelAdapter):
         g = getattr(self.params, "grid", None)
         size = self.default_size
         grid = self.token_grid(model, size, size) if g is None else (g[0], g[1])
+        firsts = {path: first for _, first, path in self._runs(model)}
         return [
             SiteSpec(
                 path=f"{path}.attn" if stack.site == "joint" else path,
-                site=stack.kind,
-                group=path if per_block else stack.kind,
+                site=site_name(stack, self.params),
+                group=(firsts.get(path, path) if per_block else stack.kind),
                 grid=grid,
             )
             for stack, path in self._paths(model)
         ]
+
+    def _runs(self, model: nn.Module) -> list[tuple[Stack, str, str]]:
+        """``(stack, first block's path, block's path)`` of every block merged in a run (the
+        ``placement: run`` stacks)."""
+        out = []
+        for stack, chosen in zip(self.stacks, self.selected(model), strict=True):
+            if stack.placement and getattr(self.params, stack.placement) == "run":
+                for run in runs(chosen):
+                    out += [(stack, f"{stack.attr}.{run[0]}", f"{stack.attr}.{i}") for i in run]
+        return out
 
     def grids_for(self, model: nn.Module, height: int, width: int, **size: int) -> dict[str, tuple[int, ...]]:
         grid: tuple[int, ...] = self.token_grid(model, height, width)
@@ -197,13 +260,27 @@ class StackedTransformerAdapter(ModelAdapter):
             cache = caches.setdefault(group.name, KeyWeightsCache())
             return Site(ctx, runtime, group, SizeWeighting(attn, patches), cache, self.text_first)
 
+        in_run = {path: first for _, first, path in self._runs(model)}
+        last_of_run = {first: path for path, first in in_run.items()}  # ascending: the last wins
+        cells: dict[str, RunCell] = {}
         for place, (stack, path) in enumerate(paths):
             position = place / (len(paths) - 1) if len(paths) > 1 else 0.0
             block = model.get_submodule(path)
-            group = runtime.group(stack.kind, path, position)
+            first = in_run.get(path)
+            group = runtime.group(stack.kind, first or path, position)
             site = site_for(group, _child(block, "attn"))
-            if stack.site == "joint":
-                patches.wrap_forward(block.attn, wrap_joint_attn(site, self.rope, what))
+            if first is not None:  # merged once around the run (see .run)
+                cell = cells.setdefault(first, RunCell())
+                if path == first or path == last_of_run[first]:
+                    source = run_source(stack, block)
+                    enter = wrap_run_block(site, cell, path == first, path == last_of_run[first], source)
+                    patches.wrap_forward(block, enter)
+                patches.wrap_forward(_child(block, "attn"), wrap_run_attn(site, cell, self.rope, what))
+            elif stack.site == "joint":
+                image_ff = bool(stack.image_ff and getattr(self.params, stack.image_ff))
+                patches.wrap_forward(block.attn, wrap_joint_attn(site, self.rope, what, hand_on=image_ff))
+                if image_ff:
+                    patches.wrap_forward(_child(block, "ff"), wrap_image_ff(site))
                 extra = getattr(block, stack.extra_self, None) if stack.extra_self else None
                 if extra is not None:
                     patches.wrap_forward(extra, wrap_image_self_attn(site_for(group, extra), what))

@@ -50,7 +50,7 @@ class EvalSettings:
             prompts_file=Path(args.prompts),
             output=Path(args.output or DEFAULT_OUTPUT),
             prompt_template=args.prompt_template,
-            configs=list(args.configs),
+            configs=list(args.configs or DEFAULT_CONFIGS),
             ratios=None if args.ratios is None else list(args.ratios),
             seeds=seeds,
             steps=args.steps,
