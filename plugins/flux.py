@@ -34,9 +34,8 @@ from tokenreduce.archs import Architecture, Inputs, random_maker
 from tokenreduce.engine.runtime import Runtime
 from tokenreduce.engine.sites import JOINT_TEXT_FIRST, CallInfo, Stack, StackedTransformerAdapter
 from tokenreduce.engine.sites.call import Reorder
-from tokenreduce.engine.sites.stack import check_blocks, check_grid
+from tokenreduce.engine.sites.stack import DualStreamParams, check_blocks, check_grid
 from tokenreduce.hookspecs import hookimpl
-from tokenreduce.params import AdapterParams
 
 if TYPE_CHECKING:
     from diffusers import FluxTransformer2DModel
@@ -76,28 +75,8 @@ class FluxAdapter(StackedTransformerAdapter):
     # reads each rank's band from its ids (see tokenreduce.parallel).
     context_parallel = True
 
-    class Params(AdapterParams):
+    class Params(DualStreamParams):
         name: Literal["flux"] = "flux"
-        skip_double: int = Field(5, ge=0, description="The first N double-stream blocks are not merged.")
-        skip_single: int = Field(5, ge=0, description="The first N single-stream blocks are not merged.")
-        double: bool = Field(True, description="Merge in double-stream blocks at all.")
-        single: bool = Field(True, description="Merge in single-stream blocks at all.")
-        single_placement: Literal["block", "run"] = Field(
-            "block",
-            description=(
-                "'block': each merged single-stream block merges and unmerges itself, its residual full "
-                "length. 'run' (opt-in, approximate): merge once before each run of consecutive merged "
-                "single-stream blocks and unmerge the run's update after its last block; the residual "
-                "stream is carried merged through the run. Fewer kernels per block."
-            ),
-        )
-        double_ff: bool = Field(
-            False,
-            description=(
-                "Opt-in: the image stream's feed-forward of merged double-stream blocks runs on merged "
-                "tokens too (merge its normalised input, feed-forward, unmerge), besides the attention."
-            ),
-        )
         blocks: list[int] | None = Field(
             None,
             description=(

@@ -25,9 +25,8 @@ from torch import nn
 
 from tokenreduce.archs import Architecture, Inputs, random_maker
 from tokenreduce.engine.sites import JOINT_TEXT_FIRST, CallInfo, Stack, StackedTransformerAdapter
-from tokenreduce.engine.sites.stack import check_blocks, check_grid
+from tokenreduce.engine.sites.stack import DualStreamParams, check_blocks, check_grid
 from tokenreduce.hookspecs import hookimpl
-from tokenreduce.params import AdapterParams
 
 if TYPE_CHECKING:
     from diffusers import Flux2Transformer2DModel
@@ -64,28 +63,9 @@ class Flux2Adapter(StackedTransformerAdapter):
     )
     rope = JOINT_TEXT_FIRST
 
-    class Params(AdapterParams):
+    class Params(DualStreamParams):
         name: Literal["flux2"] = "flux2"
         skip_double: int = Field(2, ge=0, description="The first N double-stream blocks are not merged.")
-        skip_single: int = Field(5, ge=0, description="The first N single-stream blocks are not merged.")
-        double: bool = Field(True, description="Merge in double-stream blocks at all.")
-        single: bool = Field(True, description="Merge in single-stream blocks at all.")
-        single_placement: Literal["block", "run"] = Field(
-            "block",
-            description=(
-                "'block': each merged single-stream block merges and unmerges itself, its residual full "
-                "length. 'run' (opt-in, approximate): merge once before each run of consecutive merged "
-                "single-stream blocks and unmerge the run's update after its last block; the residual "
-                "stream is carried merged through the run. Fewer kernels per block."
-            ),
-        )
-        double_ff: bool = Field(
-            False,
-            description=(
-                "Opt-in: the image stream's feed-forward of merged double-stream blocks runs on merged "
-                "tokens too (merge its normalised input, feed-forward, unmerge), besides the attention."
-            ),
-        )
         blocks: list[int] | None = Field(
             None, description="Explicit blocks, as indices into [double blocks..., single blocks...]."
         )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from tokenreduce.config import instantiate
@@ -29,6 +30,7 @@ from tokenreduce.engine.sites.single_stream import (
 )
 from tokenreduce.interfaces import ModelAdapter, SiteSpec
 from tokenreduce.manager import get_registry
+from tokenreduce.params import AdapterParams
 
 if TYPE_CHECKING:
     from tokenreduce.config import ConfigBase
@@ -311,3 +313,29 @@ class StackedTransformerAdapter(ModelAdapter):
         grid = self.token_grid(model, height, width)
         if self._grids is not None:  # compiled calls cannot read ids: tell them this size's grid
             self._grids.by_tokens[grid[0] * grid[1]] = grid
+
+
+class DualStreamParams(AdapterParams):
+    """The parameters of an adapter whose model has double-stream (joint attention) blocks followed
+    by single-stream blocks; an adapter subclasses it with its ``name`` (and its own defaults)."""
+
+    skip_double: int = Field(5, ge=0, description="The first N double-stream blocks are not merged.")
+    skip_single: int = Field(5, ge=0, description="The first N single-stream blocks are not merged.")
+    double: bool = Field(True, description="Merge in double-stream blocks at all.")
+    single: bool = Field(True, description="Merge in single-stream blocks at all.")
+    single_placement: Literal["block", "run"] = Field(
+        "block",
+        description=(
+            "'block': each merged single-stream block merges and unmerges itself, its residual full "
+            "length. 'run' (opt-in, approximate): merge once before each run of consecutive merged "
+            "single-stream blocks and unmerge the run's update after its last block; the residual "
+            "stream is carried merged through the run. Fewer kernels per block."
+        ),
+    )
+    double_ff: bool = Field(
+        False,
+        description=(
+            "Opt-in: the image stream's feed-forward of merged double-stream blocks runs on merged "
+            "tokens too (merge its normalised input, feed-forward, unmerge), besides the attention."
+        ),
+    )
