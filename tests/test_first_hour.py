@@ -30,7 +30,10 @@ else:  # pragma: no cover
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = ("framework", "plugins", "toma_plugin", "baselines")
 #: Core dependencies imported only inside functions, and the core feature that needs them.
-LAZY_CORE = {"safetensors": "`tokenreduce demo` loads the shipped proxy weights"}
+LAZY_CORE = {
+    "safetensors": "`tokenreduce demo` loads the shipped proxy weights",
+    "diffusers": "every adapter reads the diffusers model it patches (imported when a model is touched)",
+}
 
 
 # --------------------------------------------------------------------------- registry commands
@@ -145,9 +148,11 @@ def _imports(paths: list[Path]) -> dict[str, bool]:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         lazy = {
             id(node)
-            for func in ast.walk(tree)
-            if isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef)
-            for node in ast.walk(func)
+            for scope in ast.walk(tree)
+            # inside a function, or under `if TYPE_CHECKING:` (never imported at run time)
+            if isinstance(scope, ast.FunctionDef | ast.AsyncFunctionDef)
+            or (isinstance(scope, ast.If) and "TYPE_CHECKING" in ast.unparse(scope.test))
+            for node in ast.walk(scope)
         }
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
