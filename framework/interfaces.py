@@ -56,6 +56,8 @@ class Partitioner(Component):
     """Token grid (``(H, W)``, ``(T, H, W)``, any rank) -> regions processed as one batch row each."""
 
     kind = "partitioner"
+    #: One region holding the whole grid in raster order (what grid-wide methods such as pooling need).
+    whole_grid: ClassVar[bool] = False
 
     @abstractmethod
     def partition(self, grid: tuple[int, ...]) -> Regions:

@@ -104,9 +104,11 @@ class DownsampleMerger(Merger):
                 f"ratio {config.ratio} does not match factor {factor}: ToDo removes 1 - 1/factor^2 = {expected:g} "
                 f"of the keys/values; set ratio: {expected:g} (or change the factor)"
             )
-        if config.partitioner.name != "global":
+        partitioner = config.partitioner.name
+        if not get_registry().get("partitioner", partitioner).whole_grid:
             problems.append(
-                f"it pools the whole token grid, so it needs partitioner 'global', not {config.partitioner.name!r}"
+                f"it pools the whole token grid, so it needs a partitioner that keeps the grid whole "
+                f"(one that declares whole_grid, e.g. 'global'), not {partitioner!r}"
             )
         adapter = get_registry().adapter_of(config)
         if adapter is not None and not adapter.kv_only_sites:

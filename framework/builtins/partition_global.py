@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -28,6 +28,7 @@ def whole_grid(grid: tuple[int, ...]) -> Regions:
 
 class GlobalPartitioner(Partitioner):
     name = "global"
+    whole_grid: ClassVar[bool] = True
 
     class Params(StrictParams):
         name: Literal["global"] = "global"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ import tokenreduce as tr
 from tokenreduce.baselines.todo import DownsampleMerger, downsample_tokens
 from tokenreduce.builtins import GlobalPartitioner
 from tokenreduce.config import ConfigError, load_config
+from tokenreduce.hookspecs import hookimpl
+from tokenreduce.params import StrictParams
 from tokenreduce.testing.contracts import make_runtime
 from tokenreduce.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet
 
@@ -129,3 +132,27 @@ def test_on_the_unet_queries_keep_their_length_and_kv_are_pooled(latent) -> None
         else:  # other levels untouched
             assert k.shape == q.shape and torch.equal(k, q)
     assert merged_blocks == 3
+
+
+class WholeGrid(GlobalPartitioner):
+    name = "test_whole_grid"
+
+    class Params(StrictParams):
+        name: Literal["test_whole_grid"] = "test_whole_grid"
+
+
+class WholeGridPlugin:
+    @hookimpl
+    def tokenreduce_register(self, registry) -> None:  # noqa: ANN001
+        registry.add(WholeGrid)
+
+
+def test_a_partitioner_that_declares_the_whole_grid_is_accepted_whatever_its_name() -> None:
+    """ToDo reads the partitioner's declared capability, not its name."""
+    tr.reset_manager()
+    tr.register_plugin(WholeGridPlugin(), name="todo-test-whole-grid")
+    try:
+        config = load_config({**BASE, "partitioner": {"name": "test_whole_grid"}})
+        assert config.partitioner.name == "test_whole_grid"
+    finally:
+        tr.reset_manager()
