@@ -70,6 +70,13 @@ class ConfigBase(BaseModel):
 
     ratio: float = Field(0.5, description="Fraction of image tokens removed per merged layer, in [0, 1).")
     seed: int = Field(0, description="Seed of the dedicated generator used by random selectors.")
+    features: Literal["float32", "model"] = Field(
+        "model",
+        description=(
+            "Precision of the token features selectors and mergers compare: 'float32' (a float32 copy of "
+            "the tokens), or 'model' (the model's dtype, with float32 norms and sums: no copy)."
+        ),
+    )
 
     if TYPE_CHECKING:  # the component fields the registry adds to each concrete config model
         adapter: AdapterParams

@@ -29,7 +29,10 @@ def soft_assignment(
     b, r, _, c = features.shape
     k = destinations.shape[1]
     dest_feats = features.gather(2, destinations.view(1, r, k, 1).expand(b, r, k, c))
-    logits = (features @ dest_feats.transpose(-1, -2)) / temperature
+    # Cosines in float32 before the division: at temperature 1e-3 a bfloat16 cosine's rounding
+    # (0.004 near 1) would be 4 logit units.
+    cosines = features @ dest_feats.transpose(-1, -2)
+    logits = cosines.to(torch.promote_types(cosines.dtype, torch.float32)) / temperature
     if layout.compact is not None:  # some slots are unreal (host-side fact of the layout: no device read)
         logits = logits.masked_fill(~layout.slot_valid.unsqueeze(1), float("-inf"))
     assign = torch.softmax(logits, dim=-1)

@@ -43,10 +43,11 @@ def greedy_picks(features: torch.Tensor, k: int, padding: torch.Tensor | None = 
         # padding clients have zero features, hence a constant column: no mask needed there.
         sim.masked_fill_(padding.unsqueeze(0).unsqueeze(-1), float("-inf"))
     covered = sim.new_full((1, 1, 1, slots), -1.0)  # m_i = -1 (the lowest cosine) before any pick
+    wide = torch.promote_types(sim.dtype, torch.float32)  # sums in at least float32
     picks: list[torch.Tensor] = []
     for step in range(k):
         m = torch.maximum(sim, covered)
-        idx = m.sum(dim=(0, 3)).argmax(dim=-1)  # (R,)
+        idx = m.sum(dim=(0, 3), dtype=wide).argmax(dim=-1)  # (R,)
         picks.append(idx)
         if step + 1 < k:
             covered = m.gather(2, idx.view(1, regions, 1, 1).expand(batch, regions, 1, slots))

@@ -40,6 +40,7 @@ NO_KERNEL = frozenset(
         "lift_fresh",
         "alias",
         "set_",
+        "promote_types",  # returns a dtype
     }
 )
 #: Module classes whose forward is one unit of attribution.

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -202,7 +203,12 @@ def _weighted_backend(fn: Callable[..., torch.Tensor], takes_scale: bool) -> Cal
 
 
 class _RegistryPatch:
-    """Wraps every function of diffusers' attention backend registry while any model needs it."""
+    """Wraps every function of diffusers' attention backend registry while any model needs it.
+
+    One user per patched model: ``undo`` (``handle.remove()``) releases it, and so does the garbage
+    collection of a patched model dropped without ``remove`` (the backends are pass-throughs outside
+    a weighted call, but the registry is given back once nobody needs it).
+    """
 
     users = 0
     originals: dict[Any, Callable[..., Any]] = {}
@@ -210,7 +216,6 @@ class _RegistryPatch:
     def __init__(self) -> None:
         from diffusers.models.attention_dispatch import _AttentionBackendRegistry as registry
 
-        self.registry = registry
         cls = type(self)
         if cls.users == 0:
             for name, fn in list(registry._backends.items()):
@@ -219,6 +224,7 @@ class _RegistryPatch:
                     takes_scale = "scale" in registry._supported_arg_names.get(name, ())
                     registry._backends[name] = _weighted_backend(fn, takes_scale)
         cls.users += 1
+        self._release = weakref.finalize(self, cls._release_one)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _RegistryPatch:
         # A deep-copied patched model is one more user: its removal must not unwrap the
@@ -226,14 +232,19 @@ class _RegistryPatch:
         return type(self)()
 
     def undo(self) -> None:
-        cls = type(self)
+        self._release()  # once: a later collection of this object releases nothing more
+
+    @classmethod
+    def _release_one(cls) -> None:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry as registry
+
         cls.users -= 1
         if cls.users:
             return
         for name, fn in cls.originals.items():
-            current = self.registry._backends.get(name)
+            current = registry._backends.get(name)
             if getattr(current, _MARK, None) is fn:  # leave a backend someone re-registered since
-                self.registry._backends[name] = fn
+                registry._backends[name] = fn
         cls.originals.clear()
 
 

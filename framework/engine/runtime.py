@@ -271,7 +271,7 @@ class Runtime:
             if source is not None and needs_features:  # the plan reads no tokens otherwise
                 x = source(x)
             layout = layout.to(x.device)
-            features = self.features(x, layout) if needs_features else None
+            features = self.features(x, layout, self.config.features) if needs_features else None
             if decision is Decision.SELECT or slot.destinations is None or slot.key != key:
                 ctx = SelectContext(layout=layout, generator=self.generator(x.device))
                 # features is None only when the merger needs no destinations (needs_features above)
@@ -286,11 +286,18 @@ class Runtime:
         return plan
 
     @staticmethod
-    def features(x: torch.Tensor, layout: Layout) -> torch.Tensor:
-        """``(B, R, S, C)`` float32 L2-normalised tokens; padding slots are zero."""
-        feats = F.normalize(layout.to_regions(x).float(), dim=-1)
+    def features(x: torch.Tensor, layout: Layout, precision: str = "float32") -> torch.Tensor:
+        """``(B, R, S, C)`` L2-normalised tokens (padding slots zero): float32, or with
+        ``precision="model"`` in ``x``'s dtype, normalised by float32 norms (no float32 copy)."""
+        regions = layout.to_regions(x)
+        if precision == "float32" or regions.dtype == torch.float32:
+            feats = F.normalize(regions.float(), dim=-1)
+        else:
+            wide = torch.promote_types(regions.dtype, torch.float32)
+            norms = torch.linalg.vector_norm(regions, dim=-1, keepdim=True, dtype=wide)
+            feats = regions / norms.clamp_min(1e-12).to(regions.dtype)
         if layout.regions.ragged:
-            feats = feats * layout.regions.valid.unsqueeze(-1).unsqueeze(0)
+            feats = feats * layout.regions.valid.unsqueeze(-1).unsqueeze(0).to(feats.dtype)
         return feats
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 from typing import Any
 
@@ -122,9 +123,11 @@ def test_flux_merging_identical_pairs_changes_nothing_with_size_weighting() -> N
             handle.remove()
     torch.testing.assert_close(outs[True], reference, rtol=1e-5, atol=1e-5)
     assert (outs[False] - reference).abs().max() > 1e-3
-    # Removing the last size-weighted model gives diffusers' backend registry back unchanged.
+    # Removing the last size-weighted model gives diffusers' backend registry back unchanged
+    # (models other tests patched and dropped without `remove` release it when collected).
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
+    gc.collect()
     assert not any(
         hasattr(fn, "_tokenreduce_size_weighted") for fn in _AttentionBackendRegistry._backends.values()
     )
@@ -299,3 +302,19 @@ def test_wan_site_library_weighs_self_attention_and_stays_exact_at_ratio_zero() 
             unmerged = model(**inputs).sample
     assert (outs[True] - outs[False]).abs().max() > 1e-5
     assert torch.equal(unmerged, reference)
+
+
+def test_a_size_weighted_model_dropped_without_remove_gives_the_backends_back() -> None:
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    gc.collect()
+    before = dict(_AttentionBackendRegistry._backends)
+    assert not any(hasattr(fn, "_tokenreduce_size_weighted") for fn in before.values())
+    model = tiny_flux_transformer()
+    tr.apply(model, pairs_config({"name": "flux", "grid": [4, 8], "skip_double": 0, "skip_single": 0}, True))
+    assert any(
+        hasattr(fn, "_tokenreduce_size_weighted") for fn in _AttentionBackendRegistry._backends.values()
+    )
+    del model
+    gc.collect()
+    assert _AttentionBackendRegistry._backends == before

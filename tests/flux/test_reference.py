@@ -41,7 +41,7 @@ def component_planner(cfg: dict, grid: tuple[int, int]):
 
     def plan(kind: str, index: int, tokens: torch.Tensor):
         layout = runtime.layout(grid)
-        features = Runtime.features(tokens, layout)
+        features = Runtime.features(tokens, layout, runtime.config.features)
         merger = runtime.merger
         dests = (
             runtime.selector.select(features, SelectContext(layout=layout))

@@ -1,0 +1,136 @@
+"""A paired comparison of two configurations on the proxies: same images, same seeds, per image.
+
+``python -m tokenreduce.quality.paired --base '{"features": "float32"}' --change '{"features": "model"}'
+--dtype bf16 -o OUT.json``
+
+For each proxy (default: the latent image proxies) and each schedule (the preset's, and merging at
+every step, which shows differences the preset's schedule hides), the unmodified proxy, its default
+ToMA preset with ``--base`` merged in (A) and with ``--change`` merged in (B) generate the demo's classes from the
+same seeds, one image per call. Per image: PSNR of A and of B against the unmodified image, and
+their difference (B - A). Reported: the means, the mean paired difference and its standard error,
+and PSNR between A and B (how far the change moves the images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenreduce.quality.proxy.models import LATENT_IMAGE_KINDS, spec
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SCHEDULES: dict[str, dict[str, Any] | None] = {"preset": None, "always": {"name": "always"}}
+
+
+def _images(pipe: Any, labels: list[int], seeds: list[int], steps: int) -> torch.Tensor:
+    return torch.cat([pipe([label], [seed], steps=steps) for label, seed in zip(labels, seeds, strict=True)])
+
+
+def compare(
+    kinds: Sequence[str],
+    change: dict[str, Any],
+    base_change: dict[str, Any] | None = None,
+    dtype: str = "fp32",
+    steps: int = 20,
+    num_seeds: int = 8,
+    device: str = "cpu",
+    log: Any = print,
+) -> list[dict[str, Any]]:
+    from tokenreduce.api import apply
+    from tokenreduce.demo import DEMO_CLASSES
+    from tokenreduce.quality import metrics
+    from tokenreduce.quality.fidelity import config_for
+    from tokenreduce.quality.proxy.models import load_proxy
+
+    rows = []
+    for kind in kinds:
+        pipe = load_proxy(kind, None, device, DTYPES[dtype])
+        labels = [pipe.class_names.index(DEMO_CLASSES[i % len(DEMO_CLASSES)]) for i in range(num_seeds)]
+        seeds = list(range(num_seeds))
+        base = _images(pipe, labels, seeds, steps)
+        preset = f"toma-{spec(kind).arch}"
+        for label, schedule in SCHEDULES.items():
+            scheduled = {} if schedule is None else {"schedule": schedule}
+            a = config_for(kind, preset, **scheduled, **(base_change or {}))
+            b = config_for(kind, preset, **scheduled, **change)
+            out = {}
+            for name, config in (("a", a), ("b", b)):
+                with apply(pipe, config):
+                    out[name] = _images(pipe, labels, seeds, steps)
+            psnr_a, psnr_b = metrics.psnr(out["a"], base), metrics.psnr(out["b"], base)
+            diff = (psnr_b - psnr_a).double()
+            row = {
+                "kind": kind,
+                "preset": preset,
+                "schedule": label,
+                "base": base_change or {},
+                "change": change,
+                "dtype": dtype,
+                "steps": steps,
+                "seeds": num_seeds,
+                "psnr_a": float(psnr_a.mean()),
+                "psnr_b": float(psnr_b.mean()),
+                "paired_difference_db": float(diff.mean()),
+                "paired_difference_sem_db": float(diff.std() / math.sqrt(len(diff)))
+                if len(diff) > 1
+                else 0.0,
+                "psnr_a_vs_b": float(metrics.psnr(out["b"], out["a"]).mean()),
+            }
+            rows.append(row)
+            log(
+                f"{kind} ({dtype}), {label}: A {row['psnr_a']:.2f} dB, B {row['psnr_b']:.2f} dB, "
+                f"B - A {row['paired_difference_db']:+.2f} +- {row['paired_difference_sem_db']:.2f} dB, "
+                f"A vs B {row['psnr_a_vs_b']:.1f} dB"
+            )
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument(
+        "--base", default="{}", help="JSON merged into each preset to make A (default: the preset)"
+    )
+    p.add_argument("--change", required=True, help="JSON merged into each preset to make B")
+    p.add_argument("--kinds", nargs="+", default=list(LATENT_IMAGE_KINDS))
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="the proxies' dtype (default fp32)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("-o", "--output", default=None, help="JSON file for the rows")
+    args = p.parse_args(argv)
+    rows = compare(
+        args.kinds,
+        json.loads(args.change),
+        json.loads(args.base),
+        args.dtype,
+        args.steps,
+        args.seeds,
+        args.device,
+    )
+    if args.output:
+        import datetime
+        import shlex
+        import sys
+
+        from tokenreduce.generate import environment
+
+        record = {
+            "command": "python -m tokenreduce.quality.paired "
+            + shlex.join(sys.argv[1:] if argv is None else argv),
+            "date": datetime.date.today().isoformat(),
+            "device": args.device,
+            "env": environment(),
+            "rows": rows,
+        }
+        Path(args.output).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
