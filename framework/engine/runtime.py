@@ -295,7 +295,8 @@ class Runtime:
         else:
             wide = torch.promote_types(regions.dtype, torch.float32)
             norms = torch.linalg.vector_norm(regions, dim=-1, keepdim=True, dtype=wide)
-            feats = regions / norms.clamp_min(1e-12).to(regions.dtype)
+            # clamped in the model's dtype: a float32 epsilon would round to 0 in float16 (0 / 0)
+            feats = regions / norms.to(regions.dtype).clamp_min(torch.finfo(regions.dtype).tiny)
         if layout.regions.ragged:
             feats = feats * layout.regions.valid.unsqueeze(-1).unsqueeze(0).to(feats.dtype)
         return feats
