@@ -30,8 +30,9 @@ def add_bench_parser(subparsers: Any, func: Callable[[argparse.Namespace], int])
         "--arch",
         nargs="+",
         choices=arch_names(),
-        default=defaults,
-        help=f"architectures registered by the adapter plugins (default: {' '.join(defaults)})",
+        default=None,
+        help=f"architectures registered by the adapter plugins (default: {' '.join(defaults)}; with --ops: "
+        "every family's architecture of record)",
     )
     p.add_argument(
         "--components",
@@ -134,7 +135,7 @@ def add_bench_parser(subparsers: Any, func: Callable[[argparse.Namespace], int])
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     return BenchSettings(
-        archs=list(args.arch),
+        archs=list(args.arch or bench_defaults()),
         modes=None if args.modes is None else list(args.modes),
         ratios=list(args.ratios),
         methods=list(args.methods),
@@ -160,7 +161,7 @@ def run_bench_command(args: argparse.Namespace, console: Console) -> int:
     if args.ops:
         from tokenreduce.bench.ops import run_ops
 
-        run_ops(list(args.arch), Path(args.output), console)
+        run_ops(args.arch, Path(args.output), console)
         return 0
     if args.components:
         from tokenreduce.bench.components import run_components
@@ -172,7 +173,7 @@ def run_bench_command(args: argparse.Namespace, console: Console) -> int:
 
         record = run_generation_bench(
             GenerationSettings(
-                archs=list(args.arch),
+                archs=list(args.arch or bench_defaults()),
                 steps=args.steps,
                 rounds=args.rounds,
                 warmup=args.warmup,

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tokenreduce import archs
 from tokenreduce.bench import models
 from tokenreduce.interfaces import Decision
 
@@ -43,25 +44,50 @@ NO_KERNEL = frozenset(
         "promote_types",  # returns a dtype
     }
 )
-#: Module classes whose forward is one unit of attribution.
+#: Module classes whose forward is one unit of attribution (the transformer blocks of the registered
+#: architectures; SDXL's transformer stack too).
 UNIT_CLASSES = (
     "FluxTransformerBlock",
     "FluxSingleTransformerBlock",
     "BasicTransformerBlock",
     "Transformer2DModel",
+    "JointTransformerBlock",
+    "Flux2TransformerBlock",
+    "Flux2SingleTransformerBlock",
+    "QwenImageTransformerBlock",
+    "WanTransformerBlock",
 )
 #: The unit holding a whole denoiser call (what a method adds outside the blocks shows only here).
 CALL = "call"
 STEP_KINDS = {Decision.SELECT: "select", Decision.WEIGHTS: "weights", Decision.REUSE: "reuse"}
-#: Real-scale shapes per architecture family (the issue of record: Flux.1-dev bf16 at 1024 px,
-#: 4096 image + 512 text tokens; SDXL-base fp16, batch 2 at 1024 px).
-REAL = {"flux": ("flux", "bf16"), "sdxl": ("sdxl", "fp16")}
-#: The same architectures with fewer repeated blocks (same widths, grids and placements): per-block
-#: counts are the same, the count is several times faster (the budget test uses these).
+#: Per family, its architecture of record (see :func:`of_record`) with fewer repeated blocks (same
+#: widths, grids and placements, at least two merged blocks per kind): per-block counts are the
+#: same, the count is several times faster (the budget test uses these).
 SHORT: dict[str, dict[str, Any]] = {
     "flux": {"num_layers": 7, "num_single_layers": 7},
     "sdxl": {"transformer_layers_per_block": [1, 2, 2]},
+    "sd3": {"num_layers": 7},
+    "flux2": {"num_layers": 4, "num_single_layers": 7},
+    "qwenimage": {"num_layers": 7},
+    "wan": {"num_layers": 3},
 }
+
+
+def families() -> list[str]:
+    """Every preset family with a registered architecture and a ToMA preset (the ideal needs its
+    placement)."""
+    from tokenreduce.bench.variants import toma_preset
+    from tokenreduce.manager import get_registry
+
+    presets = get_registry().presets
+    found = {a.family for a in archs.registered().values()}
+    return sorted(f for f in found if toma_preset(f) in presets)
+
+
+def of_record(family: str) -> str:
+    """The architecture counted for ``family`` by default: the first one its adapter registers (the
+    published configuration, at its pipeline's default size, batch and dtype)."""
+    return models.spec_of_family(family).name
 
 
 def is_kernel(func: Any) -> bool:
@@ -104,7 +130,7 @@ def attach_units(model: nn.Module, counter: KernelCounter) -> list[Any]:
 
 def unit_of(path: str, site: str) -> str:
     """The unit whose count a site's cost shows in."""
-    for suffix in (".attn1", ".attn2", ".ff", ".attn"):
+    for suffix in (".attn1", ".attn2", ".ffn", ".ff", ".attn"):
         if path.endswith(suffix):
             path = path[: -len(suffix)]
             break
@@ -113,10 +139,21 @@ def unit_of(path: str, site: str) -> str:
     return path
 
 
+def unit_sites(sites: Any) -> dict[str, str]:
+    """Unit -> the site name its count is reported under; several sites in one unit (e.g. attention
+    and feed-forward of one block) share its count, reported once as ``"a+b"``."""
+    grouped: dict[str, list[str]] = defaultdict(list)
+    for s in sites:
+        unit = unit_of(s.path, s.site)
+        if s.site not in grouped[unit]:
+            grouped[unit].append(s.site)
+    return {unit: "+".join(names) for unit, names in grouped.items()}
+
+
 def meta_inputs(arch: str, model: nn.Module, dtype: torch.dtype) -> models.DenoiserCall:
     """The benchmark's inputs, made on the CPU (small) and moved to the meta device."""
     s = models.spec(arch)
-    call = models.make_inputs(arch, model, s.batch, s.size, s.size, dtype, "cpu")
+    call = models.make_inputs(arch, model, s.batch, s.size, s.width or s.size, dtype, "cpu")
 
     def meta(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -182,7 +219,7 @@ def count_variant(
     try:
         runtime = handle.runtime
         runtime.clock.driver = "manual"
-        units = sorted({(unit_of(s.path, s.site), s.site) for s in handle.sites}) + [(CALL, CALL)]
+        units = sorted(unit_sites(handle.sites).items()) + [(CALL, CALL)]
         observed: dict[tuple[str, str], list[tuple[int, Counter]]] = defaultdict(list)
         # One call first: one-time set-up (layouts moved to the device, caches) is not per-step cost.
         count_call(model, call, runtime)
@@ -237,12 +274,13 @@ def variant_configs(family: str, meta: nn.Module) -> tuple[dict[str, dict[str, A
     return configs, skipped
 
 
-def count_family(family: str, only: list[str] | None = None, short: bool = False) -> dict[str, Any]:
-    """Op counts of every preset and the ideal on ``family``'s real architecture (``short``: with
-    fewer repeated blocks, see :data:`SHORT`)."""
-    from tokenreduce import archs
-
-    arch, dtype_name = REAL[family]
+def count_family(
+    family: str, only: list[str] | None = None, short: bool = False, arch: str | None = None
+) -> dict[str, Any]:
+    """Op counts of every preset and the ideal on ``arch`` (default: ``family``'s architecture of
+    record) in its dtype of record (``short``: with fewer repeated blocks, see :data:`SHORT`)."""
+    arch = arch or of_record(family)
+    dtype_name = models.spec(arch).dtype
     dtype = models.DTYPES[dtype_name]
     meta = archs.build(arch, overrides=SHORT[family]) if short else models.meta_model(arch)
     model = nn.Module.to(meta, dtype=dtype)
@@ -258,6 +296,8 @@ def count_family(family: str, only: list[str] | None = None, short: bool = False
         "dtype": dtype_name,
         "batch": s.batch,
         "size": s.size,
+        "width": s.width or s.size,
+        "frames": s.frames,
         "image_tokens": call.tokens,
         "short": short,
         "text_tokens": s.text_tokens,
@@ -279,18 +319,25 @@ def rows(record: dict[str, Any]) -> list[tuple[str, str, str, str, int, int]]:
     return out
 
 
-def run_ops(families: list[str], output: Path, console: Any, only: list[str] | None = None) -> dict[str, Any]:
-    """Count every family, print the table, write ``ops.json`` and ``ops.md`` under ``output``."""
+def run_ops(
+    arch_names: list[str] | None, output: Path, console: Any, only: list[str] | None = None
+) -> dict[str, Any]:
+    """Count each architecture (default: every family's architecture of record), print the table,
+    write ``ops.json`` and ``ops.md`` under ``output``."""
     import json
     import time
 
     from tokenreduce.bench.record import provenance
     from tokenreduce.generate import environment
 
-    unknown = sorted(set(families) - set(REAL))
-    if unknown:
+    counted = families()
+    if arch_names is None:
+        arch_names = [of_record(f) for f in counted]
+    unfit = sorted(a for a in arch_names if models.spec(a).family not in counted)
+    if unfit:
         raise ValueError(
-            f"--ops counts the real architectures only ({', '.join(REAL)}), not {', '.join(unknown)}"
+            f"--ops counts the architectures of families with a ToMA preset ({', '.join(counted)}), "
+            f"not {', '.join(unfit)}"
         )
     record: dict[str, Any] = {
         **provenance(),
@@ -299,10 +346,10 @@ def run_ops(families: list[str], output: Path, console: Any, only: list[str] | N
         "families": {},
         "durations_s": {},
     }
-    for family in families:
+    for arch in arch_names:
         start = time.perf_counter()
-        record["families"][family] = count_family(family, only)
-        record["durations_s"][family] = round(time.perf_counter() - start, 2)
+        record["families"][arch] = count_family(models.spec(arch).family, only, arch=arch)
+        record["durations_s"][arch] = round(time.perf_counter() - start, 2)
     output.mkdir(parents=True, exist_ok=True)
     (output / "ops.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     table = markdown(record)

@@ -8,12 +8,14 @@ hot-path change that adds kernels fails here before it reaches a GPU.
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from tokenreduce.bench import ops
+from tokenreduce.bench.variants import toma_preset
 from tokenreduce.config import load_config
 
 #: What size-weighted attention (on in the Flux presets) adds to a merged block: q and k widened
@@ -29,6 +31,11 @@ SIZE_WEIGHTING_CATS = 2
 #: unmerge, add: 3); the blocks in between add only what size weighting adds. The double blocks'
 #: image feed-forward on merged tokens adds one merge and one unmerge (2).
 RUN_PLAN_SOURCE, RUN_EXIT, FF_MERGE = 5, 3, 2
+
+#: The families whose adapters were not reworked for the kernel targets (tokens stay in raster order
+#: through the merged blocks, Flux.2's single blocks concatenate ``[text; merged]``) are pinned at
+#: what they measure, plus this much on steps that compute a plan (reuse steps: exact).
+PLAN_MARGIN = 5
 
 #: (site, step kind) -> most kernels a merged block may add over the unmodified one: ToMA's own
 #: budget (select 60, reuse 2 on Flux) plus size weighting where the preset turns it on.
@@ -65,11 +72,39 @@ BUDGETS = {
             ("block", "reuse"): 4,
         },
     },
+    # Measured on SD3.5-large, Flux.2-dev, Qwen-Image (bf16, 1024x1024) and Wan 2.1 1.3B (bf16,
+    # 81 frames at 480x832); every preset computes new plans at every step (no "weights" steps).
+    "sd3": {"toma-sd3": {("joint", "select"): 55 + PLAN_MARGIN, ("joint", "reuse"): 4}},
+    "flux2": {
+        "toma-flux2": {
+            ("double", "select"): 59 + PLAN_MARGIN,
+            ("double", "reuse"): 4,
+            ("single", "select"): 61 + PLAN_MARGIN,
+            ("single", "reuse"): 6,
+        },
+    },
+    "qwenimage": {"toma-qwenimage": {("joint", "select"): 56 + PLAN_MARGIN, ("joint", "reuse"): 4}},
+    # One Wan block holds three merged sites (self-attention, cross-attention, feed-forward).
+    "wan": {"toma-wan": {("attn1+attn2+ffn", "select"): 83 + PLAN_MARGIN, ("attn1+attn2+ffn", "reuse"): 21}},
 }
-TOMA = {"flux": "toma-flux", "sdxl": "toma-sdxl"}
+#: Gathers, scatters and concatenations a reuse step still makes per merged block where the
+#: tile-major token order and the fused single-block path are not implemented (raster <-> tile
+#: order around every merge and unmerge); the reworked families make none (size weighting's apart).
+UNFUSED_REUSE = {
+    "flux": {},
+    "sdxl": {},
+    "sd3": {"index_select": 2},
+    "flux2": {"index_select": 2, "cat": 2},
+    "qwenimage": {"index_select": 2},
+    "wan": {"index_select": 9, "index_copy": 3},
+}
 
 
-@pytest.fixture(scope="module", params=["flux", "sdxl"])
+def test_every_family_with_a_toma_preset_is_budgeted() -> None:
+    assert set(ops.families()) == set(BUDGETS) == set(UNFUSED_REUSE) == set(ops.SHORT)
+
+
+@pytest.fixture(scope="module", params=sorted(BUDGETS))
 def counted(request: pytest.FixtureRequest) -> tuple[str, dict]:
     family = request.param
     only = [*BUDGETS[family], "ideal"]
@@ -91,13 +126,16 @@ def test_presets_stay_within_their_kernel_budgets(counted: tuple[str, dict]) -> 
 @pytest.mark.slow
 def test_reuse_steps_gather_and_concatenate_nothing(counted: tuple[str, dict]) -> None:
     family, record = counted
+    unfused = UNFUSED_REUSE[family]
     for preset in BUDGETS[family]:
         for site, kinds in record["variants"][preset].items():
             if site != ops.CALL:
                 reuse = kinds["reuse"]["ops"]
-                assert not {"index_select", "gather"} & set(reuse), (preset, site)
+                for op in ("index_select", "gather", "index_copy", "scatter"):
+                    assert reuse.get(op, 0) <= unfused.get(op, 0), (preset, site, reuse)
                 weighted = load_config(preset).adapter.size_weighting
-                assert reuse.get("cat", 0) == (SIZE_WEIGHTING_CATS if weighted else 0), (preset, site)
+                cats = (SIZE_WEIGHTING_CATS if weighted else 0) + unfused.get("cat", 0)
+                assert reuse.get("cat", 0) <= cats, (preset, site, reuse)
 
 
 @pytest.mark.slow
@@ -120,7 +158,7 @@ def test_inside_a_merged_run_blocks_add_only_size_weighting() -> None:
 @pytest.mark.slow
 def test_the_ideal_is_no_dearer_than_the_method_reusing_its_plan(counted: tuple[str, dict]) -> None:
     family, record = counted
-    ideal, toma = record["variants"]["ideal"], record["variants"][TOMA[family]]
+    ideal, toma = record["variants"]["ideal"], record["variants"][toma_preset(family)]
     for site, kinds in toma.items():
         if site == ops.CALL:
             continue
@@ -142,3 +180,27 @@ def test_counter_counts_kernels_not_views() -> None:
 
 def test_added_is_the_difference_per_op() -> None:
     assert ops.added(Counter(bmm=3, cat=1), Counter(bmm=1, cat=1)) == Counter(bmm=2)
+
+
+@pytest.mark.filterwarnings("ignore:token grid .* is smaller")  # the toy video runs unmerged
+def test_the_command_counts_the_architectures_asked_for(tmp_path: Path) -> None:
+    """``--arch`` takes any architecture of a counted family (here the toy ones, fast on a CPU), at
+    its own height, width and frames."""
+    import json
+
+    from tokenreduce.cli import main
+
+    assert main(["bench", "--ops", "--arch", "tiny-sd3", "tiny-wan", "-o", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "ops.json").read_text(encoding="utf-8"))
+    assert list(record["families"]) == ["tiny-sd3", "tiny-wan"]
+    wan = record["families"]["tiny-wan"]
+    assert (wan["size"], wan["width"], wan["frames"]) == (112, 80, 9)
+    assert wan["image_tokens"] == 3 * 7 * 5  # 9 frames of 112x80 pixels, not 112x112
+    assert "attn1+attn2+ffn" in wan["variants"]["toma-wan"]
+    assert "| tiny-sd3 | toma-sd3 | joint | select |" in (tmp_path / "ops.md").read_text(encoding="utf-8")
+
+
+def test_architectures_without_a_toma_preset_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops, "families", lambda: ["flux"])
+    with pytest.raises(ValueError, match=r"families with a ToMA preset \(flux\), not sdxl"):
+        ops.run_ops(["sdxl"], Path("unused"), console=None)
