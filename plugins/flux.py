@@ -32,15 +32,13 @@ from torch import nn
 
 from tokenreduce.archs import Architecture, Inputs, random_maker
 from tokenreduce.engine.runtime import Runtime
-from tokenreduce.engine.sites import JOINT_TEXT_FIRST, CallInfo, Stack, StackedTransformerAdapter
+from tokenreduce.engine.sites import JOINT_TEXT_FIRST, CallInfo, StackedTransformerAdapter
 from tokenreduce.engine.sites.call import Reorder
-from tokenreduce.engine.sites.stack import DualStreamParams, check_blocks, check_grid
+from tokenreduce.engine.sites.stack import DualStreamParams, check_blocks, check_grid, dual_stream_stacks
 from tokenreduce.hookspecs import hookimpl
 
 if TYPE_CHECKING:
     from diffusers import FluxTransformer2DModel
-
-DOUBLE, SINGLE = "double", "single"
 
 
 class FluxAdapter(StackedTransformerAdapter):
@@ -50,26 +48,7 @@ class FluxAdapter(StackedTransformerAdapter):
     label = "Flux"
     default_preset = "toma-flux"
     timestep_scale = 1.0  # the pipeline passes t / 1000
-    stacks = (
-        Stack(
-            DOUBLE,
-            "transformer_blocks",
-            "joint",
-            skip="skip_double",
-            enable="double",
-            noun="double-stream",
-            image_ff="double_ff",
-        ),
-        Stack(
-            SINGLE,
-            "single_transformer_blocks",
-            "single_split",
-            skip="skip_single",
-            enable="single",
-            noun="single-stream",
-            placement="single_placement",
-        ),
-    )
+    stacks = dual_stream_stacks("single_split")
     rope = JOINT_TEXT_FIRST
     # Context parallelism splits hidden states and img_ids at the model's forward: the wrapper
     # reads each rank's band from its ids (see tokenreduce.parallel).

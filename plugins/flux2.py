@@ -24,14 +24,12 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from tokenreduce.archs import Architecture, Inputs, random_maker
-from tokenreduce.engine.sites import JOINT_TEXT_FIRST, CallInfo, Stack, StackedTransformerAdapter
-from tokenreduce.engine.sites.stack import DualStreamParams, check_blocks, check_grid
+from tokenreduce.engine.sites import JOINT_TEXT_FIRST, CallInfo, StackedTransformerAdapter
+from tokenreduce.engine.sites.stack import DualStreamParams, check_blocks, check_grid, dual_stream_stacks
 from tokenreduce.hookspecs import hookimpl
 
 if TYPE_CHECKING:
     from diffusers import Flux2Transformer2DModel
-
-DOUBLE, SINGLE = "double", "single"
 
 
 class Flux2Adapter(StackedTransformerAdapter):
@@ -41,26 +39,7 @@ class Flux2Adapter(StackedTransformerAdapter):
     label = "Flux.2"
     default_preset = "toma-flux2"
     timestep_scale = 1.0  # the pipeline passes t / 1000
-    stacks = (
-        Stack(
-            DOUBLE,
-            "transformer_blocks",
-            "joint",
-            skip="skip_double",
-            enable="double",
-            noun="double-stream",
-            image_ff="double_ff",
-        ),
-        Stack(
-            SINGLE,
-            "single_transformer_blocks",
-            "single_fused",
-            skip="skip_single",
-            enable="single",
-            noun="single-stream",
-            placement="single_placement",
-        ),
-    )
+    stacks = dual_stream_stacks("single_fused")
     rope = JOINT_TEXT_FIRST
 
     class Params(DualStreamParams):

@@ -339,3 +339,29 @@ class DualStreamParams(AdapterParams):
             "tokens too (merge its normalised input, feed-forward, unmerge), besides the attention."
         ),
     )
+
+
+def dual_stream_stacks(single_site: str) -> tuple[Stack, Stack]:
+    """The stacks of a model with double-stream blocks (``transformer_blocks``: joint attention)
+    followed by single-stream blocks (``single_transformer_blocks``, site kind ``single_site``),
+    switched by the fields of :class:`DualStreamParams`; the block kinds are "double" and "single"."""
+    return (
+        Stack(
+            "double",
+            "transformer_blocks",
+            "joint",
+            skip="skip_double",
+            enable="double",
+            noun="double-stream",
+            image_ff="double_ff",
+        ),
+        Stack(
+            "single",
+            "single_transformer_blocks",
+            single_site,
+            skip="skip_single",
+            enable="single",
+            noun="single-stream",
+            placement="single_placement",
+        ),
+    )
