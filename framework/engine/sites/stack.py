@@ -341,7 +341,7 @@ class DualStreamParams(AdapterParams):
     )
 
 
-def dual_stream_stacks(single_site: str) -> tuple[Stack, Stack]:
+def dual_stream_stacks(single_site: Literal["single_split", "single_fused"]) -> tuple[Stack, Stack]:
     """The stacks of a model with double-stream blocks (``transformer_blocks``: joint attention)
     followed by single-stream blocks (``single_transformer_blocks``, site kind ``single_site``),
     switched by the fields of :class:`DualStreamParams`; the block kinds are "double" and "single"."""
