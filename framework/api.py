@@ -228,7 +228,11 @@ def prepare(
 def reset_cache_hooks(model: nn.Module) -> None:
     """Reset the state of diffusers' stateful hooks (Pyramid Attention Broadcast, FirstBlockCache,
     FasterCache, ...) on ``model``: a step that merges after one that did not (or the reverse), or
-    that selects new destinations, must not be served an output cached for other tokens."""
+    that selects new destinations, must not be served an output cached for other tokens.
+
+    Not while ``torch.compile`` traces a step: the hooks' state lives outside the graph."""
+    if torch.compiler.is_compiling():
+        return
     for module in model.modules():
         registry = module.__dict__.get("_diffusers_hook")
         if registry is not None:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -205,9 +204,10 @@ def _weighted_backend(fn: Callable[..., torch.Tensor], takes_scale: bool) -> Cal
 class _RegistryPatch:
     """Wraps every function of diffusers' attention backend registry while any model needs it.
 
-    One user per patched model: ``undo`` (``handle.remove()``) releases it, and so does the garbage
-    collection of a patched model dropped without ``remove`` (the backends are pass-throughs outside
-    a weighted call, but the registry is given back once nobody needs it).
+    One user per patched model, released by ``undo`` (``handle.remove()``). A patched model dropped
+    without ``remove`` keeps its user: its wrappers stay as pass-throughs outside weighted calls.
+    (Releasing on garbage collection would swap the registry's functions at an arbitrary moment,
+    possibly while ``torch.compile`` traces another model through them.)
     """
 
     users = 0
@@ -216,6 +216,7 @@ class _RegistryPatch:
     def __init__(self) -> None:
         from diffusers.models.attention_dispatch import _AttentionBackendRegistry as registry
 
+        self.registry = registry
         cls = type(self)
         if cls.users == 0:
             for name, fn in list(registry._backends.items()):
@@ -224,7 +225,6 @@ class _RegistryPatch:
                     takes_scale = "scale" in registry._supported_arg_names.get(name, ())
                     registry._backends[name] = _weighted_backend(fn, takes_scale)
         cls.users += 1
-        self._release = weakref.finalize(self, cls._release_one)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _RegistryPatch:
         # A deep-copied patched model is one more user: its removal must not unwrap the
@@ -232,19 +232,14 @@ class _RegistryPatch:
         return type(self)()
 
     def undo(self) -> None:
-        self._release()  # once: a later collection of this object releases nothing more
-
-    @classmethod
-    def _release_one(cls) -> None:
-        from diffusers.models.attention_dispatch import _AttentionBackendRegistry as registry
-
+        cls = type(self)
         cls.users -= 1
         if cls.users:
             return
         for name, fn in cls.originals.items():
-            current = registry._backends.get(name)
+            current = self.registry._backends.get(name)
             if getattr(current, _MARK, None) is fn:  # leave a backend someone re-registered since
-                registry._backends[name] = fn
+                self.registry._backends[name] = fn
         cls.originals.clear()
 
 
