@@ -162,7 +162,7 @@ def tokenreduce_register(registry: Any) -> None:
         "toma-flux2",
         "tokenreduce.toma_plugin.presets",
         "toma-flux2.yaml",
-        "ToMA on Flux.2: r=0.5 after the first 2 double and 5 single blocks, facility location on 4x4 tiles",
+        "ToMA on Flux.2: r=0.5 after the first 2 double and 5 single blocks, second half of the steps",
     )
     registry.add_architecture(
         Architecture(

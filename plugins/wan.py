@@ -328,5 +328,5 @@ def tokenreduce_register(registry: Any) -> None:
         "tokenreduce.toma_plugin.presets",
         "toma-wan.yaml",
         "ToMA on Wan video (untuned port of ToMA's image settings): r=0.5, facility location on 4x4 tiles "
-        "within a frame, attention merge, new plans every step",
+        "within a frame, attention merge, second half of the steps",
     )
