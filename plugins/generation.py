@@ -148,6 +148,18 @@ def _guided(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Ten
     return uncond + scale * (cond - uncond)
 
 
+class HiddenStatesRecipe(GenerationRecipe):
+    """A transformer pipeline: the starting noise has the shape of the denoiser's ``hidden_states``
+    (one sample), and the scheduler's timesteps are set with its defaults."""
+
+    def set_timesteps(self, scheduler: Any, steps: int, latents: torch.Tensor, device: Any) -> torch.Tensor:
+        scheduler.set_timesteps(steps, device=device)
+        return latents
+
+    def initial_latents(self, call: DenoiserCall, generator: torch.Generator) -> torch.Tensor:
+        return _noise_like(call.kwargs["hidden_states"], generator)
+
+
 class SdxlRecipe(GenerationRecipe):
     """StableDiffusionXLPipeline: Euler, guidance in one batch of 2 (uncond, cond), epsilon."""
 
@@ -198,7 +210,7 @@ def _flux_shift(seq_len: int, config: Any) -> float:
     return seq_len * slope + lo - slope * base
 
 
-class FluxRecipe(GenerationRecipe):
+class FluxRecipe(HiddenStatesRecipe):
     """FluxPipeline (FLUX.1-dev): FlowMatchEuler with dynamic shift, guidance embedded (one pass)."""
 
     guidance_passes = 1
@@ -213,9 +225,6 @@ class FluxRecipe(GenerationRecipe):
         mu = _flux_shift(latents.shape[1], scheduler.config)
         scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
         return latents
-
-    def initial_latents(self, call: DenoiserCall, generator: torch.Generator) -> torch.Tensor:
-        return _noise_like(call.kwargs["hidden_states"], generator)
 
     def predict(
         self,
@@ -244,7 +253,7 @@ class FluxRecipe(GenerationRecipe):
         return vae.decode(x.to(next(vae.parameters()).dtype), return_dict=False)[0]
 
 
-class WanRecipe(GenerationRecipe):
+class WanRecipe(HiddenStatesRecipe):
     """WanPipeline: UniPC on flow sigmas (the published scheduler), conditional and unconditional
     passes apart (two denoiser calls per step, each in its cache context)."""
 
@@ -255,13 +264,6 @@ class WanRecipe(GenerationRecipe):
 
         shift = 5.0 if min(height, width) >= 720 else 3.0
         return UniPCMultistepScheduler.from_config({**WAN_SCHEDULER, "flow_shift": shift})
-
-    def set_timesteps(self, scheduler: Any, steps: int, latents: torch.Tensor, device: Any) -> torch.Tensor:
-        scheduler.set_timesteps(steps, device=device)
-        return latents
-
-    def initial_latents(self, call: DenoiserCall, generator: torch.Generator) -> torch.Tensor:
-        return _noise_like(call.kwargs["hidden_states"], generator)
 
     def predict(
         self,
@@ -297,20 +299,13 @@ class WanRecipe(GenerationRecipe):
         return vae.decode(x, return_dict=False)[0]
 
 
-class Sd3Recipe(SdxlRecipe):
+class Sd3Recipe(HiddenStatesRecipe, SdxlRecipe):
     """StableDiffusion3Pipeline: flow-match Euler (fixed shift), guidance in one batch of 2."""
 
     def scheduler(self, arch: str, height: int, width: int) -> Any:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         return FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER)
-
-    def set_timesteps(self, scheduler: Any, steps: int, latents: torch.Tensor, device: Any) -> torch.Tensor:
-        scheduler.set_timesteps(steps, device=device)
-        return latents
-
-    def initial_latents(self, call: DenoiserCall, generator: torch.Generator) -> torch.Tensor:
-        return _noise_like(call.kwargs["hidden_states"], generator)
 
     def predict(
         self,
