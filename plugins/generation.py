@@ -326,7 +326,7 @@ class Sd3Recipe(HiddenStatesRecipe, SdxlRecipe):
         return _guided(uncond, cond, GUIDANCE["sd3"])
 
     def vae(self, arch: str) -> nn.Module | None:
-        return _kl(SD3_VAE, arch, latent_channels=16)
+        return _kl(SD3_VAE, arch, latent_channels=4 if _tiny(arch) else 16)  # the tiny model: 4
 
     def decode(self, vae: AutoencoderKL, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = latents / vae.config.scaling_factor + vae.config.shift_factor

@@ -126,3 +126,13 @@ def test_methods_choose_the_variants_and_unmodified_stays() -> None:
     assert [v.method for v in every.variants] == ["unmodified", "toma", "ideal"]
     assert [v.name for v in generation.only_methods(every, ["toma"]).variants] == ["unmodified", "toma-wan"]
     assert [v.name for v in generation.only_methods(every, []).variants] == ["unmodified"]
+
+
+def test_generation_of_the_other_tiny_transformers_runs_every_variant(tmp_path) -> None:
+    archs = ["tiny-sd3", "tiny-flux2", "tiny-qwenimage"]
+    args = ["bench", "--generation", "--arch", *archs, "--device", "cpu", "--steps", "2"]
+    assert main([*args, "--rounds", "1", "--warmup", "0", "-o", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["arch"] for r in record["runs"]] == archs
+    for run in record["runs"]:
+        assert all(v["error"] is None and v["speedup"] > 0 for v in run["variants"]), run["arch"]
