@@ -56,7 +56,7 @@ class Variant:
         return f"{self.kind}/{self.label}"
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``update`` merged in; a component named differently replaces the base's whole
     entry (its parameters belong to the other component)."""
     out = copy.deepcopy(base)
@@ -67,7 +67,7 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
             and isinstance(old, dict)
             and value.get("name", old.get("name")) == old.get("name")
         ):
-            out[key] = _merge(old, value)
+            out[key] = merged(old, value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -77,8 +77,8 @@ def config_for(kind: str, preset: str, **update: Any) -> dict[str, Any]:
     """A preset as a mapping with nested ``update``s; Flux presets get the proxies' skipped blocks."""
     data = load_config(preset).model_dump(mode="json")
     if spec(kind).arch == "flux":
-        data = _merge(data, {"adapter": FLUX_PROXY_ADAPTER})
-    return _merge(data, update)
+        data = merged(data, {"adapter": FLUX_PROXY_ADAPTER})
+    return merged(data, update)
 
 
 def method_variants(kind: str, ratios: Sequence[float] = RATIOS) -> list[Variant]:

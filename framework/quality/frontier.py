@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from tokenreduce.quality.fidelity import config_for
-from tokenreduce.quality.proxy.models import LATENT_IMAGE_KINDS, spec
+from tokenreduce.quality.fidelity import config_for, merged
+from tokenreduce.quality.proxy.models import LATENT_KINDS, spec
 from tokenreduce.quality.speed import schedule_speedup
 
 RATIOS = (0.25, 0.5, 0.75)
@@ -40,12 +40,23 @@ SCHEDULES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("always", {"name": "always"}),
     ("every 2/0", {"name": "every", "k": 2, "offset": 0}),
     ("every 2/1", {"name": "every", "k": 2, "offset": 1}),
+    ("every 3/0", {"name": "every", "k": 3, "offset": 0}),  # the authors' release
     ("every 3/2", {"name": "every", "k": 3, "offset": 2}),
     ("every 4/3", {"name": "every", "k": 4, "offset": 3}),
     ("second half", {"name": "window", "start": 0.5, "stop": 1.0}),
 )
 #: Methods compared with ToMA at equal end-to-end speed.
-BASELINES = ("random", "tomesd", "tofu")
+BASELINES = ("random", "grid", "tomesd", "tofu")
+#: Grid destinations: the stride whose one corner per cell keeps ``1 - ratio`` of the tokens.
+GRID_STRIDES = {0.5: [1, 2], 0.75: [2, 2]}
+#: The real architecture whose per-step speed each proxy architecture's rows take.
+BENCH_ARCHS = {"flux": "flux", "sdxl": "sdxl", "wan": "wan-1.3b"}
+#: Skipped blocks, ``(proxy, real)``: the proxies are shallower (Flux-shaped 4 + 8 blocks against
+#: Flux-dev's 19 + 38; Wan-shaped 8 against Wan 2.1 1.3B's 30), so a proxy skipping the first
+#: ``proxy`` blocks of each kind is timed as the real model skipping about the same fraction.
+SKIPS = {"flux": ((0, 0), (2, 10)), "wan": ((2, 8), (4, 15))}
+#: Tile sizes tried beside each preset's (one per side).
+TILES = {"flux": (2, 8), "sdxl": (4,), "wan": (2, 8)}
 
 
 @dataclass(frozen=True)
@@ -53,10 +64,10 @@ class Point:
     """One configuration on one proxy, and the bench variant whose per-step speed it has."""
 
     kind: str
-    method: str  # toma, random, tomesd, tofu, todo; "preset" rows are the shipped presets
+    method: str  # toma, random, grid, tomesd, tofu, todo, toma-knob; "preset": the shipped presets
     label: str
     config: dict[str, Any] = field(hash=False)
-    speed_name: str | None  # bench variant name; None: fidelity only (no matching bench variant)
+    speed_name: str  # the bench variant with the same per-step speed
 
 
 def bench_config_name(arch: str, what: str, ratio: float) -> str:
@@ -67,12 +78,42 @@ def _weighting(config: dict[str, Any]) -> bool:
     return bool(config["adapter"].get("size_weighting", False))
 
 
+def knobs(arch: str) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
+    """ToMA's placement and tile knobs, one at a time: ``(label, bench name part, proxy update,
+    real-model update)``. Each is tried at both presets' ratios (with their schedules)."""
+    out: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
+    if arch == "flux":
+        for proxy, real in SKIPS["flux"]:
+            out.append(
+                (
+                    f"skip {proxy}+{proxy}",
+                    f"skip{real}",
+                    {"adapter": {"skip_double": proxy, "skip_single": proxy}},
+                    {"adapter": {"skip_double": real, "skip_single": real}},
+                )
+            )
+    elif arch == "wan":
+        for proxy, real in SKIPS["wan"]:
+            out.append(
+                (f"skip {proxy}", f"skip{real}", {"adapter": {"skip": proxy}}, {"adapter": {"skip": real}})
+            )
+    else:  # SDXL: merge only at the highest-resolution attention level
+        levels = {"adapter": {"levels": [0]}}
+        out.append(("level 0 only", "level0", levels, levels))
+    for size in TILES[arch]:
+        tile = {"partitioner": {"size": [size, size]}}
+        out.append((f"tile {size}", f"tile{size}", tile, tile))
+    return out
+
+
 def points(kind: str, ratios: Sequence[float] = RATIOS) -> list[Point]:
     arch = spec(kind).arch
     toma = f"toma-{arch}"
     preset_weighting = _weighting(config_for(kind, toma))
+    has = {method: f"{method}-{arch}" in _registered() for method in ("tomesd", "tofu", "todo")}
     out: list[Point] = []
-    for preset in (toma, f"{toma}-fast"):
+    presets = [toma, f"{toma}-fast"] if f"{toma}-fast" in _registered() else [toma]
+    for preset in presets:
         config = config_for(kind, preset)
         out.append(Point(kind, "preset", preset, config, f"toma@{config['ratio']:g}"))
     for ratio in ratios:
@@ -89,51 +130,70 @@ def points(kind: str, ratios: Sequence[float] = RATIOS) -> list[Point]:
                 tag = "sw" if weighted else "no sw"
                 out.append(Point(kind, "toma", f"toma@{ratio:g} {label} {tag}", config, speed))
             config = config_for(kind, toma, ratio=ratio, schedule=schedule, selector={"name": "random"})
-            out.append(
-                Point(
-                    kind,
-                    "random",
-                    f"random@{ratio:g} {label}",
-                    config,
-                    bench_config_name(arch, "random", ratio),
-                )
-            )
+            speed = bench_config_name(arch, "random", ratio)
+            out.append(Point(kind, "random", f"random@{ratio:g} {label}", config, speed))
+            if ratio in GRID_STRIDES:
+                grid = {"name": "grid", "stride": GRID_STRIDES[ratio]}
+                config = config_for(kind, toma, ratio=ratio, schedule=schedule, selector=grid)
+                speed = bench_config_name(arch, "grid", ratio)
+                out.append(Point(kind, "grid", f"grid@{ratio:g} {label}", config, speed))
             for method in ("tomesd", "tofu"):
-                config = config_for(kind, f"{method}-{arch}", ratio=ratio, schedule=schedule)
-                out.append(Point(kind, method, f"{method}@{ratio:g} {label}", config, f"{method}@{ratio:g}"))
-    if arch == "sdxl":
+                if has[method]:
+                    config = config_for(kind, f"{method}-{arch}", ratio=ratio, schedule=schedule)
+                    out.append(
+                        Point(kind, method, f"{method}@{ratio:g} {label}", config, f"{method}@{ratio:g}")
+                    )
+    if has["todo"]:
         for label, schedule in SCHEDULES:
-            config = config_for(kind, "todo-sdxl", schedule=schedule)
+            config = config_for(kind, f"todo-{arch}", schedule=schedule)
             out.append(Point(kind, "todo", f"todo@0.75 {label}", config, "todo@0.75"))
-    # Knobs at the preset, fidelity only: the bench has no variant with the same per-step speed.
-    base = config_for(kind, toma)
-    for size in (2, 8) if arch == "flux" else (4,):
-        if [size, size] != base["partitioner"]["size"]:
-            config = config_for(kind, toma, partitioner={"size": [size, size]})
-            out.append(Point(kind, "toma-knob", f"preset, tile {size}", config, None))
+    for preset in presets:
+        base = config_for(kind, preset)
+        for label, name, proxy, _ in knobs(arch):
+            config = merged(base, proxy)
+            if config == base:
+                continue  # the preset's own value
+            speed = bench_config_name(arch, name, base["ratio"])
+            out.append(Point(kind, "toma-knob", f"{preset}, {label}", config, speed))
     return out
 
 
+def _registered() -> Any:
+    from tokenreduce.manager import get_registry
+
+    return get_registry().presets
+
+
 def bench_configs(arch: str, ratios: Sequence[float] = RATIOS) -> dict[str, dict[str, Any]]:
-    """Config files for ``tokenreduce bench --configs``: the per-step speeds the points need that
-    the bench's own variants lack (size weighting flipped from the preset, random destinations)."""
+    """Config files for ``tokenreduce bench --configs``, keyed by variant name: the per-step speeds
+    the points need that the bench's own variants lack (size weighting flipped from the preset,
+    random and grid destinations, the knobs), on the real architecture."""
     from tokenreduce.config import load_config
 
-    base = load_config(f"toma-{arch}").model_dump(mode="json")
-    flipped = not base["adapter"].get("size_weighting", False)
+    def full(source: Any, **update: Any) -> dict[str, Any]:
+        return load_config(merged(load_config(source).model_dump(mode="json"), update)).model_dump(
+            mode="json"
+        )
+
+    toma = f"toma-{arch}"
+    flipped = not load_config(toma).adapter.size_weighting
     out = {}
     for ratio in ratios:
         what = "weighted" if flipped else "unweighted"
-        out[bench_config_name(arch, what, ratio)] = {
-            **base,
-            "ratio": ratio,
-            "adapter": {**base["adapter"], "size_weighting": flipped},
-        }
-        out[bench_config_name(arch, "random", ratio)] = {
-            **base,
-            "ratio": ratio,
-            "selector": {"name": "random"},
-        }
+        out[bench_config_name(arch, what, ratio)] = full(
+            toma, ratio=ratio, adapter={"size_weighting": flipped}
+        )
+        out[bench_config_name(arch, "random", ratio)] = full(toma, ratio=ratio, selector={"name": "random"})
+        if ratio in GRID_STRIDES:
+            grid = {"name": "grid", "stride": GRID_STRIDES[ratio]}
+            out[bench_config_name(arch, "grid", ratio)] = full(toma, ratio=ratio, selector=grid)
+    for preset in (toma, f"{toma}-fast"):
+        if preset not in _registered():
+            continue
+        base = load_config(preset).model_dump(mode="json")
+        for _, name, _, real in knobs(arch):
+            if merged(base, real) != base:
+                out[bench_config_name(arch, name, base["ratio"])] = full(preset, **real)
     return out
 
 
@@ -144,6 +204,14 @@ def _generate(pipe: Any, labels: Sequence[int], seeds: Sequence[int], steps: int
     return torch.cat([pipe([lab], [s], steps=steps) for lab, s in zip(labels, seeds, strict=True)]).cpu()
 
 
+def _done(output: Path, steps: int, num_seeds: int) -> set[tuple[str, str]]:
+    """(kind, label) of the rows ``output`` already has at these steps and seeds."""
+    if not output.exists():
+        return set()
+    rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {(r["kind"], r["label"]) for r in rows if r["steps"] == steps and r["seeds"] == num_seeds}
+
+
 def run(
     kinds: Sequence[str],
     output: Path,
@@ -152,34 +220,39 @@ def run(
     device: str | None = None,
     weights: Path | None = None,
     only: Sequence[str] | None = None,
+    shard: tuple[int, int] = (0, 1),
     log: Any = print,
 ) -> Iterator[dict[str, Any]]:
-    """Score every point of ``kinds`` (``only``: these methods), appending a JSON line per row to ``output``."""
+    """Score every point of ``kinds`` (``only``: these methods), appending a JSON line per row to
+    ``output``; points it already holds at the same steps and seeds are skipped, so a stopped run
+    resumes. ``shard=(i, n)``: only every n-th point from the i-th, so n processes share a sweep."""
     from tokenreduce.api import apply
     from tokenreduce.demo import DEMO_CLASSES
     from tokenreduce.quality import metrics
     from tokenreduce.quality.proxy.features import load_features
     from tokenreduce.quality.proxy.models import load_proxy
 
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: the index must be in [0, {count})")
+    todo = [p for kind in kinds for p in points(kind) if not only or p.method in only][index::count]
+    done = _done(output, steps, num_seeds)
+    todo = [p for p in todo if (p.kind, p.label) not in done]  # resumes a stopped run
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    where = f"{dev} ({torch.cuda.get_device_name(dev)})" if str(dev).startswith("cuda") else str(dev)
     features = load_features(weights, dev)
     output.parent.mkdir(parents=True, exist_ok=True)
-    for kind in kinds:
+    seeds = list(range(num_seeds))
+    for kind in dict.fromkeys(p.kind for p in todo):
         pipe = load_proxy(kind, weights, dev)
-        names = [DEMO_CLASSES[i % len(DEMO_CLASSES)] for i in range(num_seeds)]
-        labels = [pipe.class_names.index(n) for n in names]
-        seeds = list(range(num_seeds))
+        labels = [pipe.class_names.index(DEMO_CLASSES[i % len(DEMO_CLASSES)]) for i in seeds]
         base = _generate(pipe, labels, seeds, steps)
-        base_embeddings = metrics.embed(features, base)
-        for point in points(kind):
-            if only and point.method not in only:
-                continue
+        base_embeddings = metrics.embed(features, base.flatten(0, 1) if base.ndim == 5 else base)
+        for point in (p for p in todo if p.kind == kind):
             start = time.perf_counter()
             with apply(pipe, point.config):
                 images = _generate(pipe, labels, seeds, steps)
-            similarity = torch.nn.functional.cosine_similarity(
-                metrics.embed(features, images), base_embeddings, dim=-1
-            )
+            scores = metrics.same_seed(features, images, base, base_embeddings)
             row = {
                 "kind": kind,
                 "method": point.method,
@@ -189,10 +262,11 @@ def run(
                 "steps": steps,
                 "seeds": num_seeds,
                 "batch": 1,
-                "device": str(dev),
-                "psnr": float(metrics.psnr(images, base).mean()),
-                "ssim": float(metrics.ssim(images, base).mean()),
-                "feature_similarity": float(similarity.mean()),
+                "device": where,
+                **{name: float(values.mean()) for name, values in scores.items()},
+                # Per image, in seed order: paired differences between rows need them.
+                "psnr_per_image": [round(float(x), 4) for x in scores["psnr"]],
+                "feature_similarity_per_image": [round(float(x), 6) for x in scores["feature_similarity"]],
                 "seconds": round(time.perf_counter() - start, 2),
             }
             with output.open("a", encoding="utf-8") as f:
@@ -218,7 +292,8 @@ def bench_speeds(bench: dict[str, Any], mode: str) -> dict[tuple[str, str], floa
 def with_speed(rows: list[dict[str, Any]], speeds: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
     out = []
     for row in rows:
-        step = speeds.get((spec(row["kind"]).arch, row["speed_name"])) if row["speed_name"] else None
+        arch = BENCH_ARCHS[spec(row["kind"]).arch]
+        step = speeds.get((arch, row["speed_name"])) if row["speed_name"] else None
         speed = None if step is None else schedule_speedup(row["config"], step, row["steps"])
         out.append(row | {"step_speedup": step, "speedup": speed})
     return out
@@ -255,7 +330,7 @@ def checks(rows: list[dict[str, Any]], metric: str = "psnr", slack: float = 0.00
     (per-step speeds are measured once; their noise is about that size).
     """
     lines = []
-    digits = 2 if metric == "psnr" else 4
+    digits = 2 if metric == "psnr" else 5
     for kind in sorted({r["kind"] for r in rows}):
         mine = [r for r in rows if r["kind"] == kind]
         for preset in (r for r in mine if r["method"] == "preset" and r["speedup"] is not None):
@@ -275,7 +350,17 @@ def checks(rows: list[dict[str, Any]], metric: str = "psnr", slack: float = 0.00
             lines.append(
                 f"{kind} {preset['label']} ({preset['speedup']:.3f}x, {preset[metric]:.{digits}f}): {verdict}"
             )
-        for method in ("random", "tomesd", "tofu", "todo"):
+        for preset in (r for r in mine if r["method"] == "preset" and r["speedup"] is not None):
+            for method in ("random", "grid", "tomesd", "tofu", "todo"):
+                rival = best_at_least(mine, method, preset["speedup"] * (1 - slack), metric)
+                if rival is not None:
+                    verdict = "better" if preset[metric] > rival[metric] else "NOT better"
+                    lines.append(
+                        f"{kind} {preset['label']} vs the best {method} row at equal or higher speed, "
+                        f"{metric}: {verdict} ({preset[metric]:.{digits}f} vs {rival[metric]:.{digits}f}, "
+                        f"{rival['label']}, {rival['speedup']:.3f}x)"
+                    )
+        for method in ("random", "grid", "tomesd", "tofu", "todo"):
             wins = losses = slower = 0
             worst = None
             for r in (r for r in mine if r["method"] == method and r["speedup"] is not None):
@@ -309,7 +394,7 @@ def markdown(rows: list[dict[str, Any]], frontier_ids: set[int]) -> str:
         star = "*" if id(r) in frontier_ids else ""
         body.append(
             f"| {r['kind']} | {r['label']} | {step} | {e2e} | {r['psnr']:.2f} | {r['ssim']:.3f} | "
-            f"{r['feature_similarity']:.4f} | {star} |"
+            f"{r['feature_similarity']:.5f} | {star} |"
         )
     return head + "\n".join(body) + "\n"
 
@@ -402,19 +487,29 @@ def report(
     return lines
 
 
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise SystemExit(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return int(index), int(count)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("configs", help="write the bench config files the frontier's speeds need")
     c.add_argument("-o", "--output", required=True)
-    c.add_argument("--archs", nargs="+", default=["flux", "sdxl"])
+    c.add_argument("--archs", nargs="+", default=list(BENCH_ARCHS))
     r = sub.add_parser("run", help="score every point on the proxies (appends JSON lines)")
-    r.add_argument("--kinds", nargs="+", default=list(LATENT_IMAGE_KINDS))
+    r.add_argument("--kinds", nargs="+", default=list(LATENT_KINDS))
     r.add_argument("--steps", type=int, default=20)
     r.add_argument("--seeds", type=int, default=8)
     r.add_argument("--methods", nargs="+", default=None, help="only these methods (default: all)")
     r.add_argument("--device", default=None)
     r.add_argument("--proxy-weights", default=None)
+    r.add_argument(
+        "--shard", default="0/1", help="I/N: only every N-th point from the I-th (N processes share a sweep)"
+    )
     r.add_argument("-o", "--output", required=True, help="JSON-lines file (appended)")
     s = sub.add_parser("report", help="join rows with a bench record: frontier, checks, table, plot")
     s.add_argument("rows")
@@ -438,7 +533,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         weights = Path(args.proxy_weights) if args.proxy_weights else None
         for _ in run(
-            args.kinds, Path(args.output), args.steps, args.seeds, args.device, weights, args.methods
+            args.kinds,
+            Path(args.output),
+            args.steps,
+            args.seeds,
+            args.device,
+            weights,
+            args.methods,
+            _shard(args.shard),
         ):
             pass
         return 0

@@ -35,6 +35,27 @@ def embed(features: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.
     )
 
 
+def same_seed(
+    features: nn.Module,
+    images: torch.Tensor,
+    references: torch.Tensor,
+    reference_embeddings: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """PSNR, SSIM and feature similarity of each image to its reference, ``(N,)`` each. Videos
+    ``(N, F, C, H, W)`` are scored frame by frame and averaged per video."""
+    n = len(images)
+    frames = images.flatten(0, 1) if images.ndim == 5 else images
+    refs = references.flatten(0, 1) if references.ndim == 5 else references
+    if reference_embeddings is None:
+        reference_embeddings = embed(features, refs)
+    similarity = torch.nn.functional.cosine_similarity(embed(features, frames), reference_embeddings, dim=-1)
+    return {
+        "psnr": psnr(frames, refs).view(n, -1).mean(1),
+        "ssim": ssim(frames, refs).view(n, -1).mean(1),
+        "feature_similarity": similarity.view(n, -1).mean(1),
+    }
+
+
 class FrechetDistance:
     """Frechet distance of feature distributions to a fixed reference set, whose features are
     computed once (torchmetrics keeps them across resets)."""

@@ -9,22 +9,37 @@ from tokenreduce.config import load_config
 from tokenreduce.quality import frontier
 
 
-@pytest.mark.parametrize("kind", ["flux-latent", "sdxl-latent"])
+@pytest.mark.parametrize("kind", ["flux-latent", "sdxl-latent", "wan-latent"])
 def test_points_are_valid_and_name_their_bench_variant(kind: str) -> None:
     points = frontier.points(kind)
     labels = [p.label for p in points]
     assert len(labels) == len(set(labels))
-    configs = frontier.bench_configs("flux" if kind.startswith("flux") else "sdxl")
+    arch = kind.split("-")[0]
+    configs = frontier.bench_configs(arch)
     for point in points:
         config = load_config(point.config)
         if point.speed_name in configs:  # a config file's stem names its bench variant
             bench = load_config(configs[point.speed_name])
-            assert bench.ratio == config.ratio and bench.selector.name == config.selector.name
+            assert bench.ratio == config.ratio and bench.selector == config.selector
+            assert bench.partitioner == config.partitioner
             assert bench.adapter.size_weighting == config.adapter.size_weighting  # type: ignore[attr-defined]
-        elif point.speed_name is not None:
+        else:  # one of the bench's own variants
             assert point.speed_name.split("@")[0] in ("toma", "tomesd", "tofu", "todo")
-    presets = [p for p in points if p.method == "preset"]
-    assert [p.label for p in presets] == [f"toma-{kind.split('-')[0]}", f"toma-{kind.split('-')[0]}-fast"]
+    presets = [p.label for p in points if p.method == "preset"]
+    assert presets[0] == f"toma-{arch}" and all(p.startswith(f"toma-{arch}") for p in presets)
+    assert {"random", "grid", "toma"} <= {p.method for p in points}
+
+
+def test_knobs_are_timed_on_the_real_model_at_the_proxys_fraction_of_blocks() -> None:
+    points = {p.label: p for p in frontier.points("flux-latent")}
+    knob = points["toma-flux, skip 2+2"]
+    assert (knob.config["adapter"]["skip_double"], knob.config["adapter"]["skip_single"]) == (2, 2)
+    bench = frontier.bench_configs("flux")[knob.speed_name]
+    assert (bench["adapter"]["skip_double"], bench["adapter"]["skip_single"]) == (10, 10)
+    assert bench["ratio"] == knob.config["ratio"] == 0.5
+    grid = points["grid@0.75 second half"].config
+    assert grid["selector"] == {"name": "grid", "stride": [2, 2]}
+    assert grid["schedule"] == load_config("toma-flux").model_dump(mode="json")["schedule"]
 
 
 def _row(label: str, method: str, speedup: float, psnr: float) -> dict:
@@ -51,8 +66,12 @@ def test_checks_find_dominated_presets_and_compare_at_equal_speed() -> None:
     ]
     lines = frontier.checks(rows)
     assert lines[0].startswith("k toma-x (1.100x, 34.00): dominated by toma@0.5")
-    assert "ToMA vs random at equal or higher end-to-end speed, psnr: better at 1 of 2" in lines[1]
-    assert "1 no faster than the unmodified model" in lines[2]
+    assert lines[1] == (
+        "k toma-x vs the best random row at equal or higher speed, psnr: NOT better "
+        "(34.00 vs 34.50, random@0.5, 1.150x)"
+    )
+    assert "ToMA vs random at equal or higher end-to-end speed, psnr: better at 1 of 2" in lines[2]
+    assert "1 no faster than the unmodified model" in lines[3]
 
 
 def test_speeds_are_joined_through_the_schedule() -> None:
@@ -86,3 +105,31 @@ def test_the_demos_gpu_speeds_are_those_of_the_committed_records() -> None:
     config = load_config("toma-flux")
     assert gpu_speedup("toma-flux", config, 20) == pytest.approx(20 / (10 + 10 / found["toma-flux"]["0.5"]))
     assert gpu_speedup("toma-flux", load_config("toma-flux", ratio=0.3), 20) is None
+
+
+def test_run_scores_videos_per_clip_shards_the_points_and_resumes(tmp_path) -> None:
+    out = tmp_path / "rows.jsonl"
+    kw = {"steps": 2, "num_seeds": 2, "device": "cpu", "only": ["preset", "grid"], "log": lambda _: None}
+    first = list(frontier.run(["wan-latent"], out, shard=(0, 8), **kw))
+    expected = [p.label for p in frontier.points("wan-latent") if p.method in ("preset", "grid")][0::8]
+    assert [r["label"] for r in first] == expected
+    assert all(len(r["psnr_per_image"]) == 2 and r["psnr"] > 0 for r in first)
+    assert list(frontier.run(["wan-latent"], out, shard=(0, 8), **kw)) == []  # resumed: nothing left
+    with pytest.raises(ValueError, match="shard 8/8"):
+        list(frontier.run(["wan-latent"], out, shard=(8, 8), **kw))
+
+
+def test_same_seed_metrics_score_a_video_as_the_mean_of_its_frames() -> None:
+    import torch
+
+    from tokenreduce.quality import metrics
+
+    features = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 8))
+    refs = torch.rand(2, 3, 3, 16, 16)
+    videos = refs.clone()
+    videos[1, 2] = (videos[1, 2] + 0.1).clamp(0, 1)  # one frame of the second clip changed
+    scores = metrics.same_seed(features, videos, refs)
+    per_frame = metrics.psnr(videos[1], refs[1])
+    assert torch.isinf(scores["psnr"][0]) and scores["psnr"][1] == per_frame.mean()
+    assert scores["feature_similarity"][0] == pytest.approx(1.0)
+    assert scores["ssim"].shape == (2,)
