@@ -32,12 +32,16 @@ def cell_corners(regions: Regions, stride: tuple[int, ...]) -> torch.Tensor:
     if regions.local_rc is None:
         raise ValueError("the grid selector needs rectangular regions (a partitioner that sets local_rc)")
     rc = regions.local_rc
-    step = torch.tensor(full_stride(stride, rc.shape[-1]), device=rc.device)
     valid = regions.valid
     # Extent of each region's valid box (ragged border regions are smaller).
     extent = torch.where(valid.unsqueeze(-1), rc, torch.full_like(rc, -1)).amax(dim=1) + 1  # (R, rank)
-    corner = (rc % step == 0) & (rc + step <= extent.unsqueeze(1))
-    return valid & corner.all(dim=-1)
+    corner = valid
+    # Axis by axis with Python strides: a stride tensor would be copied from the host at every
+    # selection (a sync, and not capturable in a CUDA graph).
+    for axis, step in enumerate(full_stride(stride, rc.shape[-1])):
+        position = rc[..., axis]
+        corner = corner & (position % step == 0) & (position + step <= extent[:, axis : axis + 1])
+    return corner
 
 
 class GridSelector(Selector):
