@@ -90,9 +90,12 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def markdown(record: dict[str, Any]) -> str:
     env = record.get("env", {})
-    lines = [
-        "# tokenreduce bench",
-        "",
+    lines = ["# tokenreduce bench", ""]
+    if record.get("command"):
+        revision = record.get("revision")
+        at = f" at revision {revision[:7]}" if revision else ""
+        lines += [f"`{' '.join(record['command'])}`{at}", ""]
+    lines += [
         f"{record.get('date', '')}; {env.get('gpu', 'CPU')}; torch {env.get('torch', '?')}, "
         f"diffusers {env.get('diffusers', '?')}, CUDA {env.get('cuda', '-')}",
         "",

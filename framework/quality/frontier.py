@@ -323,11 +323,34 @@ def best_at_least(
     return max(found, key=lambda r: r[metric], default=None)
 
 
+def paired(a: dict[str, Any], b: dict[str, Any], metric: str) -> tuple[float, float] | None:
+    """Mean and standard error of ``a - b`` on ``metric`` over the same seeds' images (``None``
+    when the rows lack per-image values)."""
+    xs, ys = a.get(f"{metric}_per_image"), b.get(f"{metric}_per_image")
+    if not xs or not ys or len(xs) != len(ys) or len(xs) < 2:
+        return None
+    diffs = torch.tensor(xs, dtype=torch.float64) - torch.tensor(ys, dtype=torch.float64)
+    return float(diffs.mean()), float(diffs.std() / len(diffs) ** 0.5)
+
+
+def paired_text(a: dict[str, Any], b: dict[str, Any], metric: str) -> str:
+    """``a - b`` per image, and whether it is within two standard errors of no difference."""
+    found = paired(a, b, metric)
+    if found is None:
+        return ""
+    mean, se = found
+    digits = 2 if metric == "psnr" else 5
+    noise = "; within noise" if abs(mean) <= 2 * se else ""
+    return f"; paired difference {mean:+.{digits}f} ± {se:.{digits}f} over {len(a[f'{metric}_per_image'])} images{noise}"
+
+
 def checks(rows: list[dict[str, Any]], metric: str = "psnr", slack: float = 0.005) -> list[str]:
     """The targets, in words: presets on the frontier; ToMA beats each baseline at equal speed.
 
     ``slack``: a preset within this relative speed of a dominating row counts as on the frontier
-    (per-step speeds are measured once; their noise is about that size).
+    (per-step speeds are measured once; their noise is about that size). Where rows carry per-image
+    values, each comparison also gives the paired difference over the same seeds and its standard
+    error, and says when it is within two standard errors of none.
     """
     lines = []
     digits = 2 if metric == "psnr" else 5
@@ -342,11 +365,10 @@ def checks(rows: list[dict[str, Any]], metric: str = "psnr", slack: float = 0.00
                 and o[metric] > preset[metric]
             ]
             best = max(beaten, key=lambda o: o[metric], default=None)
-            verdict = (
-                "on the frontier"
-                if best is None
-                else (f"dominated by {best['label']} ({best['speedup']:.3f}x, {best[metric]:.{digits}f})")
-            )
+            verdict = "on the frontier"
+            if best is not None:
+                verdict = f"dominated by {best['label']} ({best['speedup']:.3f}x, {best[metric]:.{digits}f}"
+                verdict += f"{paired_text(best, preset, metric)})"
             lines.append(
                 f"{kind} {preset['label']} ({preset['speedup']:.3f}x, {preset[metric]:.{digits}f}): {verdict}"
             )
@@ -358,7 +380,7 @@ def checks(rows: list[dict[str, Any]], metric: str = "psnr", slack: float = 0.00
                     lines.append(
                         f"{kind} {preset['label']} vs the best {method} row at equal or higher speed, "
                         f"{metric}: {verdict} ({preset[metric]:.{digits}f} vs {rival[metric]:.{digits}f}, "
-                        f"{rival['label']}, {rival['speedup']:.3f}x)"
+                        f"{rival['label']}, {rival['speedup']:.3f}x{paired_text(preset, rival, metric)})"
                     )
         for method in ("random", "grid", "tomesd", "tofu", "todo"):
             wins = losses = slower = 0
@@ -462,7 +484,10 @@ def report(
 ) -> list[str]:
     rows = [json.loads(line) for line in rows_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     benches = [json.loads(path.read_text(encoding="utf-8")) for path in bench_files]
-    speeds = {key: value for bench in benches for key, value in bench_speeds(bench, mode).items()}
+    speeds: dict[tuple[str, str], float] = {}
+    for bench in benches:  # a variant timed in several records keeps the first record's speed
+        for key, value in bench_speeds(bench, mode).items():
+            speeds.setdefault(key, value)
     rows = with_speed(rows, speeds)
     frontier = [
         r
@@ -513,7 +538,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("-o", "--output", required=True, help="JSON-lines file (appended)")
     s = sub.add_parser("report", help="join rows with a bench record: frontier, checks, table, plot")
     s.add_argument("rows")
-    s.add_argument("--speed", nargs="+", required=True, help="tokenreduce bench JSON files")
+    s.add_argument(
+        "--speed",
+        nargs="+",
+        required=True,
+        help="tokenreduce bench JSON files (a variant in several: the first's)",
+    )
     s.add_argument("--mode", default="graph")
     s.add_argument("--metric", default="psnr", choices=["psnr", "ssim", "feature_similarity"])
     s.add_argument("-o", "--output", required=True)

@@ -133,3 +133,16 @@ def test_same_seed_metrics_score_a_video_as_the_mean_of_its_frames() -> None:
     assert torch.isinf(scores["psnr"][0]) and scores["psnr"][1] == per_frame.mean()
     assert scores["feature_similarity"][0] == pytest.approx(1.0)
     assert scores["ssim"].shape == (2,)
+
+
+def test_comparisons_give_the_paired_difference_and_say_when_it_is_noise() -> None:
+    preset = _row("toma-x", "preset", 1.2, 31.0) | {"psnr_per_image": [30.0, 31.0, 32.0, 31.0]}
+    close = _row("random@0.5", "random", 1.2, 30.9) | {"psnr_per_image": [31.0, 30.0, 31.6, 31.0]}
+    clear = _row("random@0.5 b", "random", 1.2, 30.0) | {"psnr_per_image": [29.0, 30.0, 31.0, 30.0]}
+    mean, se = frontier.paired(preset, close, "psnr")  # type: ignore[misc]
+    assert mean == pytest.approx(0.1) and se == pytest.approx(
+        (2.12 / 3) ** 0.5 / 2
+    )  # sample sd of (-1, 1, 0.4, 0), over sqrt(4)
+    assert frontier.paired_text(preset, close, "psnr").endswith("over 4 images; within noise")
+    assert frontier.paired_text(preset, clear, "psnr") == "; paired difference +1.00 ± 0.00 over 4 images"
+    assert frontier.paired(preset, _row("old", "random", 1.2, 30.0), "psnr") is None  # no per-image values
