@@ -122,10 +122,12 @@ def test_compile_composes_with_toma(flux: generation.Generation) -> None:
 
 
 def test_methods_choose_the_variants_and_unmodified_stays() -> None:
-    every = generation.generation_variants("wan")
+    every = generation.generation_variants("sd3")  # a family without a -fast preset
     assert [v.method for v in every.variants] == ["unmodified", "toma", "ideal"]
-    assert [v.name for v in generation.only_methods(every, ["toma"]).variants] == ["unmodified", "toma-wan"]
+    assert [v.name for v in generation.only_methods(every, ["toma"]).variants] == ["unmodified", "toma-sd3"]
     assert [v.name for v in generation.only_methods(every, []).variants] == ["unmodified"]
+    with_fast = generation.only_methods(generation.generation_variants("wan"), ["toma"])
+    assert [v.name for v in with_fast.variants] == ["unmodified", "toma-wan", "toma-wan-fast"]
 
 
 def test_generation_of_the_other_tiny_transformers_runs_every_variant(tmp_path) -> None:
