@@ -88,13 +88,19 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def _revision_text(revision: str | dict[str, Any] | None) -> str:
+    """ " at revision abc1234" from a commit id or :func:`~tokenreduce.bench.record.git_revision`'s mapping."""
+    if isinstance(revision, dict):
+        dirty = " with uncommitted changes" if revision.get("dirty") else ""
+        return f" at revision {str(revision.get('commit', '?'))[:7]}{dirty}"
+    return f" at revision {revision[:7]}" if revision else ""
+
+
 def markdown(record: dict[str, Any]) -> str:
     env = record.get("env", {})
     lines = ["# tokenreduce bench", ""]
     if record.get("command"):
-        revision = record.get("revision")
-        at = f" at revision {revision[:7]}" if revision else ""
-        lines += [f"`{' '.join(record['command'])}`{at}", ""]
+        lines += [f"`{' '.join(record['command'])}`{_revision_text(record.get('revision'))}", ""]
     lines += [
         f"{record.get('date', '')}; {env.get('gpu', 'CPU')}; torch {env.get('torch', '?')}, "
         f"diffusers {env.get('diffusers', '?')}, CUDA {env.get('cuda', '-')}",

@@ -369,3 +369,17 @@ def test_compile_mode_times_every_variant_and_restores_the_model(sdxl) -> None:
     assert model.forward == forward and get_handle(model) is None
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize(
+    ("revision", "said"),
+    [
+        ({"commit": "0123456789abcdef", "dirty": False}, "at revision 0123456\n"),
+        ({"commit": "0123456789abcdef", "dirty": True}, "at revision 0123456 with uncommitted changes\n"),
+        ("fedcba9876543210", "at revision fedcba9\n"),
+        (None, "`tokenreduce bench`\n"),
+    ],
+)
+def test_record_markdown_starts_with_the_command_and_revision(revision, said) -> None:
+    record = {"command": ["tokenreduce", "bench"], "revision": revision, "runs": []}
+    assert said in report.markdown(record)
