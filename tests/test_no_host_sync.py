@@ -48,7 +48,12 @@ def _cases() -> list[Any]:
         pytest.param(name, {}, id=name) for name in sorted(tokenreduce.reset_manager().registry.presets)
     ]
     grid = {"selector": {"name": "grid", "stride": [1, 2]}}
-    return [*presets, pytest.param("toma-sdxl", grid, id="toma-sdxl+grid")]
+    jitter = {"selector": {"jitter": 0.1}}
+    return [
+        *presets,
+        pytest.param("toma-sdxl", grid, id="toma-sdxl+grid"),
+        pytest.param("toma-flux", jitter, id="toma-flux+jitter"),
+    ]
 
 
 @pytest.mark.parametrize(("preset", "overrides"), _cases())

@@ -113,6 +113,16 @@ class FacilityLocationSelector(Selector):
             ),
         )
 
+        jitter: Annotated[float, Field(ge=0.0)] = Field(
+            0.0,
+            description=(
+                "Standard deviation of Gaussian noise added to the normalised features before the greedy, "
+                "drawn anew at every selection from the runtime's seeded generator: near-equal candidates "
+                "then alternate between steps, so merge errors do not pile up in the same tokens. "
+                "0: deterministic (the paper's selector)."
+            ),
+        )
+
     params: Params
 
     def count(self, regions: Regions, keep: Sequence[int]) -> tuple[int, ...]:
@@ -121,7 +131,23 @@ class FacilityLocationSelector(Selector):
     def select(self, features: torch.Tensor, ctx: SelectContext) -> torch.Tensor:
         layout = ctx.layout
         feats = features[:1] if self.params.reference == "first" else features
-        # Features are float32 and zero on padding slots (the runtime's contract); a layout without
+        # Features are normalised and zero on padding slots (the runtime's contract); a layout without
         # padding needs no mask at all (a host-side fact).
         padding = ~layout.regions.valid if layout.regions.ragged else None
+        if self.params.jitter > 0:
+            feats = jittered(feats, self.params.jitter, ctx.generator, padding)
         return greedy_picks(feats, layout.k, padding)
+
+
+def jittered(
+    features: torch.Tensor, scale: float, generator: torch.Generator | None, padding: torch.Tensor | None
+) -> torch.Tensor:
+    """``(B, R, S, C)`` features plus one ``(R, S, C)`` Gaussian draw (the same for every sample: the
+    destinations are shared), normalised again; padding slots stay zero."""
+    if generator is None:  # called outside the runtime: a fixed seed, never the global RNG
+        generator = torch.Generator(device=features.device)
+        generator.manual_seed(0)
+    noise = torch.randn(features.shape[1:], generator=generator, device=generator.device).to(features)
+    if padding is not None:
+        noise = noise.masked_fill(padding.unsqueeze(-1), 0.0)
+    return torch.nn.functional.normalize(features + scale * noise, dim=-1)

@@ -35,6 +35,13 @@ def embed(features: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.
     )
 
 
+def psnr_per_item(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """:func:`psnr` per image, ``(N,)``; videos ``(N, F, C, H, W)``: the mean over their frames."""
+    if images.ndim != 5:
+        return psnr(images, references)
+    return psnr(images.flatten(0, 1), references.flatten(0, 1)).view(len(images), -1).mean(1)
+
+
 def same_seed(
     features: nn.Module,
     images: torch.Tensor,
@@ -50,7 +57,7 @@ def same_seed(
         reference_embeddings = embed(features, refs)
     similarity = torch.nn.functional.cosine_similarity(embed(features, frames), reference_embeddings, dim=-1)
     return {
-        "psnr": psnr(frames, refs).view(n, -1).mean(1),
+        "psnr": psnr_per_item(images, references),
         "ssim": ssim(frames, refs).view(n, -1).mean(1),
         "feature_similarity": similarity.view(n, -1).mean(1),
     }

@@ -40,6 +40,7 @@ def compare(
     steps: int = 20,
     num_seeds: int = 8,
     device: str = "cpu",
+    schedules: Sequence[str] = tuple(SCHEDULES),
     log: Any = print,
 ) -> list[dict[str, Any]]:
     from tokenreduce.api import apply
@@ -55,7 +56,7 @@ def compare(
         seeds = list(range(num_seeds))
         base = _images(pipe, labels, seeds, steps)
         preset = f"toma-{spec(kind).arch}"
-        for label, schedule in SCHEDULES.items():
+        for label, schedule in ((name, SCHEDULES[name]) for name in schedules):
             scheduled = {} if schedule is None else {"schedule": schedule}
             a = config_for(kind, preset, **scheduled, **(base_change or {}))
             b = config_for(kind, preset, **scheduled, **change)
@@ -63,7 +64,7 @@ def compare(
             for name, config in (("a", a), ("b", b)):
                 with apply(pipe, config):
                     out[name] = _images(pipe, labels, seeds, steps)
-            psnr_a, psnr_b = metrics.psnr(out["a"], base), metrics.psnr(out["b"], base)
+            psnr_a, psnr_b = metrics.psnr_per_item(out["a"], base), metrics.psnr_per_item(out["b"], base)
             diff = (psnr_b - psnr_a).double()
             row = {
                 "kind": kind,
@@ -80,7 +81,7 @@ def compare(
                 "paired_difference_sem_db": float(diff.std() / math.sqrt(len(diff)))
                 if len(diff) > 1
                 else 0.0,
-                "psnr_a_vs_b": float(metrics.psnr(out["b"], out["a"]).mean()),
+                "psnr_a_vs_b": float(metrics.psnr_per_item(out["b"], out["a"]).mean()),
             }
             rows.append(row)
             log(
@@ -102,6 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--schedules",
+        nargs="+",
+        choices=list(SCHEDULES),
+        default=list(SCHEDULES),
+        help="merge schedules compared",
+    )
     p.add_argument("-o", "--output", default=None, help="JSON file for the rows")
     args = p.parse_args(argv)
     rows = compare(
@@ -112,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.steps,
         args.seeds,
         args.device,
+        args.schedules,
     )
     if args.output:
         import datetime

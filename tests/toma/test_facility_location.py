@@ -222,3 +222,29 @@ def test_selector_on_a_ragged_tile_layout() -> None:
             assert len(set(picks)) == n and all(bool(regions.valid[r, p]) for p in picks)
         raster = layout.global_destinations(dest)
         assert raster.shape == (sum(keep),) and len(set(raster.tolist())) == sum(keep)
+
+
+def test_jitter_draws_new_destinations_at_each_selection_from_the_seeded_generator() -> None:
+    regions = TilePartitioner(TilePartitioner.Params(size=[4, 4])).partition((10, 7))
+    keep = kept_per_region(regions.sizes, 0.5)
+    layout = build_layout(regions, 0.5, keep, sum(keep))
+    feats = F.normalize(torch.randn(2, regions.num_regions, regions.slots, 8), dim=-1)
+    feats = feats * regions.valid.unsqueeze(-1)
+
+    def picks(jitter: float, seed: int, calls: int = 2) -> list[torch.Tensor]:
+        selector = FacilityLocationSelector(FacilityLocationSelector.Params(jitter=jitter))
+        ctx = SelectContext(layout=layout, generator=torch.Generator().manual_seed(seed))
+        return [selector.select(feats, ctx) for _ in range(calls)]
+
+    plain = FacilityLocationSelector(FacilityLocationSelector.Params()).select(
+        feats, SelectContext(layout=layout)
+    )
+    first, second = picks(0.0, 0)
+    assert torch.equal(first, plain) and torch.equal(second, plain)  # jitter 0: the paper's selector
+    first, second = picks(0.5, 0)
+    assert not torch.equal(first, second)  # a new draw at each selection
+    assert all(torch.equal(a, b) for a, b in zip(picks(0.5, 0), (first, second), strict=True))  # seeded
+    for dest in (first, second):  # still distinct, valid slots only
+        for r, n in enumerate(layout.dests):
+            chosen = dest[r, :n].tolist()
+            assert len(set(chosen)) == n and all(bool(regions.valid[r, p]) for p in chosen)
