@@ -79,6 +79,15 @@ class SelectContext:
     layout: Layout
     generator: torch.Generator | None = None
 
+    def random_source(self, device: torch.device | str) -> torch.Generator:
+        """The dedicated generator; outside the runtime (no generator given) a fresh one on
+        ``device`` with seed 0, so a selector never draws from the global RNG."""
+        if self.generator is not None:
+            return self.generator
+        generator = torch.Generator(device=device)
+        generator.manual_seed(0)
+        return generator
+
 
 class Selector(Component):
     """Region features -> destination indices, shared by every sample of the batch."""

@@ -135,19 +135,18 @@ class FacilityLocationSelector(Selector):
         # padding needs no mask at all (a host-side fact).
         padding = ~layout.regions.valid if layout.regions.ragged else None
         if self.params.jitter > 0:
-            feats = jittered(feats, self.params.jitter, ctx.generator, padding)
+            feats = jittered(feats, self.params.jitter, ctx.random_source(feats.device), padding)
         return greedy_picks(feats, layout.k, padding)
 
 
 def jittered(
-    features: torch.Tensor, scale: float, generator: torch.Generator | None, padding: torch.Tensor | None
+    features: torch.Tensor, scale: float, generator: torch.Generator, padding: torch.Tensor | None
 ) -> torch.Tensor:
     """``(B, R, S, C)`` features plus one ``(R, S, C)`` Gaussian draw (the same for every sample: the
     destinations are shared), normalised again; padding slots stay zero."""
-    if generator is None:  # called outside the runtime: a fixed seed, never the global RNG
-        generator = torch.Generator(device=features.device)
-        generator.manual_seed(0)
-    noise = torch.randn(features.shape[1:], generator=generator, device=generator.device).to(features)
+    shape = features.shape[1:]
+    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=features.dtype)
+    noise = noise.to(features.device)  # a no-op for the runtime's generator, which is on the device
     if padding is not None:
         noise = noise.masked_fill(padding.unsqueeze(-1), 0.0)
     return torch.nn.functional.normalize(features + scale * noise, dim=-1)

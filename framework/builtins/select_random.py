@@ -35,10 +35,7 @@ class RandomSelector(Selector):
     def select(self, features: torch.Tensor, ctx: SelectContext) -> torch.Tensor:
         layout = ctx.layout
         device = features.device
-        generator = ctx.generator
-        if generator is None:  # called outside the runtime: a fixed seed, never the global RNG
-            generator = torch.Generator(device=device)
-            generator.manual_seed(0)
+        generator = ctx.random_source(device)
         valid = layout.regions.valid
         scores = torch.rand(valid.shape, generator=generator, device=generator.device).to(device)
         # Scores are in [0, 1): padding slots (score -1) come after every valid slot.

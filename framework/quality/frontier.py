@@ -247,7 +247,7 @@ def run(
         pipe = load_proxy(kind, weights, dev)
         labels = [pipe.class_names.index(DEMO_CLASSES[i % len(DEMO_CLASSES)]) for i in seeds]
         base = _generate(pipe, labels, seeds, steps)
-        base_embeddings = metrics.embed(features, base.flatten(0, 1) if base.ndim == 5 else base)
+        base_embeddings = metrics.embed(features, metrics.frames(base))
         for point in (p for p in todo if p.kind == kind):
             start = time.perf_counter()
             with apply(pipe, point.config):

@@ -35,11 +35,14 @@ def embed(features: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.
     )
 
 
+def frames(images: torch.Tensor) -> torch.Tensor:
+    """Images as they are; videos ``(N, F, C, H, W)`` as their ``N * F`` frames."""
+    return images.flatten(0, 1) if images.ndim == 5 else images
+
+
 def psnr_per_item(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
     """:func:`psnr` per image, ``(N,)``; videos ``(N, F, C, H, W)``: the mean over their frames."""
-    if images.ndim != 5:
-        return psnr(images, references)
-    return psnr(images.flatten(0, 1), references.flatten(0, 1)).view(len(images), -1).mean(1)
+    return psnr(frames(images), frames(references)).view(len(images), -1).mean(1)
 
 
 def same_seed(
@@ -51,14 +54,13 @@ def same_seed(
     """PSNR, SSIM and feature similarity of each image to its reference, ``(N,)`` each. Videos
     ``(N, F, C, H, W)`` are scored frame by frame and averaged per video."""
     n = len(images)
-    frames = images.flatten(0, 1) if images.ndim == 5 else images
-    refs = references.flatten(0, 1) if references.ndim == 5 else references
+    shots, refs = frames(images), frames(references)
     if reference_embeddings is None:
         reference_embeddings = embed(features, refs)
-    similarity = torch.nn.functional.cosine_similarity(embed(features, frames), reference_embeddings, dim=-1)
+    similarity = torch.nn.functional.cosine_similarity(embed(features, shots), reference_embeddings, dim=-1)
     return {
-        "psnr": psnr_per_item(images, references),
-        "ssim": ssim(frames, refs).view(n, -1).mean(1),
+        "psnr": psnr(shots, refs).view(n, -1).mean(1),
+        "ssim": ssim(shots, refs).view(n, -1).mean(1),
         "feature_similarity": similarity.view(n, -1).mean(1),
     }
 
