@@ -56,7 +56,10 @@ BENCH_ARCHS = {"flux": "flux", "sdxl": "sdxl", "wan": "wan-1.3b"}
 #: ``proxy`` blocks of each kind is timed as the real model skipping about the same fraction.
 SKIPS = {"flux": ((0, 0), (2, 10)), "wan": ((2, 8), (4, 15))}
 #: Tile sizes tried beside each preset's (one per side).
-TILES = {"flux": (2, 8), "sdxl": (4,), "wan": (2, 8)}
+TILES = {"flux": (2, 8), "sdxl": (4,), "wan": (2, 4, 8)}
+#: Facility location's feature noise tried beside each preset's (0: the paper's selector). Its scale
+#: does not change the kernels, so every nonzero value takes the speed of one bench variant.
+JITTERS = (0.0, 0.1, 0.3)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ def knobs(arch: str) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
     for size in TILES[arch]:
         tile = {"partitioner": {"size": [size, size]}}
         out.append((f"tile {size}", f"tile{size}", tile, tile))
+    for jitter in JITTERS:
+        noise = {"selector": {"jitter": jitter}}
+        out.append((f"jitter {jitter:g}", "jitter" if jitter else "nojitter", noise, noise))
     return out
 
 
@@ -192,8 +198,9 @@ def bench_configs(arch: str, ratios: Sequence[float] = RATIOS) -> dict[str, dict
             continue
         base = load_config(preset).model_dump(mode="json")
         for _, name, _, real in knobs(arch):
-            if merged(base, real) != base:
-                out[bench_config_name(arch, name, base["ratio"])] = full(preset, **real)
+            variant = bench_config_name(arch, name, base["ratio"])
+            if merged(base, real) != base and variant not in out:
+                out[variant] = full(preset, **real)
     return out
 
 

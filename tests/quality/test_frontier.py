@@ -20,7 +20,9 @@ def test_points_are_valid_and_name_their_bench_variant(kind: str) -> None:
         config = load_config(point.config)
         if point.speed_name in configs:  # a config file's stem names its bench variant
             bench = load_config(configs[point.speed_name])
-            assert bench.ratio == config.ratio and bench.selector == config.selector
+            assert bench.ratio == config.ratio
+            # the noise's scale is not timed: any nonzero jitter runs the same kernels
+            assert _noise_on(bench.selector) == _noise_on(config.selector)
             assert bench.partitioner == config.partitioner
             assert bench.adapter.size_weighting == config.adapter.size_weighting  # type: ignore[attr-defined]
         else:  # one of the bench's own variants
@@ -28,6 +30,28 @@ def test_points_are_valid_and_name_their_bench_variant(kind: str) -> None:
     presets = [p.label for p in points if p.method == "preset"]
     assert presets[0] == f"toma-{arch}" and all(p.startswith(f"toma-{arch}") for p in presets)
     assert {"random", "grid", "toma"} <= {p.method for p in points}
+
+
+def _noise_on(selector) -> dict:
+    params = selector.model_dump()
+    if "jitter" in params:
+        params["jitter"] = params["jitter"] > 0
+    return params
+
+
+def test_the_jitter_knob_is_tried_beside_each_presets_own_value() -> None:
+    points = {p.label: p for p in frontier.points("wan-latent")}
+    configs = frontier.bench_configs("wan")
+    for preset in ("toma-wan", "toma-wan-fast"):
+        own = load_config(preset).selector.jitter  # type: ignore[attr-defined]
+        tried = {
+            p.config["selector"]["jitter"]: p
+            for p in points.values()
+            if p.label.startswith(f"{preset}, jitter")
+        }
+        assert set(tried) == set(frontier.JITTERS) - {own}
+        for jitter, point in tried.items():
+            assert (configs[point.speed_name]["selector"]["jitter"] > 0) == (jitter > 0)
 
 
 def test_knobs_are_timed_on_the_real_model_at_the_proxys_fraction_of_blocks() -> None:
