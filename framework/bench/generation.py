@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 import torch
+from pydantic import ValidationError
 from rich.console import Console
 from torch import nn
 
@@ -37,7 +38,7 @@ from tokenreduce.bench.variants import (
     ideal_of,
     toma_preset,
 )
-from tokenreduce.config import ConfigError
+from tokenreduce.config import ConfigError, load_config
 from tokenreduce.generate import environment
 from tokenreduce.manager import get_registry
 
@@ -422,7 +423,13 @@ def only_methods(variants: VariantSet, methods: Sequence[str]) -> VariantSet:
 
 
 def _without_schedule(config: dict[str, Any] | None) -> dict[str, Any] | None:
-    return None if config is None else {k: v for k, v in config.items() if k != "schedule"}
+    """``config`` validated (a record made before a parameter was added gets its default, so it
+    still matches) with its schedule dropped; as recorded if it no longer validates."""
+    if config is None:
+        return None
+    with suppress(ValidationError, ValueError):
+        config = load_config(config).model_dump(mode="json")
+    return {k: v for k, v in config.items() if k != "schedule"}
 
 
 def merged_step_speedups(
@@ -440,17 +447,24 @@ def merged_step_speedups(
     return out
 
 
-def add_predictions(run: dict[str, Any], per_step: dict[str, Any], mode: str = "eager") -> str | None:
+def add_predictions(
+    run: dict[str, Any], per_step: dict[str, Any], modes: Sequence[str] = ("eager", "graph")
+) -> str | None:
     """Fill ``predicted_speedup`` of each row whose config (schedule aside) the per-step record timed:
-    the end-to-end speedup its merge schedule and reuse policy imply over ``steps`` steps. Returns a
-    note when no prediction can be made."""
+    the end-to-end speedup its merge schedule and reuse policy imply over ``steps`` steps, from the
+    first of ``modes`` the record has for this architecture (eager matches the generations' own mode;
+    graph mode is the fallback, recorded as ``predicted_mode``). Returns a note when no prediction
+    can be made."""
     try:
         from tokenreduce.quality.speed import schedule_speedup
     except ImportError:
         return "no prediction: this version has no end-to-end speed model (tokenreduce.quality.speed)"
-    measured = merged_step_speedups(per_step, run["arch"], mode)
-    if not measured:
-        return f"no prediction: the per-step record has no {mode} run of {run['arch']}"
+    mode, measured = next(
+        ((m, rows) for m in modes if (rows := merged_step_speedups(per_step, run["arch"], m))), (None, [])
+    )
+    if mode is None:
+        return f"no prediction: the per-step record has no {' or '.join(modes)} run of {run['arch']}"
+    run["predicted_mode"] = mode
     for row in run["variants"]:
         row["predicted_speedup"] = None
         key = _without_schedule(row.get("config"))
@@ -466,7 +480,8 @@ def markdown(record: dict[str, Any]) -> str:
     for run in record["runs"]:
         lines += [
             f"### {run['arch']}, {run['mode']}: {run['steps']} steps, {run['height']}x{run['width']}, "
-            f"{run['dtype']}, {run['scheduler']}; {run['vae']}",
+            f"{run['dtype']}, {run['scheduler']}; {run['vae']}"
+            + (f"; predicted from {run['predicted_mode']}-mode steps" if run.get("predicted_mode") else ""),
             "",
             "| variant | median ms | q1 ms | q3 ms | speedup | predicted | over the part alone |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -584,7 +599,8 @@ def run_generation_bench(settings: GenerationSettings, console: Console | None =
         record["predicted_from"] = str(settings.predict_from)
         record["notes"].append(
             "predicted = the end-to-end speedup the merge schedule and reuse policy imply over the steps, "
-            "from the merged-step speedup of the same config in the per-step record (eager)"
+            "from the merged-step speedup of the same config in the per-step record (its eager run; its "
+            "graph run where it has no eager one: see each run's predicted_mode)"
         )
     paths = report.write(record, Path(settings.output))
     with paths["markdown"].open("a", encoding="utf-8") as f:

@@ -112,6 +112,34 @@ def test_predictions_match_configs_regardless_of_schedule(flux: generation.Gener
     assert generation.add_predictions(run, {"runs": []}) is not None  # no run of this arch: said so
 
 
+def test_predictions_match_configs_recorded_before_a_parameter_was_added(flux: generation.Generation) -> None:
+    variants = generation.generation_variants("flux")
+    toma = variants.variants[1]
+    older = {**toma.config, "selector": {k: v for k, v in toma.config["selector"].items() if k != "jitter"}}
+    assert older != toma.config  # the record lacks a parameter that has a default now
+    per_step = {
+        "runs": [{"arch": "tiny-flux", "mode": "eager", "variants": [{"config": older, "speedup": 2.0}]}]
+    }
+    run = generation.run_record(flux, variants, generation.Timings(), 1, 0)
+    pytest.importorskip("tokenreduce.quality.speed")
+    assert generation.add_predictions(run, per_step) is None
+    assert {v["name"]: v["predicted_speedup"] for v in run["variants"]}["toma-flux"] is not None
+
+
+def test_predictions_fall_back_to_graph_mode_and_say_so(flux: generation.Generation) -> None:
+    variants = generation.generation_variants("flux")
+    toma = variants.variants[1]
+    graph_only = {
+        "runs": [
+            {"arch": "tiny-flux", "mode": "graph", "variants": [{"config": toma.config, "speedup": 2.0}]}
+        ]
+    }
+    run = generation.run_record(flux, variants, generation.Timings(), 1, 0)
+    pytest.importorskip("tokenreduce.quality.speed")
+    assert generation.add_predictions(run, graph_only) is None and run["predicted_mode"] == "graph"
+    assert "no eager run" in (generation.add_predictions(run, graph_only, modes=("eager",)) or "")
+
+
 @pytest.mark.slow
 def test_compile_composes_with_toma(flux: generation.Generation) -> None:
     toma = generation.generation_variants("flux").variants[1]
