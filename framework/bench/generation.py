@@ -29,6 +29,7 @@ from torch import nn
 from tokenreduce import __version__
 from tokenreduce.api import TokenReduceHandle, apply
 from tokenreduce.bench import models, report
+from tokenreduce.bench.record import provenance
 from tokenreduce.bench.timing import Stopwatch, Timings, describe_error
 from tokenreduce.bench.variants import (
     Variant,
@@ -382,6 +383,7 @@ def generation_record(runs: list[dict[str, Any]], notes: Sequence[str] = ()) -> 
         "tool": f"tokenreduce {__version__} bench --generation",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "env": environment(),
+        **provenance(),
         "runs": runs,
         "notes": [report.EFFICIENCY_NOTE, TEXT_NOTE, INTERLEAVE_NOTE, *notes],
     }

@@ -166,3 +166,8 @@ def test_generation_of_the_other_tiny_transformers_runs_every_variant(tmp_path) 
     assert [r["arch"] for r in record["runs"]] == archs
     for run in record["runs"]:
         assert all(v["error"] is None and v["speedup"] > 0 for v in run["variants"]), run["arch"]
+
+
+def test_generation_records_carry_their_provenance() -> None:
+    record = generation.generation_record([])
+    assert {"revision", "command", "version", "started"} <= set(record)
