@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
+from tokenreduce import noise
 from tokenreduce.layout import Layout, Regions
 from tokenreduce.params import AdapterParams, StrictParams
 
@@ -74,10 +75,20 @@ class Partitioner(Component):
 
 @dataclass(frozen=True)
 class SelectContext:
-    """What a selector may know besides the features: the layout and a dedicated generator."""
+    """What a selector may know besides the features: the layout, a dedicated generator, and a
+    draw counter on the device with the seed (for noise that compiles, :meth:`normal`)."""
 
     layout: Layout
     generator: torch.Generator | None = None
+    draws: torch.Tensor | None = None
+    seed: int = 0
+
+    def normal(self, shape: Sequence[int], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        """Standard normal noise, new at every call in the runtime (the counter advances in place),
+        with the same values eager, compiled and replayed from a CUDA graph; outside the runtime (no
+        counter given) the first draw of the seed."""
+        draws = self.draws if self.draws is not None else torch.zeros((), dtype=torch.int64, device=device)
+        return noise.normal(shape, draws, self.seed, dtype)
 
     def random_source(self, device: torch.device | str) -> torch.Generator:
         """The dedicated generator; outside the runtime (no generator given) a fresh one on

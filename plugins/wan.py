@@ -302,12 +302,12 @@ def _architectures() -> tuple[Architecture, ...]:
             **common,
             **video,
         ),
-        # The test kit's tiny model, for running the benchmark on a CPU: 9 frames -> 3 x 7 x 5 tokens.
+        # The test kit's tiny model, for running the benchmark on a CPU: 9 frames -> 3 x 9 x 10 tokens.
         Architecture(
             name="tiny-wan",
             config=_tiny_config,
-            size=112,
-            width=80,
+            size=144,
+            width=160,
             dtype="fp32",
             text_tokens=8,
             frames=9,

@@ -117,9 +117,9 @@ class FacilityLocationSelector(Selector):
             0.0,
             description=(
                 "Standard deviation of Gaussian noise added to the normalised features before the greedy, "
-                "drawn anew at every selection from the runtime's seeded generator: near-equal candidates "
-                "then alternate between steps, so merge errors do not pile up in the same tokens. "
-                "0: deterministic (the paper's selector)."
+                "drawn anew at every selection (a counter-based hash of the config's seed: the same values "
+                "eager, compiled and in CUDA graphs): near-equal candidates then alternate between steps, "
+                "so merge errors do not pile up in the same tokens. 0: deterministic (the paper's selector)."
             ),
         )
 
@@ -135,18 +135,16 @@ class FacilityLocationSelector(Selector):
         # padding needs no mask at all (a host-side fact).
         padding = ~layout.regions.valid if layout.regions.ragged else None
         if self.params.jitter > 0:
-            feats = jittered(feats, self.params.jitter, ctx.random_source(feats.device), padding)
+            feats = jittered(feats, self.params.jitter, ctx, padding)
         return greedy_picks(feats, layout.k, padding)
 
 
 def jittered(
-    features: torch.Tensor, scale: float, generator: torch.Generator, padding: torch.Tensor | None
+    features: torch.Tensor, scale: float, ctx: SelectContext, padding: torch.Tensor | None
 ) -> torch.Tensor:
     """``(B, R, S, C)`` features plus one ``(R, S, C)`` Gaussian draw (the same for every sample: the
     destinations are shared), normalised again; padding slots stay zero."""
-    shape = features.shape[1:]
-    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=features.dtype)
-    noise = noise.to(features.device)  # a no-op for the runtime's generator, which is on the device
+    noise = ctx.normal(features.shape[1:], features.device, features.dtype)
     if padding is not None:
         noise = noise.masked_fill(padding.unsqueeze(-1), 0.0)
     return torch.nn.functional.normalize(features + scale * noise, dim=-1)

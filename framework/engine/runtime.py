@@ -92,6 +92,7 @@ class Runtime:
         self.clock = Clock(self)
         self._layouts: dict[tuple[int, ...], Layout] = {}
         self._generators: dict[str, torch.Generator] = {}
+        self._draws: dict[str, torch.Tensor] = {}
         self.unmerged: set[tuple[int, ...]] = set()  # grids too small for the partitioner
 
     # ------------------------------------------------------------------ set-up (host)
@@ -220,6 +221,14 @@ class Runtime:
             self._generators[key] = gen
         return gen
 
+    def draws(self, device: torch.device) -> torch.Tensor:
+        """The noise draw counter of ``device`` (see :meth:`SelectContext.normal`)."""
+        key = str(device)
+        counter = self._draws.get(key)
+        if counter is None:
+            counter = self._draws[key] = torch.zeros((), dtype=torch.int64, device=device)
+        return counter
+
     def switch(self, on: bool) -> None:
         """The user's switch: off, every site runs the original computation."""
         self.switched_on = on
@@ -237,6 +246,8 @@ class Runtime:
         # Re-seeded rather than dropped: the same stream restarts, and compiled graphs keep the objects.
         for gen in self._generators.values():
             gen.manual_seed(self.config.seed)
+        for counter in self._draws.values():
+            counter.zero_()
         self.clock.reset()
 
     # ------------------------------------------------------------------ hot path
@@ -273,7 +284,12 @@ class Runtime:
             layout = layout.to(x.device)
             features = self.features(x, layout, self.config.features) if needs_features else None
             if decision is Decision.SELECT or slot.destinations is None or slot.key != key:
-                ctx = SelectContext(layout=layout, generator=self.generator(x.device))
+                ctx = SelectContext(
+                    layout=layout,
+                    generator=self.generator(x.device),
+                    draws=self.draws(x.device),
+                    seed=self.config.seed,
+                )
                 # features is None only when the merger needs no destinations (needs_features above)
                 slot.destinations = (
                     self.selector.select(features, ctx)

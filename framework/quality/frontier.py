@@ -336,8 +336,9 @@ def paired(a: dict[str, Any], b: dict[str, Any], metric: str) -> tuple[float, fl
     xs, ys = a.get(f"{metric}_per_image"), b.get(f"{metric}_per_image")
     if not xs or not ys or len(xs) != len(ys) or len(xs) < 2:
         return None
-    diffs = torch.tensor(xs, dtype=torch.float64) - torch.tensor(ys, dtype=torch.float64)
-    return float(diffs.mean()), float(diffs.std() / len(diffs) ** 0.5)
+    from tokenreduce.quality.metrics import mean_and_sem
+
+    return mean_and_sem(torch.tensor(xs, dtype=torch.float64) - torch.tensor(ys, dtype=torch.float64))
 
 
 def paired_text(a: dict[str, Any], b: dict[str, Any], metric: str) -> str:

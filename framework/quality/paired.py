@@ -6,16 +6,16 @@
 For each proxy (default: the latent image proxies) and each schedule (the preset's, and merging at
 every step, which shows differences the preset's schedule hides), the unmodified proxy, its default
 ToMA preset with ``--base`` merged in (A) and with ``--change`` merged in (B) generate the demo's classes from the
-same seeds, one image per call. Per image: PSNR of A and of B against the unmodified image, and
-their difference (B - A). Reported: the means, the mean paired difference and its standard error,
-and PSNR between A and B (how far the change moves the images).
+same seeds, one image per call. Per image: PSNR and feature similarity of A and of B against the
+unmodified image, and their differences (B - A). Reported: the means, the mean paired differences
+and their standard errors, PSNR between A and B (how far the change moves the images), and the
+per-image scores.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,25 +47,28 @@ def compare(
     from tokenreduce.demo import DEMO_CLASSES
     from tokenreduce.quality import metrics
     from tokenreduce.quality.fidelity import config_for
+    from tokenreduce.quality.proxy.features import load_features
     from tokenreduce.quality.proxy.models import load_proxy
 
+    features = load_features(None, device)
     rows = []
     for kind in kinds:
         pipe = load_proxy(kind, None, device, DTYPES[dtype])
         labels = [pipe.class_names.index(DEMO_CLASSES[i % len(DEMO_CLASSES)]) for i in range(num_seeds)]
         seeds = list(range(num_seeds))
         base = _images(pipe, labels, seeds, steps)
+        base_embeddings = metrics.embed(features, metrics.frames(base).float())
         preset = f"toma-{spec(kind).arch}"
         for label, schedule in ((name, SCHEDULES[name]) for name in schedules):
             scheduled = {} if schedule is None else {"schedule": schedule}
             a = config_for(kind, preset, **scheduled, **(base_change or {}))
             b = config_for(kind, preset, **scheduled, **change)
+            scores = {}
             out = {}
             for name, config in (("a", a), ("b", b)):
                 with apply(pipe, config):
                     out[name] = _images(pipe, labels, seeds, steps)
-            psnr_a, psnr_b = metrics.psnr_per_item(out["a"], base), metrics.psnr_per_item(out["b"], base)
-            diff = (psnr_b - psnr_a).double()
+                scores[name] = metrics.same_seed(features, out[name].float(), base.float(), base_embeddings)
             row = {
                 "kind": kind,
                 "preset": preset,
@@ -75,21 +78,41 @@ def compare(
                 "dtype": dtype,
                 "steps": steps,
                 "seeds": num_seeds,
-                "psnr_a": float(psnr_a.mean()),
-                "psnr_b": float(psnr_b.mean()),
-                "paired_difference_db": float(diff.mean()),
-                "paired_difference_sem_db": float(diff.std() / math.sqrt(len(diff)))
-                if len(diff) > 1
-                else 0.0,
+                "psnr_a": float(scores["a"]["psnr"].mean()),
+                "psnr_b": float(scores["b"]["psnr"].mean()),
+                **_paired("paired_difference", scores["a"]["psnr"], scores["b"]["psnr"], "_db"),
                 "psnr_a_vs_b": float(metrics.psnr_per_item(out["b"], out["a"]).mean()),
+                "feature_similarity_a": float(scores["a"]["feature_similarity"].mean()),
+                "feature_similarity_b": float(scores["b"]["feature_similarity"].mean()),
+                **_paired(
+                    "feature_similarity_paired_difference",
+                    scores["a"]["feature_similarity"],
+                    scores["b"]["feature_similarity"],
+                ),
+                # Per image, in seed order, so a later comparison can pair with these.
+                **{
+                    f"{metric}_{name}_per_image": [round(float(x), 6) for x in scores[name][metric]]
+                    for name in ("a", "b")
+                    for metric in ("psnr", "feature_similarity")
+                },
             }
             rows.append(row)
             log(
                 f"{kind} ({dtype}), {label}: A {row['psnr_a']:.2f} dB, B {row['psnr_b']:.2f} dB, "
                 f"B - A {row['paired_difference_db']:+.2f} +- {row['paired_difference_sem_db']:.2f} dB, "
-                f"A vs B {row['psnr_a_vs_b']:.1f} dB"
+                f"A vs B {row['psnr_a_vs_b']:.1f} dB; feature similarity A {row['feature_similarity_a']:.5f}, "
+                f"B {row['feature_similarity_b']:.5f}, B - A {row['feature_similarity_paired_difference']:+.5f} "
+                f"+- {row['feature_similarity_paired_difference_sem']:.5f}"
             )
     return rows
+
+
+def _paired(name: str, a: torch.Tensor, b: torch.Tensor, unit: str = "") -> dict[str, float]:
+    """Mean of ``b - a`` over the images and its standard error."""
+    from tokenreduce.quality.metrics import mean_and_sem
+
+    mean, sem = mean_and_sem(b - a)
+    return {f"{name}{unit}": mean, f"{name}_sem{unit}": sem}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

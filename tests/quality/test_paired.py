@@ -9,9 +9,20 @@ def test_identical_configs_differ_by_nothing() -> None:
     (preset, always) = paired.compare(["flux-latent"], {"seed": 0}, {}, "fp32", steps=2, num_seeds=1)
     assert preset["schedule"] == "preset" and always["schedule"] == "always"
     assert always["paired_difference_db"] == 0.0 and always["psnr_a"] == always["psnr_b"]
+    assert always["feature_similarity_paired_difference"] == 0.0
 
 
 def test_a_change_that_matters_moves_the_images() -> None:
     (_, always) = paired.compare(["flux-latent"], {"ratio": 0.75}, {}, "fp32", steps=2, num_seeds=1)
     assert always["psnr_b"] < always["psnr_a"]
     assert 0 < always["psnr_a_vs_b"] < 100  # finite: B's images are not A's
+
+
+def test_feature_similarity_is_paired_per_image_too() -> None:
+    (_, always) = paired.compare(["flux-latent"], {"ratio": 0.75}, {}, "fp32", steps=2, num_seeds=2)
+    a, b = always["feature_similarity_a_per_image"], always["feature_similarity_b_per_image"]
+    assert len(a) == len(b) == 2 and len(always["psnr_b_per_image"]) == 2
+    mean = sum(y - x for x, y in zip(a, b, strict=True)) / 2
+    assert abs(always["feature_similarity_paired_difference"] - mean) < 1e-5
+    assert always["feature_similarity_paired_difference_sem"] > 0
+    assert always["feature_similarity_b"] < always["feature_similarity_a"] <= 1.0

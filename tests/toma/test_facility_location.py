@@ -224,7 +224,7 @@ def test_selector_on_a_ragged_tile_layout() -> None:
         assert raster.shape == (sum(keep),) and len(set(raster.tolist())) == sum(keep)
 
 
-def test_jitter_draws_new_destinations_at_each_selection_from_the_seeded_generator() -> None:
+def test_jitter_draws_new_destinations_at_each_selection_from_the_seed() -> None:
     regions = TilePartitioner(TilePartitioner.Params(size=[4, 4])).partition((10, 7))
     keep = kept_per_region(regions.sizes, 0.5)
     layout = build_layout(regions, 0.5, keep, sum(keep))
@@ -233,7 +233,7 @@ def test_jitter_draws_new_destinations_at_each_selection_from_the_seeded_generat
 
     def picks(jitter: float, seed: int, calls: int = 2) -> list[torch.Tensor]:
         selector = FacilityLocationSelector(FacilityLocationSelector.Params(jitter=jitter))
-        ctx = SelectContext(layout=layout, generator=torch.Generator().manual_seed(seed))
+        ctx = SelectContext(layout=layout, draws=torch.zeros((), dtype=torch.int64), seed=seed)
         return [selector.select(feats, ctx) for _ in range(calls)]
 
     plain = FacilityLocationSelector(FacilityLocationSelector.Params()).select(

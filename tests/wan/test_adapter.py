@@ -17,7 +17,7 @@ from tokenreduce.testing.tiny_wan import tiny_wan_inputs, tiny_wan_transformer
 #: Single calls of a bare model: merge at each (the preset's schedule needs a pipeline's step count).
 EVERY_CALL = {"schedule": {"name": "always"}}
 
-GRID = (3, 7, 5)  # frames x rows x cols after 1x2x2 patches of a 3 x 14 x 10 latent
+GRID = (3, 9, 10)  # frames x rows x cols after 1x2x2 patches of a 3 x 18 x 20 latent (8x8 tiles fit)
 
 
 def call(model, inputs) -> torch.Tensor:
@@ -57,10 +57,10 @@ def test_every_part_runs_on_merged_tokens_with_destination_rope(t2v) -> None:
         block.attn1.processor = processor
         for hook in hooks:
             hook.remove()
-    keep = 105 - 52
+    keep = 270 - 135
     assert seen["tokens"] == keep
     # Hooks see the sub-module's own arguments: the wrapped forward merges them inside.
-    assert lengths == {"attn2": 105, "ffn": 105}
+    assert lengths == {"attn2": 270, "ffn": 270}
     cos, sin = t2v.rope(inputs["hidden_states"])
     got_cos, got_sin = seen["rope"]
     assert torch.equal(got_cos, cos.index_select(1, plan.positions))
@@ -115,8 +115,8 @@ def test_meta_wan_14b_at_720p_has_75600_tokens_per_block() -> None:
     _, _, _, runtime, _ = tr.api.prepare(model, "toma-wan")
     layout = runtime.layout(grids["blocks"])
     assert layout.num_tokens == 75600 and layout.keep == 37800
-    # 4x4 tiles within each frame: 21 frames x 12 x 20 tiles (45 rows: the last tile row is ragged).
-    assert layout.regions.num_regions == 21 * 12 * 20
+    # 8x8 tiles within each frame: 21 frames x 6 x 10 tiles (45 rows: the last tile row is ragged).
+    assert layout.regions.num_regions == 21 * 6 * 10
 
 
 def test_explain_prints_tokens_per_frame_and_block(capsys) -> None:
@@ -141,7 +141,7 @@ def test_bench_builds_and_runs_the_tiny_wan_architecture() -> None:
     bench_call = models.make_inputs(
         "tiny-wan", model, spec.batch, spec.size, spec.width, torch.float32, "cpu"
     )
-    assert bench_call.tokens == 3 * 7 * 5
+    assert bench_call.tokens == 3 * 9 * 10
     plain = bench_call(model)
     with tr.apply(model, "toma-wan", **EVERY_CALL):
         merged = bench_call(model)
@@ -151,5 +151,5 @@ def test_bench_builds_and_runs_the_tiny_wan_architecture() -> None:
 
 def test_prepare_builds_the_layout_of_a_pixel_size(t2v) -> None:
     with tr.apply(t2v, "toma-wan") as handle:
-        handle.prepare(112, 80, frames=9)  # 9 frames -> 3 latent frames; 112x80 px -> 14x10 latent
+        handle.prepare(144, 160, frames=9)  # 9 frames -> 3 latent frames; 144x160 px -> 18x20 latent
         assert GRID in handle.runtime._layouts
