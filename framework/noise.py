@@ -37,15 +37,10 @@ def normal(
     n = math.prod(shape)
     pairs = (n + 1) // 2
     key = _mix32((draws * _GOLDEN + (seed & _MASK32)) & _MASK32)
-    index = torch.arange(pairs, device=draws.device, dtype=torch.int64) * 2
-    u1 = _uniform(index ^ key)
-    u2 = _uniform((index + 1) ^ key)
+    index = torch.arange(2 * pairs, device=draws.device, dtype=torch.int64)
+    bits = _mix32((index ^ key) & _MASK32)
+    u1, u2 = ((bits.to(torch.float32) + 0.5) * (1.0 / 2**32)).view(2, pairs)  # in (0, 1): finite logs
     radius, angle = torch.sqrt(-2.0 * torch.log(u1)), (2.0 * math.pi) * u2
     values = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:n]
     draws.add_(1)
     return values.view(*shape).to(dtype)
-
-
-def _uniform(x: torch.Tensor) -> torch.Tensor:
-    """Hashed values in (0, 1), float32 (the logarithm above stays finite)."""
-    return (_mix32(x & _MASK32).to(torch.float32) + 0.5) * (1.0 / 2**32)

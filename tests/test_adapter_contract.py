@@ -86,7 +86,7 @@ CASES = {
         functools.partial(tiny_qwenimage_transformer, num_layers=2),
         {"skip": 0},
     ),
-    # 3 frames x 7 x 5 tokens (14 x 10 latents, 2x2 patches); image-to-video adds image context.
+    # 3 frames x 9 x 10 tokens (18 x 20 latents, 2x2 patches); image-to-video adds image context.
     "wan": _case(
         "wan",
         tiny_wan_transformer,

@@ -84,8 +84,11 @@ BUDGETS = {
         },
     },
     "qwenimage": {"toma-qwenimage": {("joint", "select"): 56 + PLAN_MARGIN, ("joint", "reuse"): 4}},
-    # One Wan block holds three merged sites (self-attention, cross-attention, feed-forward).
-    "wan": {"toma-wan": {("attn1+attn2+ffn", "select"): 83 + PLAN_MARGIN, ("attn1+attn2+ffn", "reuse"): 21}},
+    # One Wan block holds three merged sites (self-attention, cross-attention, feed-forward). A
+    # select step of the 8x8 tiles runs 32 greedy rounds of 4 kernels (8 rounds with 4x4 tiles) and
+    # about 40 kernels of jitter noise; it comes once per merged step (one plan for all blocks), and
+    # on Wan 2.1 1.3B the merged step measured as fast as with 4x4 tiles (docs/performance.md).
+    "wan": {"toma-wan": {("attn1+attn2+ffn", "select"): 225 + PLAN_MARGIN, ("attn1+attn2+ffn", "reuse"): 21}},
 }
 #: Gathers, scatters and concatenations a reuse step still makes per merged block where the
 #: tile-major token order and the fused single-block path are not implemented (raster <-> tile
@@ -194,8 +197,8 @@ def test_the_command_counts_the_architectures_asked_for(tmp_path: Path) -> None:
     record = json.loads((tmp_path / "ops.json").read_text(encoding="utf-8"))
     assert list(record["families"]) == ["tiny-sd3", "tiny-wan"]
     wan = record["families"]["tiny-wan"]
-    assert (wan["size"], wan["width"], wan["frames"]) == (112, 80, 9)
-    assert wan["image_tokens"] == 3 * 7 * 5  # 9 frames of 112x80 pixels, not 112x112
+    assert (wan["size"], wan["width"], wan["frames"]) == (144, 160, 9)
+    assert wan["image_tokens"] == 3 * 9 * 10  # 9 frames of 144x160 pixels, not 144x144
     assert "attn1+attn2+ffn" in wan["variants"]["toma-wan"]
     assert "| tiny-sd3 | toma-sd3 | joint | select |" in (tmp_path / "ops.md").read_text(encoding="utf-8")
 

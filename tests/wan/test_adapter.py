@@ -1,4 +1,4 @@
-"""The Wan adapter on a tiny ``WanTransformer3DModel``: 3 frames x 7 x 5 tokens (not a multiple of the 4x4 tiles).
+"""The Wan adapter on a tiny ``WanTransformer3DModel``: 3 frames x 9 x 10 tokens (not a multiple of the 8x8 tiles).
 
 Ratio 0 and ``remove`` exactness, finite merged outputs, batches, compile and the absence of host
 reads, for text- and image-to-video, are the adapter contract's (tests/test_adapter_contract.py).
