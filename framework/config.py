@@ -69,7 +69,9 @@ class ConfigBase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
 
     ratio: float = Field(0.5, description="Fraction of image tokens removed per merged layer, in [0, 1).")
-    seed: int = Field(0, description="Seed of the dedicated generator used by random selectors.")
+    seed: int = Field(
+        0, description="Seed of the dedicated generator of random selectors and of selector noise (jitter)."
+    )
     features: Literal["float32", "model"] = Field(
         "model",
         description=(

@@ -85,8 +85,9 @@ class SelectContext:
 
     def normal(self, shape: Sequence[int], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         """Standard normal noise, new at every call in the runtime (the counter advances in place),
-        with the same values eager, compiled and replayed from a CUDA graph; outside the runtime (no
-        counter given) the first draw of the seed."""
+        with the same values eager, compiled (up to float rounding) and replayed from a CUDA graph, on
+        the counter's device; outside the runtime (no counter given) the first draw of the seed, on
+        ``device``."""
         draws = self.draws if self.draws is not None else torch.zeros((), dtype=torch.int64, device=device)
         return noise.normal(shape, draws, self.seed, dtype)
 
@@ -347,5 +348,6 @@ class ModelAdapter(Component):
         """
         device = next(model.parameters()).device
         runtime.generator(device)
+        runtime.draws(device)
         for grid in set(self.grids_for(model, height, width, **size).values()):
             runtime.prepare_grid(grid, device)

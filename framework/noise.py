@@ -1,5 +1,5 @@
-"""Counter-based Gaussian noise: the same values eager, under ``torch.compile`` and replayed from a
-CUDA graph.
+"""Counter-based Gaussian noise: the same values (up to float rounding) eager, under
+``torch.compile`` and replayed from a CUDA graph.
 
 A ``torch.Generator`` cannot be traced by ``torch.compile`` (a graph break, an error under
 ``fullgraph=True``), and the compiled RNG draws other values than the eager one. Here each element's
@@ -38,8 +38,12 @@ def normal(
     pairs = (n + 1) // 2
     key = _mix32((draws * _GOLDEN + (seed & _MASK32)) & _MASK32)
     index = torch.arange(2 * pairs, device=draws.device, dtype=torch.int64)
+    # Two draws whose keys share their high bits hash the same inputs in another order: their values
+    # are each other's at other positions, which is as good as new for jitter (every position still
+    # gets a value unrelated to its previous one).
     bits = _mix32((index ^ key) & _MASK32)
-    u1, u2 = ((bits.to(torch.float32) + 0.5) * (1.0 / 2**32)).view(2, pairs)  # in (0, 1): finite logs
+    # float32 rounds the top values up to 2**32, so u1 can be 1.0 (radius 0); never 0: logs stay finite
+    u1, u2 = ((bits.to(torch.float32) + 0.5) * (1.0 / 2**32)).view(2, pairs)
     radius, angle = torch.sqrt(-2.0 * torch.log(u1)), (2.0 * math.pi) * u2
     values = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:n]
     draws.add_(1)

@@ -269,12 +269,13 @@ class SDXLAdapter(ModelAdapter):
     @staticmethod
     def _build_host_state(model: nn.Module, runtime: Runtime, grids: set[tuple[int, int]]) -> None:
         """Build what the first call would build lazily (the default grids' layouts on the model's
-        device, the selectors' generator), so that a model compiled right after ``apply`` traces
+        device, the selectors' generator and noise counter), so that a model compiled right after ``apply`` traces
         no set-up code. Other resolutions need one eager call before compiled calls."""
         device = next(model.parameters()).device
         if device.type == "meta":
             return
         runtime.generator(device)
+        runtime.draws(device)
         for grid in grids:
             runtime.prepare_grid(grid, device)
 

@@ -39,3 +39,19 @@ def test_compiled_draws_equal_eager_ones_and_advance_the_counter() -> None:
         want = noise.normal((33, 6), eager_draws, 5)
         torch.testing.assert_close(compiled(compiled_draws), want, rtol=1e-5, atol=1e-5)
     assert compiled_draws.item() == eager_draws.item() == 2
+
+
+def test_the_runtime_counts_draws_on_the_device_and_reset_restarts_them() -> None:
+    import tokenreduce as tr
+    from tokenreduce.testing.tiny_wan import tiny_wan_inputs, tiny_wan_transformer
+
+    model = tiny_wan_transformer()
+    inputs = tiny_wan_inputs(model, batch=1)
+    with tr.apply(model, "toma-wan", schedule={"name": "always"}) as handle, torch.no_grad():
+        first = model(**inputs, return_dict=False)[0]
+        draws = handle.runtime.draws(torch.device("cpu"))
+        assert draws.item() == 1  # one selection per call: one plan shared by every block
+        handle.reset()
+        assert draws.item() == 0
+        again = model(**inputs, return_dict=False)[0]
+    assert torch.equal(first, again)  # the same draw after a reset: the same destinations

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 import torch
-from pydantic import ValidationError
 from rich.console import Console
 from torch import nn
 
@@ -429,7 +428,7 @@ def _without_schedule(config: dict[str, Any] | None) -> dict[str, Any] | None:
     still matches) with its schedule dropped; as recorded if it no longer validates."""
     if config is None:
         return None
-    with suppress(ValidationError, ValueError):
+    with suppress(ValueError):  # pydantic's ValidationError and ConfigError are ValueErrors
         config = load_config(config).model_dump(mode="json")
     return {k: v for k, v in config.items() if k != "schedule"}
 

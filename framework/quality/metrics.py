@@ -48,7 +48,7 @@ def psnr_per_item(images: torch.Tensor, references: torch.Tensor) -> torch.Tenso
 def mean_and_sem(differences: torch.Tensor) -> tuple[float, float]:
     """Mean of per-image differences and its standard error (0 for a single image), in float64."""
     d = differences.double()
-    return float(d.mean()), float(d.std() / len(d) ** 0.5) if len(d) > 1 else 0.0
+    return float(d.mean()), (float(d.std() / len(d) ** 0.5) if len(d) > 1 else 0.0)
 
 
 def same_seed(

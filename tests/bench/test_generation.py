@@ -137,6 +137,7 @@ def test_predictions_fall_back_to_graph_mode_and_say_so(flux: generation.Generat
     run = generation.run_record(flux, variants, generation.Timings(), 1, 0)
     pytest.importorskip("tokenreduce.quality.speed")
     assert generation.add_predictions(run, graph_only) is None and run["predicted_mode"] == "graph"
+    assert {v["name"]: v["predicted_speedup"] for v in run["variants"]}["toma-flux"] is not None
     assert "no eager run" in (generation.add_predictions(run, graph_only, modes=("eager",)) or "")
 
 

@@ -86,8 +86,9 @@ BUDGETS = {
     "qwenimage": {"toma-qwenimage": {("joint", "select"): 56 + PLAN_MARGIN, ("joint", "reuse"): 4}},
     # One Wan block holds three merged sites (self-attention, cross-attention, feed-forward). A
     # select step of the 8x8 tiles runs 32 greedy rounds of 4 kernels (8 rounds with 4x4 tiles) and
-    # about 40 kernels of jitter noise; it comes once per merged step (one plan for all blocks), and
-    # on Wan 2.1 1.3B the merged step measured as fast as with 4x4 tiles (docs/performance.md).
+    # about 45 kernels of jitter noise; it comes once per merged step (one plan for all blocks). On
+    # Wan 2.1 1.3B the merged step with 8x8 tiles measured as fast as with 4x4 (docs/performance.md),
+    # with the noise drawn from a generator then (7 kernels).
     "wan": {"toma-wan": {("attn1+attn2+ffn", "select"): 225 + PLAN_MARGIN, ("attn1+attn2+ffn", "reuse"): 21}},
 }
 #: Gathers, scatters and concatenations a reuse step still makes per merged block where the

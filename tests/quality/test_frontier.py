@@ -3,6 +3,8 @@ speeds the points name, and the Pareto and equal-speed checks say what the rows 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tokenreduce.config import load_config
@@ -32,7 +34,7 @@ def test_points_are_valid_and_name_their_bench_variant(kind: str) -> None:
     assert {"random", "grid", "toma"} <= {p.method for p in points}
 
 
-def _noise_on(selector) -> dict:
+def _noise_on(selector: Any) -> dict[str, Any]:
     params = selector.model_dump()
     if "jitter" in params:
         params["jitter"] = params["jitter"] > 0
