@@ -126,3 +126,10 @@ def test_a_merge_schedule_compiles_two_graphs():
         assert merged == [i in range(1, 10, 3) for i in range(10)]
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert graphs == [3, 3]
+
+
+def test_apply_builds_the_noise_counter_before_any_call() -> None:
+    """A model compiled right after ``apply`` must not create set-up state inside its graph."""
+    unet = tiny_sdxl_unet(seed=0)
+    with tr.apply(unet, config(selector={"name": "facility_location", "jitter": 0.1})) as handle:
+        assert "cpu" in handle.runtime._draws

@@ -153,3 +153,5 @@ def test_prepare_builds_the_layout_of_a_pixel_size(t2v) -> None:
     with tr.apply(t2v, "toma-wan") as handle:
         handle.prepare(144, 160, frames=9)  # 9 frames -> 3 latent frames; 144x160 px -> 18x20 latent
         assert GRID in handle.runtime._layouts
+        # The jitter noise's draw counter too: a compiled first call must not create it.
+        assert "cpu" in handle.runtime._draws
