@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from tokenreduce.quality import metrics
 from tokenreduce.quality.fidelity import config_for, merged
 from tokenreduce.quality.proxy.models import LATENT_KINDS, spec
 from tokenreduce.quality.speed import schedule_speedup
@@ -235,7 +236,6 @@ def run(
     resumes. ``shard=(i, n)``: only every n-th point from the i-th, so n processes share a sweep."""
     from tokenreduce.api import apply
     from tokenreduce.demo import DEMO_CLASSES
-    from tokenreduce.quality import metrics
     from tokenreduce.quality.proxy.features import load_features
     from tokenreduce.quality.proxy.models import load_proxy
 
@@ -336,9 +336,7 @@ def paired(a: dict[str, Any], b: dict[str, Any], metric: str) -> tuple[float, fl
     xs, ys = a.get(f"{metric}_per_image"), b.get(f"{metric}_per_image")
     if not xs or not ys or len(xs) != len(ys) or len(xs) < 2:
         return None
-    from tokenreduce.quality.metrics import mean_and_sem
-
-    return mean_and_sem(torch.tensor(xs, dtype=torch.float64) - torch.tensor(ys, dtype=torch.float64))
+    return metrics.mean_and_sem(torch.tensor(xs, dtype=torch.float64) - torch.tensor(ys, dtype=torch.float64))
 
 
 def paired_text(a: dict[str, Any], b: dict[str, Any], metric: str) -> str:

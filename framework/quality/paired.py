@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from tokenreduce.quality import metrics
 from tokenreduce.quality.proxy.models import LATENT_IMAGE_KINDS, spec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,7 +46,6 @@ def compare(
 ) -> list[dict[str, Any]]:
     from tokenreduce.api import apply
     from tokenreduce.demo import DEMO_CLASSES
-    from tokenreduce.quality import metrics
     from tokenreduce.quality.fidelity import config_for
     from tokenreduce.quality.proxy.features import load_features
     from tokenreduce.quality.proxy.models import load_proxy
@@ -109,9 +109,7 @@ def compare(
 
 def _paired(name: str, a: torch.Tensor, b: torch.Tensor, unit: str = "") -> dict[str, float]:
     """Mean of ``b - a`` over the images and its standard error."""
-    from tokenreduce.quality.metrics import mean_and_sem
-
-    mean, sem = mean_and_sem(b - a)
+    mean, sem = metrics.mean_and_sem(b - a)
     return {f"{name}{unit}": mean, f"{name}_sem{unit}": sem}
 
 
