@@ -27,9 +27,16 @@ from tokenreduce.params import StrictParams
 SELF_COVER = 2.0
 
 
-def greedy_picks(features: torch.Tensor, k: int, padding: torch.Tensor | None = None) -> torch.Tensor:
+def greedy_picks(
+    features: torch.Tensor,
+    k: int,
+    padding: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Greedy facility-location picks ``(R, k)`` from ``(B, R, S, C)`` normalised features, objective
     summed over the batch. ``padding``: ``(R, S)`` bool of padding slots (zero features), or ``None``.
+    ``noise``: ``(R, S, S)`` added to every sample's similarities (candidate, client), or ``None``;
+    it must be zero in padding clients' columns.
 
     Per pick: one ``maximum``, one ``sum``, one ``argmax`` and one ``gather`` (the covered similarity
     of every client after the pick is the chosen row of the ``maximum`` just computed). Once a
@@ -37,6 +44,9 @@ def greedy_picks(features: torch.Tensor, k: int, padding: torch.Tensor | None = 
     """
     batch, regions, slots, _ = features.shape
     sim = features @ features.transpose(-1, -2)  # (B, R, S, S): sim[b, r, v, i] candidate v, client i
+    if noise is not None:
+        # Clamped to cosines' range, so SELF_COVER still exceeds every off-diagonal similarity.
+        sim = (sim + noise).clamp_(-1.0, 1.0)
     sim.diagonal(dim1=-2, dim2=-1).fill_(SELF_COVER)
     if padding is not None:
         # Padding candidates cover nothing (their score is the current objective, below any real one);
@@ -116,10 +126,11 @@ class FacilityLocationSelector(Selector):
         jitter: Annotated[float, Field(ge=0.0)] = Field(
             0.0,
             description=(
-                "Standard deviation of Gaussian noise added to the normalised features before the greedy, "
-                "drawn anew at every selection (a counter-based hash of the config's seed: the same values "
-                "eager, compiled and in CUDA graphs): near-equal candidates then alternate between steps, "
-                "so merge errors do not pile up in the same tokens. 0: deterministic (the paper's selector)."
+                "Standard deviation of Gaussian noise added to the cosine similarities between each "
+                "region's tokens before the greedy (then clamped to [-1, 1]), drawn anew at every selection "
+                "(a counter-based hash of the config's seed: the same values eager, compiled and in CUDA "
+                "graphs): near-equal candidates then alternate between steps, so merge errors do not pile "
+                "up in the same tokens. 0: deterministic (the paper's selector)."
             ),
         )
 
@@ -134,17 +145,19 @@ class FacilityLocationSelector(Selector):
         # Features are normalised and zero on padding slots (the runtime's contract); a layout without
         # padding needs no mask at all (a host-side fact).
         padding = ~layout.regions.valid if layout.regions.ragged else None
-        if self.params.jitter > 0:
-            feats = jittered(feats, self.params.jitter, ctx, padding)
-        return greedy_picks(feats, layout.k, padding)
+        noise = similarity_noise(feats, self.params.jitter, ctx, padding) if self.params.jitter > 0 else None
+        return greedy_picks(feats, layout.k, padding, noise)
 
 
-def jittered(
+def similarity_noise(
     features: torch.Tensor, scale: float, ctx: SelectContext, padding: torch.Tensor | None
 ) -> torch.Tensor:
-    """``(B, R, S, C)`` features plus one ``(R, S, C)`` Gaussian draw (the same for every sample: the
-    destinations are shared), normalised again; padding slots stay zero."""
-    noise = ctx.normal(features.shape[1:], features.device, features.dtype)
+    """One ``(R, S, S)`` Gaussian draw of standard deviation ``scale`` for the similarities of
+    ``(B, R, S, C)`` features (the same for every sample: the destinations are shared). Drawn on the
+    similarities rather than the features: ``S`` values per token instead of ``C``, and a scale that
+    means the same at every hidden size. Zero in padding clients' columns, which stay constant."""
+    _, regions, slots, _ = features.shape
+    noise = scale * ctx.normal((regions, slots, slots), features.device, features.dtype)
     if padding is not None:
-        noise = noise.masked_fill(padding.unsqueeze(-1), 0.0)
-    return torch.nn.functional.normalize(features + scale * noise, dim=-1)
+        noise = noise.masked_fill(padding.unsqueeze(1), 0.0)
+    return noise

@@ -248,3 +248,35 @@ def test_jitter_draws_new_destinations_at_each_selection_from_the_seed() -> None
         for r, n in enumerate(layout.dests):
             chosen = dest[r, :n].tolist()
             assert len(set(chosen)) == n and all(bool(regions.valid[r, p]) for p in chosen)
+
+
+def _jittered_picks(feats: torch.Tensor, layout: object, jitter: float, seed: int = 0) -> torch.Tensor:
+    selector = FacilityLocationSelector(FacilityLocationSelector.Params(jitter=jitter))
+    ctx = SelectContext(layout=layout, draws=torch.zeros((), dtype=torch.int64), seed=seed)  # type: ignore[arg-type]
+    return selector.select(feats, ctx)
+
+
+def test_jitter_means_the_same_at_every_hidden_size() -> None:
+    # The noise is drawn on the similarities, so padding the features with zero channels (which
+    # leaves every cosine as it was) leaves the jittered picks as they were.
+    regions = TilePartitioner(TilePartitioner.Params(size=[4, 4])).partition((8, 8))
+    keep = kept_per_region(regions.sizes, 0.5)
+    layout = build_layout(regions, 0.5, keep, sum(keep))
+    narrow = F.normalize(torch.randn(1, regions.num_regions, regions.slots, 8), dim=-1)
+    wide = F.pad(narrow, (0, 56))
+    assert torch.equal(_jittered_picks(narrow, layout, 0.3), _jittered_picks(wide, layout, 0.3))
+    assert not torch.equal(_jittered_picks(narrow, layout, 0.3), _jittered_picks(narrow, layout, 0.0))
+
+
+def test_large_jitter_still_picks_distinct_valid_slots() -> None:
+    # Noise far above the cosines' range: clamping keeps every chosen candidate covered best by itself.
+    regions = TilePartitioner(TilePartitioner.Params(size=[4, 4])).partition((10, 7))
+    keep = kept_per_region(regions.sizes, 0.1)  # many picks per tile: late picks add little
+    layout = build_layout(regions, 0.1, keep, sum(keep))
+    feats = F.normalize(torch.randn(2, regions.num_regions, regions.slots, 8), dim=-1)
+    feats = feats * regions.valid.unsqueeze(-1)
+    for seed in range(4):
+        dest = _jittered_picks(feats, layout, 10.0, seed)
+        for r, n in enumerate(layout.dests):
+            chosen = dest[r, :n].tolist()
+            assert len(set(chosen)) == n and all(bool(regions.valid[r, p]) for p in chosen)
