@@ -327,7 +327,7 @@ def tokenreduce_register(registry: Any) -> None:
         "toma-wan",
         "tokenreduce.toma_plugin.presets",
         "toma-wan.yaml",
-        "ToMA on Wan video (chosen on the Wan-shaped proxy only): r=0.5, facility location with jitter 0.1 on 8x8 tiles "
+        "ToMA on Wan video (chosen on the Wan-shaped proxy only): r=0.5, facility location with jitter 0.5 on 8x8 tiles "
         "within a frame, attention merge, second half of the steps",
     )
     registry.add_preset(

@@ -25,6 +25,8 @@ from tokenreduce.params import StrictParams
 #: chosen candidates score strictly below every unchosen one (by at least 1 per sample) without a mask,
 #: while unchosen candidates keep their order (their scores all shift by the same constant).
 SELF_COVER = 2.0
+#: Largest cosine magnitude taken into z space (``atanh(1)`` is infinite).
+Z_BOUND = 1.0 - 1e-6
 
 
 def greedy_picks(
@@ -45,8 +47,7 @@ def greedy_picks(
     batch, regions, slots, _ = features.shape
     sim = features @ features.transpose(-1, -2)  # (B, R, S, S): sim[b, r, v, i] candidate v, client i
     if noise is not None:
-        # Clamped to cosines' range, so SELF_COVER still exceeds every off-diagonal similarity.
-        sim = (sim + noise).clamp_(-1.0, 1.0)
+        sim = perturbed(sim, noise)
     sim.diagonal(dim1=-2, dim2=-1).fill_(SELF_COVER)
     if padding is not None:
         # Padding candidates cover nothing (their score is the current objective, below any real one);
@@ -62,6 +63,17 @@ def greedy_picks(
         if step + 1 < k:
             covered = m.gather(2, idx.view(1, regions, 1, 1).expand(batch, regions, 1, slots))
     return torch.stack(picks, dim=1)
+
+
+def perturbed(sim: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Cosines moved by ``noise`` in Fisher's z (``atanh``) space: the result stays inside (-1, 1),
+    so SELF_COVER still exceeds every off-diagonal similarity, with no ties at the bounds (clamping
+    would tie every pushed-out value at 1 and hand the pick to the lowest index); near-equal
+    cosines swap order far more often than distant ones. In float32 at least: half precision would
+    round the perturbed cosines near 1 into ties again."""
+    wide = torch.promote_types(sim.dtype, torch.float32)
+    z = torch.atanh(sim.to(wide).clamp(-Z_BOUND, Z_BOUND))
+    return torch.tanh(z + noise.to(wide))
 
 
 def facility_location_greedy(
@@ -127,7 +139,7 @@ class FacilityLocationSelector(Selector):
             0.0,
             description=(
                 "Standard deviation of Gaussian noise added to the cosine similarities between each "
-                "region's tokens before the greedy (then clamped to [-1, 1]), drawn anew at every selection "
+                "region's tokens before the greedy, in Fisher's z space (atanh), drawn anew at every selection "
                 "(a counter-based hash of the config's seed: the same values eager, compiled and in CUDA "
                 "graphs): near-equal candidates then alternate between steps, so merge errors do not pile "
                 "up in the same tokens. 0: deterministic (the paper's selector)."

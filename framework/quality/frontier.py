@@ -60,7 +60,7 @@ SKIPS = {"flux": ((0, 0), (2, 10)), "wan": ((2, 8), (4, 15))}
 TILES = {"flux": (2, 8), "sdxl": (4,), "wan": (2, 4, 8)}
 #: Facility location's similarity noise tried beside each preset's (0: the paper's selector). Its scale
 #: does not change the kernels, so every nonzero value takes the speed of one bench variant.
-JITTERS = (0.0, 0.1, 0.3)
+JITTERS = (0.0, 0.5, 1.5)
 
 
 @dataclass(frozen=True)

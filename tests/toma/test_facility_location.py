@@ -269,7 +269,7 @@ def test_jitter_means_the_same_at_every_hidden_size() -> None:
 
 
 def test_large_jitter_still_picks_distinct_valid_slots() -> None:
-    # Noise far above the cosines' range: clamping keeps every chosen candidate covered best by itself.
+    # Noise far above the cosines' range: the similarities stay below SELF_COVER, so picks stay distinct.
     regions = TilePartitioner(TilePartitioner.Params(size=[4, 4])).partition((10, 7))
     keep = kept_per_region(regions.sizes, 0.1)  # many picks per tile: late picks add little
     layout = build_layout(regions, 0.1, keep, sum(keep))
