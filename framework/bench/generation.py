@@ -464,6 +464,9 @@ def add_predictions(
         ((m, rows) for m in modes if (rows := merged_step_speedups(per_step, run["arch"], m))), (None, [])
     )
     if mode is None:
+        run.pop("predicted_mode", None)  # nothing of an earlier prediction stays
+        for row in run["variants"]:
+            row["predicted_speedup"] = None
         return f"no prediction: the per-step record has no {' or '.join(modes)} run of {run['arch']}"
     run["predicted_mode"] = mode
     for row in run["variants"]:

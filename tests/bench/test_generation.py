@@ -139,6 +139,9 @@ def test_predictions_fall_back_to_graph_mode_and_say_so(flux: generation.Generat
     assert generation.add_predictions(run, graph_only) is None and run["predicted_mode"] == "graph"
     assert {v["name"]: v["predicted_speedup"] for v in run["variants"]}["toma-flux"] is not None
     assert "no eager run" in (generation.add_predictions(run, graph_only, modes=("eager",)) or "")
+    # Predicting again from a record that cannot predict leaves nothing of the earlier prediction.
+    assert "predicted_mode" not in run
+    assert all(v.get("predicted_speedup") is None for v in run["variants"])
 
 
 @pytest.mark.slow
