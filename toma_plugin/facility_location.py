@@ -37,8 +37,8 @@ def greedy_picks(
 ) -> torch.Tensor:
     """Greedy facility-location picks ``(R, k)`` from ``(B, R, S, C)`` normalised features, objective
     summed over the batch. ``padding``: ``(R, S)`` bool of padding slots (zero features), or ``None``.
-    ``noise``: ``(R, S, S)`` added to every sample's similarities (candidate, client), or ``None``;
-    it must be zero in padding clients' columns.
+    ``noise``: ``(R, S, S)`` moved into every sample's similarities (candidate, client; see
+    :func:`perturbed`), or ``None``.
 
     Per pick: one ``maximum``, one ``sum``, one ``argmax`` and one ``gather`` (the covered similarity
     of every client after the pick is the chosen row of the ``maximum`` just computed). Once a
@@ -47,6 +47,8 @@ def greedy_picks(
     batch, regions, slots, _ = features.shape
     sim = features @ features.transpose(-1, -2)  # (B, R, S, S): sim[b, r, v, i] candidate v, client i
     if noise is not None:
+        if padding is not None:  # padding clients' columns stay constant (see below)
+            noise = noise.masked_fill(padding.unsqueeze(1), 0.0)
         sim = perturbed(sim, noise)
     sim.diagonal(dim1=-2, dim2=-1).fill_(SELF_COVER)
     if padding is not None:
@@ -157,19 +159,14 @@ class FacilityLocationSelector(Selector):
         # Features are normalised and zero on padding slots (the runtime's contract); a layout without
         # padding needs no mask at all (a host-side fact).
         padding = ~layout.regions.valid if layout.regions.ragged else None
-        noise = similarity_noise(feats, self.params.jitter, ctx, padding) if self.params.jitter > 0 else None
+        noise = similarity_noise(feats, self.params.jitter, ctx) if self.params.jitter > 0 else None
         return greedy_picks(feats, layout.k, padding, noise)
 
 
-def similarity_noise(
-    features: torch.Tensor, scale: float, ctx: SelectContext, padding: torch.Tensor | None
-) -> torch.Tensor:
+def similarity_noise(features: torch.Tensor, scale: float, ctx: SelectContext) -> torch.Tensor:
     """One ``(R, S, S)`` Gaussian draw of standard deviation ``scale`` for the similarities of
     ``(B, R, S, C)`` features (the same for every sample: the destinations are shared). Drawn on the
     similarities rather than the features: ``S`` values per token instead of ``C``, and a scale that
-    means the same at every hidden size. Zero in padding clients' columns, which stay constant."""
+    means the same at every hidden size."""
     _, regions, slots, _ = features.shape
-    noise = scale * ctx.normal((regions, slots, slots), features.device, features.dtype)
-    if padding is not None:
-        noise = noise.masked_fill(padding.unsqueeze(1), 0.0)
-    return noise
+    return scale * ctx.normal((regions, slots, slots), features.device, features.dtype)

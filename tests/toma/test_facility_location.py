@@ -12,7 +12,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from tokenreduce.interfaces import SelectContext
-from tokenreduce.layout import build_layout, kept_per_region
+from tokenreduce.layout import Layout, build_layout, kept_per_region
 from tokenreduce.toma_plugin.facility_location import FacilityLocationSelector, facility_location_greedy
 from tokenreduce.toma_plugin.tile import TilePartitioner
 
@@ -232,9 +232,8 @@ def test_jitter_draws_new_destinations_at_each_selection_from_the_seed() -> None
     feats = feats * regions.valid.unsqueeze(-1)
 
     def picks(jitter: float, seed: int, calls: int = 2) -> list[torch.Tensor]:
-        selector = FacilityLocationSelector(FacilityLocationSelector.Params(jitter=jitter))
-        ctx = SelectContext(layout=layout, draws=torch.zeros((), dtype=torch.int64), seed=seed)
-        return [selector.select(feats, ctx) for _ in range(calls)]
+        ctx = _noise_context(layout, seed)
+        return [_jittered_picks(feats, layout, jitter, ctx=ctx) for _ in range(calls)]
 
     plain = FacilityLocationSelector(FacilityLocationSelector.Params()).select(
         feats, SelectContext(layout=layout)
@@ -250,10 +249,16 @@ def test_jitter_draws_new_destinations_at_each_selection_from_the_seed() -> None
             assert len(set(chosen)) == n and all(bool(regions.valid[r, p]) for p in chosen)
 
 
-def _jittered_picks(feats: torch.Tensor, layout: object, jitter: float, seed: int = 0) -> torch.Tensor:
+def _noise_context(layout: Layout, seed: int) -> SelectContext:
+    """A selection context with its own noise draw counter, as the runtime gives one."""
+    return SelectContext(layout=layout, draws=torch.zeros((), dtype=torch.int64), seed=seed)
+
+
+def _jittered_picks(
+    feats: torch.Tensor, layout: Layout, jitter: float, seed: int = 0, ctx: SelectContext | None = None
+) -> torch.Tensor:
     selector = FacilityLocationSelector(FacilityLocationSelector.Params(jitter=jitter))
-    ctx = SelectContext(layout=layout, draws=torch.zeros((), dtype=torch.int64), seed=seed)  # type: ignore[arg-type]
-    return selector.select(feats, ctx)
+    return selector.select(feats, ctx or _noise_context(layout, seed))
 
 
 def test_jitter_means_the_same_at_every_hidden_size() -> None:
