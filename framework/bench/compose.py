@@ -10,16 +10,20 @@ alone, compile alone, ToMA + cache, ToMA + compile, ... Order of set-up (the rec
   ``CacheMixin``): spatial attention recomputed every 2nd call between timesteps 100 and 800,
   diffusers' documented example. Denoisers without ``enable_cache`` skip the cache variants.
 - ``compile``: ``torch.compile`` of the denoiser after everything else is installed. A compiled
-  model cannot switch variants without recompiling, so the compiled variants are timed one after
-  another (each warmed up, compilation included, before its timed rounds), the others interleaved.
+  model cannot switch variants without recompiling, so each compiled combination runs on its own
+  copy of the denoiser, compiled once (its first, untimed generation), and every combination is
+  timed interleaved round by round.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -27,7 +31,7 @@ from rich.console import Console
 
 from tokenreduce.api import apply
 from tokenreduce.bench import generation, models
-from tokenreduce.bench.timing import Stopwatch, Timings, describe_error
+from tokenreduce.bench.timing import COMPILE_CACHE_LIMIT, Stopwatch, Timings, describe_error
 from tokenreduce.bench.variants import Variant, VariantSet, _validated, check_against, toma_preset
 
 PARTS = ("cache", "compile")
@@ -36,8 +40,8 @@ PAB = {"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip
 ORDER_NOTE = (
     "compose: set up in the order tokenreduce.apply, then the diffusers cache hooks, then torch.compile of "
     "the denoiser (torn down in reverse); cache = Pyramid Attention Broadcast (spatial attention every 2nd "
-    "call for timesteps in (100, 800)); compiled variants are timed one after another (a compiled model "
-    "cannot switch variants without recompiling), each after its own warm-up, the others interleaved; "
+    "call for timesteps in (100, 800)); every combination timed interleaved round by round, each compiled "
+    "one on its own copy of the denoiser, compiled in an untimed first generation; "
     "speedup_over_part = the same combination without ToMA over this one"
 )
 
@@ -143,6 +147,21 @@ def installed(gen: generation.Generation, combo: Combination) -> Iterator[None]:
             handle.remove()
 
 
+@contextmanager
+def own_copy(gen: generation.Generation, combo: Combination) -> Iterator[generation.Generation]:
+    """``combo`` installed on a deep copy of ``gen``'s denoiser and scheduler (same inputs, same VAE).
+
+    A compiled model cannot switch variants without recompiling; on copies of their own, compiled
+    combinations stay compiled side by side and can be timed interleaved like the eager ones.
+    """
+    pipe = generation.BenchPipeline(
+        gen.family, copy.deepcopy(gen.pipe.denoiser), copy.deepcopy(gen.pipe.scheduler)
+    )
+    own = dataclasses.replace(gen, pipe=pipe)
+    with installed(own, combo):
+        yield own
+
+
 @torch.no_grad()
 def time_combinations(
     gen: generation.Generation,
@@ -151,38 +170,50 @@ def time_combinations(
     warmup: int,
     advance: Callable[[], None] | None = None,
 ) -> Timings:
-    """Eager combinations interleaved round by round (set up per generation); compiled ones one after
-    another, set up once each, warmed up (at least once: compilation) and timed ``rounds`` times."""
+    """Every combination timed round by round, interleaved, so drift over the run (clocks, a busy
+    host) reaches all alike. Eager combinations are set up on ``gen`` for each generation; each
+    compiled one once, on its own copy of the denoiser (one more copy of the weights per compiled
+    combination), and warmed up at least once (its compilation) before the timed rounds."""
     watch = Stopwatch(next(gen.pipe.denoiser.parameters()).device)
     out = Timings(samples={c.name: [] for c in combos})
-    eager = [c for c in combos if not c.compile]
-    for rnd in range(-warmup, rounds):
-        for combo in list(eager):
+    first = -max(warmup, 1) if any(c.compile for c in combos) else -warmup
+    config = torch._dynamo.config
+    limit = config.cache_size_limit
+    with ExitStack() as stack:
+        stack.callback(setattr, config, "cache_size_limit", limit)
+        config.cache_size_limit = max(limit, COMPILE_CACHE_LIMIT)  # both variants' graphs stay cached
+        runs: dict[str, Callable[[], Any]] = {}
+        for combo in combos:
             try:
-                with installed(gen, combo):
-                    ms = watch(gen)
+                runs[combo.name] = (
+                    stack.enter_context(own_copy(gen, combo))
+                    if combo.compile
+                    else partial(_installed_run, gen, combo)
+                )
             except Exception as exc:  # one broken combination must not end the run
                 out.errors[combo.name] = describe_error(exc)
-                eager.remove(combo)
-                continue
-            out.log.append((rnd, combo.name))
-            if rnd >= 0:
-                out.samples[combo.name].append(ms)
-            if advance is not None:
-                advance()
-    for combo in (c for c in combos if c.compile):
-        try:
-            with installed(gen, combo):
-                for rnd in range(-max(warmup, 1), rounds):
-                    ms = watch(gen)
-                    out.log.append((rnd, combo.name))
-                    if rnd >= 0:
-                        out.samples[combo.name].append(ms)
-                    if advance is not None:
-                        advance()
-        except Exception as exc:
-            out.errors[combo.name] = describe_error(exc)
+        for rnd in range(first, rounds):
+            for combo in combos:
+                run = runs.get(combo.name)
+                if run is None or (rnd < -warmup and not combo.compile):
+                    continue
+                try:
+                    ms = watch(run)
+                except Exception as exc:
+                    out.errors[combo.name] = describe_error(exc)
+                    del runs[combo.name]
+                    continue
+                out.log.append((rnd, combo.name))
+                if rnd >= 0:
+                    out.samples[combo.name].append(ms)
+                if advance is not None:
+                    advance()
     return out
+
+
+def _installed_run(gen: generation.Generation, combo: Combination) -> torch.Tensor:
+    with installed(gen, combo):
+        return gen()
 
 
 def add_part_speedups(rows: list[dict[str, Any]], combos: Sequence[Combination]) -> None:

@@ -153,6 +153,32 @@ def test_compile_composes_with_toma(flux: generation.Generation) -> None:
     assert get_handle(flux.pipe.denoiser) is None and flux.pipe.forward is flux.pipe.denoiser
 
 
+def test_compiled_combinations_run_on_copies_interleaved_with_the_rest(
+    flux: generation.Generation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compiled: list[torch.nn.Module] = []
+    monkeypatch.setattr(torch, "compile", lambda model, **_: compiled.append(model) or model)
+    toma = generation.generation_variants("flux").variants[1]
+    combos = [
+        compose.Combination(None),
+        compose.Combination(None, compile=True),
+        compose.Combination(toma),
+        compose.Combination(toma, compile=True),
+    ]
+    weights = [p.data_ptr() for p in flux.pipe.denoiser.parameters()]
+    result = compose.time_combinations(flux, combos, rounds=2, warmup=0)
+    assert result.errors == {} and all(len(s) == 2 for s in result.samples.values())
+    # The compiled ones are compiled once each, on copies: the shared model is never compiled.
+    assert len(compiled) == 2 and all(m is not flux.pipe.denoiser for m in compiled)
+    assert [p.data_ptr() for p in flux.pipe.denoiser.parameters()] == weights
+    assert get_handle(flux.pipe.denoiser) is None and flux.pipe.forward is flux.pipe.denoiser
+    # A first untimed round compiles; then every round times every combination.
+    names = [c.name for c in combos]
+    assert result.log == [(-1, "compile"), (-1, "toma-flux+compile")] + [
+        (r, n) for r in (0, 1) for n in names
+    ]
+
+
 def test_methods_choose_the_variants_and_unmodified_stays() -> None:
     every = generation.generation_variants("sd3")  # a family without a -fast preset
     assert [v.method for v in every.variants] == ["unmodified", "toma", "ideal"]
