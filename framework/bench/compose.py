@@ -182,21 +182,22 @@ def time_combinations(
     with ExitStack() as stack:
         stack.callback(setattr, config, "cache_size_limit", limit)
         config.cache_size_limit = max(limit, COMPILE_CACHE_LIMIT)  # both variants' graphs stay cached
-        runs: dict[str, Callable[[], Any]] = {}
+        # each combination's generation (whose step times it reads) and how to run it once
+        runs: dict[str, tuple[generation.Generation, Callable[[], Any]]] = {}
         for combo in combos:
             try:
-                runs[combo.name] = (
-                    stack.enter_context(own_copy(gen, combo))
-                    if combo.compile
-                    else partial(_installed_run, gen, combo)
-                )
+                if combo.compile:
+                    own = stack.enter_context(own_copy(gen, combo))
+                    runs[combo.name] = (own, own)
+                else:
+                    runs[combo.name] = (gen, partial(_installed_run, gen, combo))
             except Exception as exc:  # one broken combination must not end the run
                 out.errors[combo.name] = describe_error(exc)
         for rnd in range(first, rounds):
             for combo in combos:
-                run = runs.get(combo.name)
-                if run is None or (rnd < -warmup and not combo.compile):
+                if combo.name not in runs or (rnd < -warmup and not combo.compile):
                     continue
+                timed, run = runs[combo.name]
                 try:
                     ms = watch(run)
                 except Exception as exc:
@@ -206,6 +207,7 @@ def time_combinations(
                 out.log.append((rnd, combo.name))
                 if rnd >= 0:
                     out.samples[combo.name].append(ms)
+                    out.step_ms.setdefault(combo.name, []).append(timed.step_ms())
                 if advance is not None:
                     advance()
     return out

@@ -16,6 +16,9 @@ adapter plugins register a :class:`GenerationRecipe` per adapter family with :fu
 from __future__ import annotations
 
 import datetime
+import itertools
+import statistics
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
@@ -166,6 +169,9 @@ class Generation:
     seed: int = 0
     size: dict[str, int] = field(default_factory=dict)  # further sizes ``handle.prepare`` takes (frames)
     latents: torch.Tensor = field(init=False)
+    # The end of every denoising step of the last generation, after the start of the first (read them
+    # with ``step_ms`` once the generation is synchronised).
+    marks: list[Any] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         generator = torch.Generator(device=_device_of(self.pipe.denoiser)).manual_seed(self.seed)
@@ -180,15 +186,31 @@ class Generation:
         """One generation from the same noise; the decoded image or video (the latent without a VAE)."""
         pipe, recipe = self.pipe, self.recipe
         latents = recipe.set_timesteps(pipe.scheduler, self.steps, self.latents.clone(), self.latents.device)
+        self.marks = [self._mark()]
         with pipe.progress_bar(total=self.steps):
             for t in pipe.scheduler.timesteps:
                 pipe.current_timestep = t
                 pred = recipe.predict(pipe.forward, self.call, latents, t, pipe.scheduler, self.context)
                 latents = pipe.scheduler.step(pred, t, latents, return_dict=False)[0]
+                self.marks.append(self._mark())
         pipe.current_timestep = None
         out = latents if self.vae is None else recipe.decode(self.vae, latents, self.height, self.width)
         pipe.maybe_free_model_hooks()
         return out
+
+    def _mark(self) -> Any:
+        if self.latents.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def step_ms(self) -> list[float]:
+        """Milliseconds of each denoising step of the last generation (call after synchronising)."""
+        pairs = itertools.pairwise(self.marks)
+        if self.latents.device.type != "cuda":
+            return [(b - a) * 1e3 for a, b in pairs]
+        return [a.elapsed_time(b) for a, b in pairs]
 
 
 def _batch_of(call: models.DenoiserCall) -> int:
@@ -321,6 +343,7 @@ def time_generations(
             out.log.append((rnd, variant.name))
             if rnd >= 0:
                 out.samples[variant.name].append(ms)
+                out.step_ms.setdefault(variant.name, []).append(gen.step_ms())
             if advance is not None:
                 advance()
     return out
@@ -346,6 +369,7 @@ def run_record(
                 "cycle_length": gen.steps,
                 **report.stats(samples),
                 "samples_ms": samples,
+                **step_split(samples, result.step_ms.get(variant.name, [])),
                 "peak_memory_gib": None,
                 "error": result.errors.get(variant.name),
                 "config": variant.config,
@@ -374,6 +398,18 @@ def run_record(
         "variants": rows,
         "skipped": variants.skipped,
         "notes": {**result.notes, **(extra_notes or {})},
+    }
+
+
+def step_split(totals: Sequence[float], steps: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """Where a generation's time goes, median over the rounds: ``step_ms`` per denoising step,
+    ``steps_ms`` all steps, ``rest_ms`` the rest (the VAE decode, ``set_timesteps``)."""
+    if not steps or len(steps) != len(totals):
+        return {}
+    return {
+        "step_ms": [statistics.median(column) for column in zip(*steps, strict=True)],
+        "steps_ms": statistics.median(sum(s) for s in steps),
+        "rest_ms": statistics.median(t - sum(s) for t, s in zip(totals, steps, strict=True)),
     }
 
 
@@ -469,17 +505,28 @@ def add_predictions(
             row["predicted_speedup"] = None
         return f"no prediction: the per-step record has no {' or '.join(modes)} run of {run['arch']}"
     run["predicted_mode"] = mode
+    base = next((r for r in run["variants"] if r.get("config") is None and r.get("steps_ms")), None)
     for row in run["variants"]:
         row["predicted_speedup"] = None
         key = _without_schedule(row.get("config"))
         match = next((s for config, s in measured if config == key), None) if key else None
         if match is not None:
-            row["predicted_speedup"] = schedule_speedup(row["config"], match, run["steps"])
+            steps = schedule_speedup(row["config"], match, run["steps"])
+            row["predicted_speedup"] = (
+                steps if base is None else with_rest(steps, base["steps_ms"], base["rest_ms"])
+            )
     return None
 
 
+def with_rest(steps_speedup: float, steps_ms: float, rest_ms: float) -> float:
+    """The generation's speedup when its steps speed up ``steps_speedup`` times and the rest (the
+    decode) takes as long as before."""
+    return (steps_ms + rest_ms) / (steps_ms / steps_speedup + rest_ms)
+
+
 def markdown(record: dict[str, Any]) -> str:
-    """Per-generation table: median and quartiles, measured speedup, predicted where known."""
+    """Per-generation table: median and quartiles, the steps' and the rest's share, measured speedup,
+    predicted where known."""
     lines = ["", "## per generation: measured and predicted speedup", ""]
     for run in record["runs"]:
         lines += [
@@ -487,11 +534,13 @@ def markdown(record: dict[str, Any]) -> str:
             f"{run['dtype']}, {run['scheduler']}; {run['vae']}"
             + (f"; predicted from {run['predicted_mode']}-mode steps" if run.get("predicted_mode") else ""),
             "",
-            "| variant | median ms | q1 ms | q3 ms | speedup | predicted | over the part alone |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| variant | median ms | q1 ms | q3 ms | steps ms | rest ms | speedup | predicted | over the part alone |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for v in run["variants"]:
-            cells = [report._fmt(v.get(k), ".1f") for k in ("median_ms", "q1_ms", "q3_ms")]
+            cells = [
+                report._fmt(v.get(k), ".1f") for k in ("median_ms", "q1_ms", "q3_ms", "steps_ms", "rest_ms")
+            ]
             cells += [
                 report._fmt(v.get(k), ".3f") for k in ("speedup", "predicted_speedup", "speedup_over_part")
             ]
@@ -604,7 +653,8 @@ def run_generation_bench(settings: GenerationSettings, console: Console | None =
         record["notes"].append(
             "predicted = the end-to-end speedup the merge schedule and reuse policy imply over the steps, "
             "from the merged-step speedup of the same config in the per-step record (its eager run; its "
-            "graph run where it has no eager one: see each run's predicted_mode)"
+            "graph run where it has no eager one: see each run's predicted_mode), with the rest of the "
+            "unmodified generation (rest_ms: the VAE decode, set_timesteps) taking as long as before"
         )
     paths = report.write(record, Path(settings.output))
     with paths["markdown"].open("a", encoding="utf-8") as f:

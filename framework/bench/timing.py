@@ -119,6 +119,8 @@ class Timings:
     errors: dict[str, str] = field(default_factory=dict)
     # (round, variant) in execution order; negative rounds are warm-up
     log: list[tuple[int, str]] = field(default_factory=list)
+    # whole generations: the milliseconds of each denoising step, per timed round
+    step_ms: dict[str, list[list[float]]] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
 
 

@@ -42,6 +42,11 @@ def test_generation_command_times_every_variant_of_every_tiny_arch(tmp_path) -> 
         assert run["steps"] == 2 and run["unit"] == "generation" and "decode timed" in run["vae"]
         assert run["text_encoding"].startswith("excluded")
     assert record["runs"][2]["guidance_passes"] == 2  # Wan: conditional and unconditional apart
+    for row in (v for run in record["runs"] for v in run["variants"]):
+        # Where the time goes: each step, all steps, the rest (decode); they add up to the total.
+        assert len(row["step_ms"]) == 2 and all(ms > 0 for ms in row["step_ms"])
+        assert row["steps_ms"] == pytest.approx(sum(row["step_ms"])) and row["rest_ms"] > 0
+        assert row["steps_ms"] + row["rest_ms"] == pytest.approx(row["median_ms"])
     assert "measured and predicted speedup" in (tmp_path / "bench.md").read_text()
 
 
@@ -107,8 +112,14 @@ def test_predictions_match_configs_regardless_of_schedule(flux: generation.Gener
         return
     assert note is None
     predicted = {v["name"]: v["predicted_speedup"] for v in run["variants"]}
-    assert predicted["toma-flux"] == pytest.approx(schedule_speedup(toma.config, 2.0, flux.steps))
+    steps = schedule_speedup(toma.config, 2.0, flux.steps)
+    assert predicted["toma-flux"] == pytest.approx(steps)  # no step times measured: the steps alone
     assert predicted["unmodified"] is None and predicted[variants.variants[2].name] is None
+    # With the unmodified generation's split measured, the rest (the decode) does not speed up.
+    run["variants"][0].update(steps_ms=900.0, rest_ms=100.0)
+    assert generation.add_predictions(run, per_step) is None
+    predicted = {v["name"]: v["predicted_speedup"] for v in run["variants"]}
+    assert predicted["toma-flux"] == pytest.approx(1000.0 / (900.0 / steps + 100.0))
     assert generation.add_predictions(run, {"runs": []}) is not None  # no run of this arch: said so
 
 
@@ -177,6 +188,11 @@ def test_compiled_combinations_run_on_copies_interleaved_with_the_rest(
     assert result.log == [(-1, "compile"), (-1, "toma-flux+compile")] + [
         (r, n) for r in (0, 1) for n in names
     ]
+    # Step times of each timed generation, the compiled ones' from their copies.
+    assert set(result.step_ms) == set(names)
+    assert all(
+        len(rounds) == 2 and all(len(s) == flux.steps for s in rounds) for rounds in result.step_ms.values()
+    )
 
 
 def test_methods_choose_the_variants_and_unmodified_stays() -> None:
