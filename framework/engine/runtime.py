@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenreduce.builtins.schedules import AlwaysSchedule
-from tokenreduce.engine.clock import Clock
+from tokenreduce.engine.clock import MAX_PASSES_PER_STEP, Clock
 from tokenreduce.interfaces import Decision, MergePlan, Merger, SelectContext
 from tokenreduce.layout import Layout, build_layout, grid_fits, grid_text, kept_per_region, unmerged_layout
 
@@ -59,13 +59,20 @@ class Slot:
     plan: MergePlan | None = None
 
 
+def fresh_slots() -> dict[int, Slot]:
+    """One empty slot per possible guidance pass, made up front: a compiled graph then finds the
+    same slots at the first merged call as at every later one (one graph per decision, not one
+    more for the call that would have created them)."""
+    return {index: Slot() for index in range(MAX_PASSES_PER_STEP)}
+
+
 @dataclass
 class Group:
     """Blocks sharing one plan (a block kind, or a single block)."""
 
     name: str
     merger: Merger
-    slots: dict[int, Slot] = field(default_factory=dict)
+    slots: dict[int, Slot] = field(default_factory=fresh_slots)
 
 
 class Runtime:
@@ -242,7 +249,7 @@ class Runtime:
     def reset_state(self) -> None:
         """Forget every cached plan (e.g. after the model moved to another device)."""
         for group in self.groups.values():
-            group.slots.clear()
+            group.slots = fresh_slots()
         # Re-seeded rather than dropped: the same stream restarts, and compiled graphs keep the objects.
         for gen in self._generators.values():
             gen.manual_seed(self.config.seed)
@@ -266,11 +273,13 @@ class Runtime:
         norm when a whole block is wrapped); it runs only when a plan is computed, never on reuse.
         ``sequence``: ``x`` is in region order (:meth:`region_order`) instead of raster order.
         """
-        slot = group.slots.get(self.clock.pass_index)
-        if slot is None:
-            slot = group.slots[self.clock.pass_index] = Slot()
+        slot = group.slots[self.clock.pass_index]
         key = (x.shape[0], x.shape[1], grid, x.dtype, x.device, sequence)
-        decision = slot.pending if slot.key == key else Decision.SELECT
+        decision = slot.pending
+        # A plan for other shapes is no plan for these. (Not read when selecting anyway: a compiled
+        # graph then guards on the decision alone, the same at the first selection as at later ones.)
+        if decision is not Decision.SELECT and slot.key != key:
+            decision = Decision.SELECT
         if decision is Decision.REUSE and slot.plan is not None:
             return slot.plan
         layout = self.layout(grid, sequence)

@@ -128,7 +128,7 @@ def test_flux_new_size_needs_prepare_and_then_compiles():
 @torch.no_grad()
 def test_graph_count_does_not_grow_with_the_number_of_sites():
     """Two 6-step generations through the pipeline's clock with twelve sharing groups: as few graphs
-    as with one group (one per pending decision: select, weights, reuse, plus the first call)."""
+    as with one group (at most one per pending decision: select, weights, reuse)."""
     pipe = tiny_sdxl_pipeline()
     pipe.unet = tiny_sdxl_unet(seed=0, block_out_channels=(16, 32), transformer_layers_per_block=(1, 3))
     cfg = {**SDXL, "adapter": {"name": "sdxl", "sites": ["attn1"]}}
@@ -138,4 +138,4 @@ def test_graph_count_does_not_grow_with_the_number_of_sites():
     assert len(handle.runtime.groups) == 12
     for _ in range(2):
         pipe("a cat", num_inference_steps=6, output_type="latent", generator=torch.Generator().manual_seed(0))
-    assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4
+    assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
