@@ -6,8 +6,8 @@
 For each proxy (default: the latent image proxies) and each schedule (the preset's, and merging at
 every step, which shows differences the preset's schedule hides), the unmodified proxy, its default
 ToMA preset with ``--base`` merged in (A) and with ``--change`` merged in (B) generate the demo's classes from the
-same seeds, one image per call. Per image: PSNR and feature similarity of A and of B against the
-unmodified image, and their differences (B - A). Reported: the means, the mean paired differences
+same seeds, one image per call. Per image: PSNR, SSIM and feature similarity of A and of B against
+the unmodified image, and their differences (B - A). Reported: the means, the mean paired differences
 and their standard errors, PSNR between A and B (how far the change moves the images), and the
 per-image scores.
 """
@@ -82,6 +82,9 @@ def compare(
                 "psnr_b": float(scores["b"]["psnr"].mean()),
                 **_paired("paired_difference", scores["a"]["psnr"], scores["b"]["psnr"], "_db"),
                 "psnr_a_vs_b": float(metrics.psnr_per_item(out["b"], out["a"]).mean()),
+                "ssim_a": float(scores["a"]["ssim"].mean()),
+                "ssim_b": float(scores["b"]["ssim"].mean()),
+                **_paired("ssim_paired_difference", scores["a"]["ssim"], scores["b"]["ssim"]),
                 "feature_similarity_a": float(scores["a"]["feature_similarity"].mean()),
                 "feature_similarity_b": float(scores["b"]["feature_similarity"].mean()),
                 **_paired(
@@ -93,7 +96,7 @@ def compare(
                 **{
                     f"{metric}_{name}_per_image": [round(float(x), 6) for x in scores[name][metric]]
                     for name in ("a", "b")
-                    for metric in ("psnr", "feature_similarity")
+                    for metric in ("psnr", "ssim", "feature_similarity")
                 },
             }
             rows.append(row)

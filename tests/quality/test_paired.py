@@ -10,6 +10,7 @@ def test_identical_configs_differ_by_nothing() -> None:
     assert preset["schedule"] == "preset" and always["schedule"] == "always"
     assert always["paired_difference_db"] == 0.0 and always["psnr_a"] == always["psnr_b"]
     assert always["feature_similarity_paired_difference"] == 0.0
+    assert always["ssim_paired_difference"] == 0.0 and always["ssim_a"] == always["ssim_b"]
 
 
 def test_a_change_that_matters_moves_the_images() -> None:
@@ -26,3 +27,12 @@ def test_feature_similarity_is_paired_per_image_too() -> None:
     assert abs(always["feature_similarity_paired_difference"] - mean) < 1e-5
     assert always["feature_similarity_paired_difference_sem"] > 0
     assert always["feature_similarity_b"] < always["feature_similarity_a"] <= 1.0
+
+
+def test_ssim_is_reported_and_paired_per_image() -> None:
+    (_, always) = paired.compare(["flux-latent"], {"ratio": 0.75}, {}, "fp32", steps=2, num_seeds=2)
+    a, b = always["ssim_a_per_image"], always["ssim_b_per_image"]
+    assert len(a) == len(b) == 2
+    assert abs(always["ssim_paired_difference"] - sum(y - x for x, y in zip(a, b, strict=True)) / 2) < 1e-5
+    assert always["ssim_paired_difference_sem"] > 0
+    assert always["ssim_b"] < always["ssim_a"] <= 1.0
