@@ -21,7 +21,7 @@ import copy
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, runtime_checkable
@@ -31,7 +31,7 @@ from rich.console import Console
 
 from tokenreduce.api import apply
 from tokenreduce.bench import generation, models
-from tokenreduce.bench.timing import COMPILE_CACHE_LIMIT, Stopwatch, Timings, describe_error
+from tokenreduce.bench.timing import COMPILE_CACHE_LIMIT, Timings, describe_error
 from tokenreduce.bench.variants import Variant, VariantSet, _validated, check_against, toma_preset
 
 PARTS = ("cache", "compile")
@@ -174,48 +174,27 @@ def time_combinations(
     host) reaches all alike. Eager combinations are set up on ``gen`` for each generation; each
     compiled one once, on its own copy of the denoiser (one more copy of the weights per compiled
     combination), and warmed up at least once (its compilation) before the timed rounds."""
-    watch = Stopwatch(next(gen.pipe.denoiser.parameters()).device)
-    out = Timings(samples={c.name: [] for c in combos})
-    first = -max(warmup, 1) if any(c.compile for c in combos) else -warmup
+    first = -max(warmup, 1)  # a compiled combination's first generation compiles: never timed
     config = torch._dynamo.config
     limit = config.cache_size_limit
     with ExitStack() as stack:
         stack.callback(setattr, config, "cache_size_limit", limit)
         config.cache_size_limit = max(limit, COMPILE_CACHE_LIMIT)  # both variants' graphs stay cached
-        # each combination's generation (whose step times it reads) and how to run it once
-        runs: dict[str, tuple[generation.Generation, Callable[[], Any]]] = {}
+        runs: dict[str, generation.Run] = {}
+        errors: dict[str, str] = {}
         for combo in combos:
             try:
                 if combo.compile:
                     own = stack.enter_context(own_copy(gen, combo))
-                    runs[combo.name] = (own, own)
+                    runs[combo.name] = generation.Run(own, nullcontext, first)
                 else:
-                    runs[combo.name] = (gen, partial(_installed_run, gen, combo))
+                    runs[combo.name] = generation.Run(gen, partial(installed, gen, combo), -warmup)
             except Exception as exc:  # one broken combination must not end the run
-                out.errors[combo.name] = describe_error(exc)
-        for rnd in range(first, rounds):
-            for combo in combos:
-                if combo.name not in runs or (rnd < -warmup and not combo.compile):
-                    continue
-                timed, run = runs[combo.name]
-                try:
-                    ms = watch(run)
-                except Exception as exc:
-                    out.errors[combo.name] = describe_error(exc)
-                    del runs[combo.name]
-                    continue
-                out.log.append((rnd, combo.name))
-                if rnd >= 0:
-                    out.samples[combo.name].append(ms)
-                    out.step_ms.setdefault(combo.name, []).append(timed.step_ms())
-                if advance is not None:
-                    advance()
+                errors[combo.name] = describe_error(exc)
+        out = generation.time_interleaved(runs, rounds, advance)
+    out.samples = {c.name: out.samples.get(c.name, []) for c in combos}
+    out.errors.update(errors)
     return out
-
-
-def _installed_run(gen: generation.Generation, combo: Combination) -> torch.Tensor:
-    with installed(gen, combo):
-        return gen()
 
 
 def add_part_speedups(rows: list[dict[str, Any]], combos: Sequence[Combination]) -> None:

@@ -20,8 +20,9 @@ import itertools
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypedDict
 
 import torch
@@ -328,22 +329,42 @@ def time_generations(
     advance: Callable[[], None] | None = None,
 ) -> Timings:
     """Milliseconds per generation of every variant, interleaved round by round, same noise each time."""
-    watch = Stopwatch(_device_of(gen.pipe.denoiser))
-    out = Timings(samples={v.name: [] for v in variants})
-    active = list(variants)
-    for rnd in range(-warmup, rounds):
-        for variant in list(active):
-            try:
-                with applied(gen.pipe, variant):
-                    ms = watch(gen)
-            except Exception as exc:  # one broken variant must not end a long benchmark
-                out.errors[variant.name] = describe_error(exc)
-                active.remove(variant)
+    runs = {v.name: Run(gen, partial(applied, gen.pipe, v), -warmup) for v in variants}
+    return time_interleaved(runs, rounds, advance)
+
+
+@dataclass
+class Run:
+    """One timed entry: its generation, the set-up around each of its generations (untimed), and its
+    first round (negative rounds are untimed warm-up)."""
+
+    gen: Generation
+    setup: Callable[[], AbstractContextManager[Any]]
+    first_round: int
+
+
+def time_interleaved(runs: dict[str, Run], rounds: int, advance: Callable[[], None] | None = None) -> Timings:
+    """Each entry of ``runs`` timed round by round, interleaved, so drift over the run reaches all alike;
+    one that fails is recorded and dropped, the others go on."""
+    watch = Stopwatch(_device_of(next(iter(runs.values())).gen.pipe.denoiser)) if runs else None
+    out = Timings(samples={name: [] for name in runs})
+    active = dict(runs)
+    for rnd in range(min((r.first_round for r in runs.values()), default=0), rounds):
+        for name, run in list(active.items()):
+            if rnd < run.first_round:
                 continue
-            out.log.append((rnd, variant.name))
+            assert watch is not None  # runs is not empty here
+            try:
+                with run.setup():
+                    ms = watch(run.gen)
+            except Exception as exc:  # one broken variant must not end a long benchmark
+                out.errors[name] = describe_error(exc)
+                del active[name]
+                continue
+            out.log.append((rnd, name))
             if rnd >= 0:
-                out.samples[variant.name].append(ms)
-                out.step_ms.setdefault(variant.name, []).append(gen.step_ms())
+                out.samples[name].append(ms)
+                out.step_ms.setdefault(name, []).append(run.gen.step_ms())
             if advance is not None:
                 advance()
     return out
