@@ -243,7 +243,7 @@ def tokenreduce_register(registry: Any) -> None:
         "toma-flux",
         "tokenreduce.toma_plugin.presets",
         "toma-flux.yaml",
-        "ToMA on Flux: r=0.5 in the second half of the steps, size-weighted, facility location on 4x4 tiles",
+        "ToMA on Flux: r=0.5 in the second half of the steps, size-weighted, facility location on 8x8 tiles",
     )
     registry.add_preset(
         "toma-flux-fast",

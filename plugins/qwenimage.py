@@ -162,7 +162,7 @@ def tokenreduce_register(registry: Any) -> None:
         "toma-qwenimage",
         "tokenreduce.toma_plugin.presets",
         "toma-qwenimage.yaml",
-        "ToMA on Qwen-Image: r=0.5 in blocks after the first 5, second half of the steps, 4x4 tiles",
+        "ToMA on Qwen-Image: r=0.5 in blocks after the first 5, second half of the steps, 8x8 tiles",
     )
     registry.add_architecture(
         Architecture(

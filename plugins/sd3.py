@@ -164,7 +164,7 @@ def tokenreduce_register(registry: Any) -> None:
         "toma-sd3",
         "tokenreduce.toma_plugin.presets",
         "toma-sd3.yaml",
-        "ToMA on SD3/SD3.5: r=0.5 in joint blocks after the first 5, second half of the steps, 4x4 tiles",
+        "ToMA on SD3/SD3.5: r=0.5 in joint blocks after the first 5, second half of the steps, 8x8 tiles",
     )
     registry.add_architecture(
         Architecture(

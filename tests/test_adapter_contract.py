@@ -28,8 +28,8 @@ from tokenreduce.testing.tiny_sd3 import tiny_sd3_inputs, tiny_sd3_transformer
 from tokenreduce.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet
 from tokenreduce.testing.tiny_wan import tiny_wan_inputs, tiny_wan_transformer
 
-#: 6 x 10 image tokens: not square, not a multiple of the presets' 4x4 tiles
-DIT_GRID = {"height_tokens": 6, "width_tokens": 10}
+#: 10 x 14 image tokens: not square, not a multiple of the presets' 8x8 tiles
+DIT_GRID = {"height_tokens": 10, "width_tokens": 14}
 
 
 def _case(

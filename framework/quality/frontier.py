@@ -57,7 +57,7 @@ BENCH_ARCHS = {"flux": "flux", "sdxl": "sdxl", "wan": "wan-1.3b"}
 #: ``proxy`` blocks of each kind is timed as the real model skipping about the same fraction.
 SKIPS = {"flux": ((0, 0), (2, 10)), "wan": ((2, 8), (4, 15))}
 #: Tile sizes tried beside each preset's (one per side).
-TILES = {"flux": (2, 8), "sdxl": (4,), "wan": (2, 4, 8)}
+TILES = {"flux": (2, 4), "sdxl": (4,), "wan": (2, 4, 8)}
 #: Facility location's similarity noise tried beside each preset's (0: the paper's selector). Its scale
 #: does not change the kernels, so every nonzero value takes the speed of one bench variant.
 JITTERS = (0.0, 0.5, 1.5)

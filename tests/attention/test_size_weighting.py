@@ -258,13 +258,13 @@ def test_compiled_fullgraph_matches_eager_with_size_weighting() -> None:
     from tokenreduce.testing.tiny_sd3 import tiny_sd3_inputs, tiny_sd3_transformer
 
     flux = tiny_flux_transformer(num_layers=1, num_single_layers=2)
-    flux_inputs = tiny_flux_inputs(flux, batch=2, height_tokens=6, width_tokens=10, text_len=5)
+    flux_inputs = tiny_flux_inputs(flux, batch=2, height_tokens=10, width_tokens=14, text_len=5)
     unet = tiny_sdxl_unet(
         seed=0, sample_size=16, block_out_channels=(16, 32), transformer_layers_per_block=(1, 1)
     )
     unet_inputs = tiny_sdxl_inputs(unet, batch=2, seed=1)
     sd3 = tiny_sd3_transformer(num_layers=3, dual_attention_layers=(1,))
-    sd3_inputs = tiny_sd3_inputs(sd3, batch=2, height_tokens=6, width_tokens=10, text_len=5)
+    sd3_inputs = tiny_sd3_inputs(sd3, batch=2, height_tokens=10, width_tokens=14, text_len=5)
     for model, inputs, adapter in (
         (flux, flux_inputs, {"name": "flux", "skip_double": 0, "skip_single": 0}),
         (unet, unet_inputs, {"name": "sdxl"}),

@@ -88,7 +88,7 @@ def test_merging_identical_pairs_changes_nothing_with_size_weighting(make) -> No
 def test_qwen_image_weighting_runs_with_the_text_mask_and_is_exact_at_ratio_zero() -> None:
     """Qwen-Image's joint mask (text padding) stays valid with the padded head dim."""
     model = tiny_qwenimage_transformer()
-    inputs = tiny_qwenimage_inputs(model, batch=2, height_tokens=6, width_tokens=10, text_len=6)
+    inputs = tiny_qwenimage_inputs(model, batch=2, height_tokens=10, width_tokens=14, text_len=6)
     inputs["encoder_hidden_states_mask"][1, 4:] = 0  # the second prompt is shorter
     base = {"name": "qwenimage", "skip": 0}
     with torch.no_grad():

@@ -94,7 +94,7 @@ def test_default_preset_skips_the_first_blocks(case: Case) -> None:
 def test_a_permutation_plan_leaves_the_output_unchanged(case: Case, batch: int) -> None:
     """Every site merges and unmerges the image tokens it should, with their own RoPE rows."""
     model, pristine = case.make(), case.make()
-    inputs = case.inputs(model, batch=batch, height_tokens=6, width_tokens=10, text_len=5)
+    inputs = case.inputs(model, batch=batch, height_tokens=10, width_tokens=14, text_len=5)
     tr.apply(model, case.preset, adapter=case.every_block, merger={"name": "dit_test_permute"}, **EVERY_CALL)
     torch.testing.assert_close(run(model, inputs), run(pristine, inputs), rtol=1e-4, atol=1e-5)
 
@@ -103,7 +103,7 @@ def test_a_permutation_plan_leaves_the_output_unchanged(case: Case, batch: int) 
 def test_wrong_rope_rows_change_the_output(case: Case) -> None:
     """The check above can fail: the same permutation without its RoPE rows is another model."""
     model, pristine = case.make(), case.make()
-    inputs = case.inputs(model, height_tokens=6, width_tokens=10)
+    inputs = case.inputs(model, height_tokens=10, width_tokens=14)
     tr.apply(
         model,
         case.preset,
@@ -119,7 +119,7 @@ def test_wrong_rope_rows_change_the_output(case: Case) -> None:
 @pytest.mark.parametrize("sharing", ["kind", "block"])
 def test_one_plan_per_block_kind_and_call(case: Case, sharing: str) -> None:
     model = case.make()
-    inputs = case.inputs(model, batch=2, height_tokens=6, width_tokens=10)
+    inputs = case.inputs(model, batch=2, height_tokens=10, width_tokens=14)
     tr.apply(
         model,
         case.preset,
@@ -129,7 +129,7 @@ def test_one_plan_per_block_kind_and_call(case: Case, sharing: str) -> None:
         **EVERY_CALL,
     )
     run(model, inputs)
-    assert [60] * (len(case.groups) if sharing == "kind" else case.blocks) == PLANS
+    assert [140] * (len(case.groups) if sharing == "kind" else case.blocks) == PLANS
 
 
 @models
@@ -157,7 +157,7 @@ def test_flux2_reference_image_caching_is_refused() -> None:
 
 def test_qwenimage_grid_comes_from_img_shapes() -> None:
     model, pristine = tiny_qwenimage_transformer(), tiny_qwenimage_transformer()
-    inputs = tiny_qwenimage_inputs(model, height_tokens=6, width_tokens=10)
+    inputs = tiny_qwenimage_inputs(model, height_tokens=10, width_tokens=14)
     tr.apply(
         model,
         "toma-qwenimage",
@@ -165,16 +165,16 @@ def test_qwenimage_grid_comes_from_img_shapes() -> None:
         merger={"name": "dit_test_permute"},
         **EVERY_CALL,
     )
-    with pytest.raises(ValueError, match="8x8 do not match 60"):
+    with pytest.raises(ValueError, match="8x8 do not match 140"):
         run(model, {**inputs, "img_shapes": [[(1, 8, 8)]]})
     with pytest.raises(ValueError, match="one image"):
-        run(model, {**inputs, "img_shapes": [[(1, 6, 10), (1, 6, 10)]]})
+        run(model, {**inputs, "img_shapes": [[(1, 10, 14), (1, 10, 14)]]})
     torch.testing.assert_close(run(model, inputs), run(pristine, inputs), rtol=1e-4, atol=1e-5)
 
 
 def test_qwenimage_text_padding_mask_still_applies() -> None:
     model, pristine = tiny_qwenimage_transformer(), tiny_qwenimage_transformer()
-    inputs = tiny_qwenimage_inputs(model, batch=2, height_tokens=6, width_tokens=10, text_len=6)
+    inputs = tiny_qwenimage_inputs(model, batch=2, height_tokens=10, width_tokens=14, text_len=6)
     inputs["encoder_hidden_states_mask"] = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
     tr.apply(
         model,

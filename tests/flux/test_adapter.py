@@ -87,7 +87,7 @@ def test_pipeline_apply_steps_remove_is_bit_identical() -> None:
         assert torch.equal(generate(pipe), plain)
 
 
-@pytest.mark.parametrize(("grid", "batch"), [((8, 8), 1), ((6, 10), 3)])
+@pytest.mark.parametrize(("grid", "batch"), [((8, 8), 1), ((10, 14), 3)])
 def test_ratio_zero_reproduces_the_model_exactly(grid, batch) -> None:
     model, pristine = tiny_flux_transformer(), tiny_flux_transformer()
     inputs = tiny_flux_inputs(model, batch=batch, height_tokens=grid[0], width_tokens=grid[1])
@@ -137,7 +137,7 @@ def test_reapply_replaces_the_previous_application() -> None:
 
 def test_disabled_runs_the_original_and_keeps_the_handle() -> None:
     model, pristine = tiny_flux_transformer(), tiny_flux_transformer()
-    inputs = tiny_flux_inputs(model, height_tokens=6, width_tokens=10)
+    inputs = tiny_flux_inputs(model, height_tokens=10, width_tokens=14)
     handle = tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter=ALL_BLOCKS)
     merged = run(model, inputs)
     with handle.disabled():
@@ -255,23 +255,23 @@ def test_grid_is_read_once_per_img_ids(monkeypatch) -> None:
         grid_module, "grid_from_ids", lambda ids, n, hint: reads.append(n) or real(ids, n, hint)
     )
     model = tiny_flux_transformer()
-    inputs = tiny_flux_inputs(model, height_tokens=6, width_tokens=10, text_len=11)
+    inputs = tiny_flux_inputs(model, height_tokens=10, width_tokens=14, text_len=11)
     tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter=ALL_BLOCKS)
     for _ in range(3):
         run(model, inputs)
-    assert reads == [60]
-    inputs["img_ids"] = image_ids(6, 10)  # a new tensor (e.g. the next generation)
+    assert reads == [140]
+    inputs["img_ids"] = image_ids(10, 14)  # a new tensor (e.g. the next generation)
     run(model, inputs)
     inputs["img_ids"].add_(0)  # changed in place: the version counter moves
     run(model, inputs)
-    assert reads == [60, 60, 60]
+    assert reads == [140, 140, 140]
 
 
 def test_inference_mode_works() -> None:
     model, pristine = tiny_flux_transformer(), tiny_flux_transformer()
     tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter=ALL_BLOCKS, ratio=0.0)
     with torch.inference_mode():
-        inputs = tiny_flux_inputs(model, height_tokens=6, width_tokens=10)
+        inputs = tiny_flux_inputs(model, height_tokens=10, width_tokens=14)
         assert torch.equal(model(**inputs).sample, pristine(**inputs).sample)
 
 
@@ -286,16 +286,16 @@ def test_grid_from_ids_reads_non_square_raster_grids() -> None:
 
 def test_non_raster_ids_need_an_explicit_grid() -> None:
     model, pristine = tiny_flux_transformer(), tiny_flux_transformer()
-    inputs = tiny_flux_inputs(model, height_tokens=6, width_tokens=10)
+    inputs = tiny_flux_inputs(model, height_tokens=10, width_tokens=14)
     inputs["img_ids"] = inputs["img_ids"].flip(0)  # not raster order
     tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter=ALL_BLOCKS)
     with pytest.raises(ValueError, match="grid"):
         run(model, inputs)
-    tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter={**ALL_BLOCKS, "grid": [6, 10]})
+    tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter={**ALL_BLOCKS, "grid": [10, 14]})
     out = run(model, inputs)
     assert torch.isfinite(out).all() and not torch.equal(out, run(pristine, inputs))
-    tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter={**ALL_BLOCKS, "grid": [10, 6]})
-    run(model, inputs)  # another factorisation of 60 tokens is the user's call
+    tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter={**ALL_BLOCKS, "grid": [14, 10]})
+    run(model, inputs)  # another factorisation of 140 tokens is the user's call
     tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter={**ALL_BLOCKS, "grid": [8, 8]})
     with pytest.raises(ValueError, match="8x8"):
         run(model, inputs)
@@ -343,7 +343,7 @@ def test_ip_adapter_outputs_are_unmerged() -> None:
             FluxIPAdapterAttnProcessor(hidden_size=32, cross_attention_dim=8, num_tokens=(4,))
         )
     pristine = copy.deepcopy(model)
-    inputs = tiny_flux_inputs(model, batch=2, height_tokens=6, width_tokens=10)
+    inputs = tiny_flux_inputs(model, batch=2, height_tokens=10, width_tokens=14)
     inputs["joint_attention_kwargs"] = {"ip_hidden_states": [torch.randn(2, 4, 8)]}
     plain = run(pristine, inputs)
     tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter=ALL_BLOCKS)
@@ -372,7 +372,7 @@ def test_unsupported_attention_mask_and_checkpointing_are_errors() -> None:
 
 def test_merged_rope_is_built_once_per_plan_and_table() -> None:
     model = tiny_flux_transformer(num_layers=1, num_single_layers=3)
-    inputs = tiny_flux_inputs(model, height_tokens=6, width_tokens=10, text_len=5)
+    inputs = tiny_flux_inputs(model, height_tokens=10, width_tokens=14, text_len=5)
     handle = tr.apply(model, "toma-flux", schedule=EVERY_STEP, adapter=ALL_BLOCKS)
     calls = []
     original_cat = torch.cat

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_compiled_transformer_matches_eager_with_bounded_graphs() -> None:
     model = tiny_flux_transformer(num_layers=1, num_single_layers=2)
-    inputs = tiny_flux_inputs(model, batch=2, height_tokens=6, width_tokens=10, text_len=5)
+    inputs = tiny_flux_inputs(model, batch=2, height_tokens=10, width_tokens=14, text_len=5)
     # Merging at every step: a compiled bare denoiser cannot follow a merge schedule (see below).
     tr.apply(
         model,
@@ -40,7 +40,7 @@ def test_a_compiled_bare_denoiser_refuses_a_schedule_it_cannot_follow() -> None:
     """Inside the graph the timestep cannot be read, so the step is unknown: the call fails with a
     message that says what to do instead of merging on the wrong steps."""
     model = tiny_flux_transformer(num_layers=1, num_single_layers=2)
-    inputs = tiny_flux_inputs(model, batch=2, height_tokens=6, width_tokens=10, text_len=5)
+    inputs = tiny_flux_inputs(model, batch=2, height_tokens=10, width_tokens=14, text_len=5)
     every_third = {"name": "every", "k": 3, "offset": 2}  # follows the timesteps it sees, in eager mode
     tr.apply(
         model, "toma-flux", adapter={"name": "flux", "skip_double": 0, "skip_single": 0}, schedule=every_third

@@ -24,8 +24,11 @@ OPTIONS = [
 ]
 EVERY_STEP = {"name": "always"}
 MODELS = {
-    "flux": (tiny_flux_transformer, lambda m: tiny_flux_inputs(m, batch=2, height_tokens=6, width_tokens=10)),
-    "flux2": (tiny_flux2_transformer, lambda m: tiny_flux2_inputs(m, height_tokens=6, width_tokens=10)),
+    "flux": (
+        tiny_flux_transformer,
+        lambda m: tiny_flux_inputs(m, batch=2, height_tokens=10, width_tokens=14),
+    ),
+    "flux2": (tiny_flux2_transformer, lambda m: tiny_flux2_inputs(m, height_tokens=10, width_tokens=14)),
 }
 
 
@@ -151,7 +154,7 @@ def test_explain_shows_the_placements(capsys) -> None:
 @pytest.mark.slow
 def test_compiled_fullgraph_matches_eager() -> None:
     model = tiny_flux_transformer(num_layers=1, num_single_layers=3)
-    inputs = tiny_flux_inputs(model, batch=2, height_tokens=6, width_tokens=10, text_len=5)
+    inputs = tiny_flux_inputs(model, batch=2, height_tokens=10, width_tokens=14, text_len=5)
     apply(model, "flux", {"single_placement": "run", "double_ff": True, "skip_single": 0})
     timesteps = torch.linspace(1.0, 0.1, 4)
     with torch.no_grad():

@@ -35,19 +35,48 @@ def config(**changes: object) -> dict:
     return out
 
 
-def component_planner(cfg: dict, grid: tuple[int, int]):
-    """Plans straight from the configured selector and merger (no adapter, no reuse machinery)."""
+#: Gains closer than this are float64 rounding apart: a tie the two forwards may break either way.
+TIE = 1e-12
+
+
+def nearest_gain_gap(features: torch.Tensor, picks: torch.Tensor) -> float:
+    """Smallest gap between the greedy's best and second-best gain over the picks ``picks`` made
+    on ``features`` (``(B, R, S, C)``, normalised): below :data:`TIE`, a pick is a tie that float
+    rounding decides."""
+    sim = features @ features.transpose(-1, -2)
+    sim.diagonal(dim1=-2, dim2=-1).fill_(2.0)
+    covered = sim.new_full((1, 1, 1, sim.shape[-1]), -1.0)
+    gap = float("inf")
+    for step in range(picks.shape[1]):
+        m = torch.maximum(sim, covered)
+        gains = m.sum(dim=(0, 3))
+        top = gains.topk(2, dim=-1).values
+        gap = min(gap, (top[:, 0] - top[:, 1]).min().item())
+        idx = picks[:, step]
+        covered = m.gather(2, idx.view(1, -1, 1, 1).expand(sim.shape[0], -1, 1, sim.shape[-1]))
+    return gap
+
+
+def component_planner(cfg: dict, grid: tuple[int, int], model_picks: list[torch.Tensor]):
+    """Plans straight from the configured selector and merger (no adapter, no reuse machinery).
+
+    The two forwards round differently (1e-16), so a destination whose greedy gain ties another's
+    to float64 rounding may be picked differently; there (and only there) the model's picks,
+    ``model_picks`` in call order, are used, so the rest of the plan is still compared."""
     runtime = Runtime(resolve(tr.load_config(cfg)))
+    queue = list(model_picks)
 
     def plan(kind: str, index: int, tokens: torch.Tensor):
         layout = runtime.layout(grid)
         features = Runtime.features(tokens, layout, runtime.config.features)
         merger = runtime.merger
-        dests = (
-            runtime.selector.select(features, SelectContext(layout=layout))
-            if merger.needs_destinations
-            else None
-        )
+        dests = None
+        if merger.needs_destinations:
+            dests = runtime.selector.select(features, SelectContext(layout=layout))
+            theirs = queue.pop(0)
+            if not torch.equal(dests, theirs):
+                assert nearest_gain_gap(features, theirs) < TIE, "the picks differ without a tie"
+                dests = theirs
         return merger.plan(tokens, features, dests, layout)
 
     return plan
@@ -64,6 +93,9 @@ def run_both(cfg: dict, *, grid=(8, 8), batch=1, text_len=7, layers=(2, 3), seed
     handle = tr.apply(model, cfg)
     adapter = handle.adapter
     double, single = adapter.selected(model)
+    model_picks: list[torch.Tensor] = []
+    select = handle.runtime.selector.select
+    handle.runtime.selector.select = lambda f, ctx: model_picks.append(select(f, ctx)) or model_picks[-1]
     with torch.no_grad():
         got = model(**inputs).sample
         want = reference_forward(
@@ -71,7 +103,7 @@ def run_both(cfg: dict, *, grid=(8, 8), batch=1, text_len=7, layers=(2, 3), seed
             inputs,
             set(double),
             set(single),
-            component_planner(cfg, grid),
+            component_planner(cfg, grid, model_picks),
             share_by_kind=cfg["reuse"].get("sharing", "kind") == "kind",
             double_ff=adapter.params.double_ff,
             single_run=adapter.params.single_placement == "run",

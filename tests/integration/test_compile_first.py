@@ -117,7 +117,7 @@ def test_flux_new_size_needs_prepare_and_then_compiles():
     model = compiled(pipe.transformer)
     default = tiny_flux_inputs(pipe.transformer, height_tokens=8, width_tokens=8)
     assert torch.equal(model(**default).sample, pipe.transformer(**default).sample)
-    other = tiny_flux_inputs(pipe.transformer, height_tokens=6, width_tokens=10)
+    other = tiny_flux_inputs(pipe.transformer, height_tokens=10, width_tokens=14)
     with pytest.raises(Exception, match=PREPARE):
         model(**other)
     handle.prepare(6 * 16, 10 * 16)  # pixels at Flux's 16 pixels per token

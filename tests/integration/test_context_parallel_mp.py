@@ -2,7 +2,7 @@
 
 Two spawned ranks build the same tiny Flux transformer, enable diffusers' context parallelism
 (``ContextParallelConfig(ulysses_degree=2)``, native attention backend) and run one forward on
-an 8x8 token grid: each rank holds a 4x8 band of image tokens and half of the text tokens. The
+a 16x16 token grid: each rank holds an 8x16 band of image tokens and half of the text tokens. The
 outputs (gathered by the model itself) are compared with the same model in this process.
 
 On a CPU-only torch diffusers 0.42 cannot enable parallelism as shipped: it picks the rank's
@@ -31,7 +31,7 @@ import tokenreduce as tr
 from tokenreduce.testing.tiny_flux import tiny_flux_inputs, tiny_flux_transformer
 
 WORLD = 2
-GRID = (8, 8)  # token rows and columns: 4 whole rows per rank, one row of 4x4 tiles
+GRID = (16, 16)  # token rows and columns: 8 whole rows per rank, one row of 8x8 tiles
 TEXT = 8  # split too: must be a multiple of WORLD
 # Merge on every call (a bare denoiser's first call is step 0, which toma-flux does not merge).
 OVERRIDES: dict[str, Any] = {"schedule": {"name": "always"}}
@@ -80,12 +80,12 @@ def _scenarios() -> dict[str, Any]:
     tr.remove(model)
     results["removed"] = _forward(model, _inputs(model))
 
-    # 12 token rows: 6 per rank, bands that do not hold whole 4x4 tiles (border tiles per band).
+    # 20 token rows: 10 per rank, bands that do not hold whole 8x8 tiles (border tiles per band).
     model, counts = tiny_flux_transformer(), []
     tr.apply(model, "toma-flux", **OVERRIDES)
     parallel(model)
     _count_merged(model, counts)
-    _forward(model, _inputs(model, rows=12))
+    _forward(model, _inputs(model, rows=20))
     results["unaligned_merged_tokens"] = counts
 
     # 5 token rows: a rank's chunk of 20 tokens is not whole rows.
