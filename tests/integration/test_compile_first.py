@@ -120,7 +120,7 @@ def test_flux_new_size_needs_prepare_and_then_compiles():
     other = tiny_flux_inputs(pipe.transformer, height_tokens=10, width_tokens=14)
     with pytest.raises(Exception, match=PREPARE):
         model(**other)
-    handle.prepare(6 * 16, 10 * 16)  # pixels at Flux's 16 pixels per token
+    handle.prepare(10 * 16, 14 * 16)  # pixels at Flux's 16 pixels per token
     assert torch.equal(model(**other).sample, pipe.transformer(**other).sample)
 
 
