@@ -7,6 +7,7 @@ hot-path change that adds kernels fails here before it reaches a GPU.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -37,26 +38,32 @@ RUN_PLAN_SOURCE, RUN_EXIT, FF_MERGE = 5, 3, 2
 #: what they measure, plus this much on steps that compute a plan (reuse steps: exact).
 PLAN_MARGIN = 5
 
+#: Kernels per round of the facility-location greedy (argmax, maximum, gather, sum). It runs one
+#: round per destination of a tile, so a select step's count grows with the tile: the presets take
+#: 32 of each 8x8 tile's 64 tokens (8 of 16 on the release's 4x4 tiles).
+GREEDY_ROUND = 4
+GREEDY = GREEDY_ROUND * 32
+
 #: (site, step kind) -> most kernels a merged block may add over the unmodified one: ToMA's own
-#: budget (select 60, reuse 2 on Flux) plus size weighting where the preset turns it on.
+#: budget (select 28 + the greedy, reuse 2 on Flux) plus size weighting where the preset turns it on.
 BUDGETS = {
     "flux": {
         "toma-flux": {
-            ("double", "select"): 60 + SIZE_WEIGHTING["select"],
+            ("double", "select"): 28 + GREEDY + SIZE_WEIGHTING["select"],
             ("double", "reuse"): 2 + SIZE_WEIGHTING["reuse"],
-            ("single", "select"): 60 + SIZE_WEIGHTING["select"],
+            ("single", "select"): 28 + GREEDY + SIZE_WEIGHTING["select"],
             ("single", "reuse"): 2 + SIZE_WEIGHTING["reuse"],
         },
         "toma-flux-run": {
-            ("double", "select"): 60 + SIZE_WEIGHTING["select"],
+            ("double", "select"): 28 + GREEDY + SIZE_WEIGHTING["select"],
             ("double", "reuse"): 2 + SIZE_WEIGHTING["reuse"],
-            ("single_run", "select"): 60 + SIZE_WEIGHTING["select"] + RUN_PLAN_SOURCE,
+            ("single_run", "select"): 28 + GREEDY + SIZE_WEIGHTING["select"] + RUN_PLAN_SOURCE,
             ("single_run", "reuse"): RUN_EXIT + SIZE_WEIGHTING["reuse"],
         },
         "toma-flux-ff": {
-            ("double_ff", "select"): 60 + SIZE_WEIGHTING["select"] + FF_MERGE,
+            ("double_ff", "select"): 28 + GREEDY + SIZE_WEIGHTING["select"] + FF_MERGE,
             ("double_ff", "reuse"): 2 + SIZE_WEIGHTING["reuse"] + FF_MERGE,
-            ("single", "select"): 60 + SIZE_WEIGHTING["select"],
+            ("single", "select"): 28 + GREEDY + SIZE_WEIGHTING["select"],
             ("single", "reuse"): 2 + SIZE_WEIGHTING["reuse"],
         },
     },
@@ -74,22 +81,27 @@ BUDGETS = {
     },
     # Measured on SD3.5-large, Flux.2-dev, Qwen-Image (bf16, 1024x1024) and Wan 2.1 1.3B (bf16,
     # 81 frames at 480x832); every preset computes new plans at every step (no "weights" steps).
-    "sd3": {"toma-sd3": {("joint", "select"): 55 + PLAN_MARGIN, ("joint", "reuse"): 4}},
+    "sd3": {"toma-sd3": {("joint", "select"): 23 + GREEDY + PLAN_MARGIN, ("joint", "reuse"): 4}},
     "flux2": {
         "toma-flux2": {
-            ("double", "select"): 59 + PLAN_MARGIN,
+            ("double", "select"): 27 + GREEDY + PLAN_MARGIN,
             ("double", "reuse"): 4,
-            ("single", "select"): 61 + PLAN_MARGIN,
+            ("single", "select"): 29 + GREEDY + PLAN_MARGIN,
             ("single", "reuse"): 6,
         },
     },
-    "qwenimage": {"toma-qwenimage": {("joint", "select"): 56 + PLAN_MARGIN, ("joint", "reuse"): 4}},
+    "qwenimage": {"toma-qwenimage": {("joint", "select"): 24 + GREEDY + PLAN_MARGIN, ("joint", "reuse"): 4}},
     # One Wan block holds three merged sites (self-attention, cross-attention, feed-forward). A
     # select step of the 8x8 tiles runs 32 greedy rounds of 4 kernels (8 rounds with 4x4 tiles) and
     # about 45 kernels of jitter noise; it comes once per merged step (one plan for all blocks). On
     # Wan 2.1 1.3B the merged step with 8x8 tiles measured as fast as with 4x4 (docs/performance.md),
     # with the noise drawn from a generator then (7 kernels).
-    "wan": {"toma-wan": {("attn1+attn2+ffn", "select"): 225 + PLAN_MARGIN, ("attn1+attn2+ffn", "reuse"): 21}},
+    "wan": {
+        "toma-wan": {
+            ("attn1+attn2+ffn", "select"): 97 + GREEDY + PLAN_MARGIN,
+            ("attn1+attn2+ffn", "reuse"): 21,
+        }
+    },
 }
 #: Gathers, scatters and concatenations a reuse step still makes per merged block where the
 #: tile-major token order and the fused single-block path are not implemented (raster <-> tile
@@ -102,6 +114,15 @@ UNFUSED_REUSE = {
     "qwenimage": {"index_select": 2},
     "wan": {"index_select": 9, "index_copy": 3},
 }
+
+
+def test_the_greedy_budget_matches_the_presets_tiles() -> None:
+    """The budgets above count 32 greedy rounds: the DiT presets' tiles times their ratio."""
+    for family in BUDGETS.keys() - {"sdxl"}:
+        for preset in BUDGETS[family]:
+            config = load_config(preset)
+            tile = math.prod(config.partitioner.model_dump()["size"])
+            assert round(config.ratio * tile) * GREEDY_ROUND == GREEDY, (preset, tile, config.ratio)
 
 
 def test_every_family_with_a_toma_preset_is_budgeted() -> None:
