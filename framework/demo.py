@@ -59,8 +59,21 @@ def to_rgb(images: torch.Tensor) -> np.ndarray:
     return (torch.cat(list(images), dim=-1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+def wrap(draw: ImageDraw.ImageDraw, text: str, width: float) -> list[str]:
+    """``text`` broken at spaces into lines no wider than ``width`` pixels (a single word wider
+    than that keeps a line of its own)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 def side_by_side(rows: list[tuple[str, list[tuple[str, np.ndarray]]]], scale: int = 4) -> Image.Image:
-    """One labelled row of panels per model, each panel upscaled ``scale`` times (nearest)."""
+    """One labelled row of panels per model, each panel upscaled ``scale`` times (nearest); titles
+    wider than the panels wrap."""
     label_h, pad = 16, 8
     tiles = [
         [
@@ -73,13 +86,19 @@ def side_by_side(rows: list[tuple[str, list[tuple[str, np.ndarray]]]], scale: in
         for _, row in rows
     ]
     width = max(sum(t.width for _, t in row) + pad * (len(row) + 1) for row in tiles)
-    height = sum(max(t.height for _, t in row) + 2 * label_h + pad for row in tiles) + pad
-    canvas = Image.new("RGB", (width, height), "white")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    titles = [wrap(measure, title, width - 2 * pad) for title, _ in rows]
+    height = sum(
+        max(t.height for _, t in row) + (len(lines) + 1) * label_h + pad
+        for lines, row in zip(titles, tiles, strict=True)
+    )
+    canvas = Image.new("RGB", (width, height + pad), "white")
     draw = ImageDraw.Draw(canvas)
     y = pad
-    for (title, _), row in zip(rows, tiles, strict=True):
-        draw.text((pad, y), title, fill="black")
-        y += label_h
+    for lines, row in zip(titles, tiles, strict=True):
+        for line in lines:
+            draw.text((pad, y), line, fill="black")
+            y += label_h
         x = pad
         for label, tile in row:
             draw.text((x, y), label, fill="black")
