@@ -110,6 +110,10 @@ def knobs(arch: str) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
     for jitter in JITTERS:
         noise = {"selector": {"jitter": jitter}}
         out.append((f"jitter {jitter:g}", "jitter" if jitter else "nojitter", noise, noise))
+    # New destinations and weights at every merged step (a preset that already plans every step
+    # skips it): what reusing plans across steps saves, and what it costs in fidelity.
+    plans = {"reuse": {"destinations_every": 1, "weights_every": 1}}
+    out.append(("plans every step", "plans1", plans, plans))
     return out
 
 

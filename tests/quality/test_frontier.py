@@ -56,6 +56,21 @@ def test_the_jitter_knob_is_tried_beside_each_presets_own_value() -> None:
             assert (configs[point.speed_name]["selector"]["jitter"] > 0) == (jitter > 0)
 
 
+def test_plans_every_step_is_tried_where_a_preset_reuses_plans() -> None:
+    for kind, arch in (("sdxl-latent", "sdxl"), ("flux-latent", "flux")):
+        labels = {p.label: p for p in frontier.points(kind)}
+        configs = frontier.bench_configs(arch)
+        for preset in (f"toma-{arch}", f"toma-{arch}-fast"):
+            reuse = load_config(preset).reuse.model_dump()
+            point = labels.get(f"{preset}, plans every step")
+            if (reuse["destinations_every"], reuse["weights_every"]) == (1, 1):
+                assert point is None  # the preset's own value
+                continue
+            assert point is not None
+            assert point.config["reuse"] == {**reuse, "destinations_every": 1, "weights_every": 1}
+            assert configs[point.speed_name]["reuse"]["destinations_every"] == 1
+
+
 def test_knobs_are_timed_on_the_real_model_at_the_proxys_fraction_of_blocks() -> None:
     points = {p.label: p for p in frontier.points("flux-latent")}
     knob = points["toma-flux, skip 2+2"]
