@@ -167,9 +167,10 @@ def test_every_rank_merges_its_band_to_the_same_count(ranks: list[dict[str, Any]
     _forward(model, _inputs(model))
     assert counts == [GRID[0] * GRID[1] // 2]  # ratio 0.5
     assert [r["merged_tokens"] for r in ranks] == [[counts[0] // WORLD]] * WORLD
-    # 6x8 bands: each band is tiled by itself, so both ranks still keep the same number.
+    # 10x16 bands: each band is tiled by itself (border tiles included), so both ranks keep half
+    # of their band (the ranks run outside pytest's warning filter: an unmerged band fails here).
     unaligned = [r["unaligned_merged_tokens"] for r in ranks]
-    assert unaligned[0] == unaligned[1] and len(unaligned[0]) == 1
+    assert unaligned == [[10 * GRID[1] // 2]] * WORLD
 
 
 def test_remove_under_parallelism_gives_the_unmodified_output(ranks: list[dict[str, Any]]) -> None:

@@ -182,7 +182,7 @@ def validate_runs(pipe: Any, runs: Sequence[Run], size: tuple[int, int] | None) 
                 except NotImplementedError:
                     grids = {}
                 with warnings.catch_warnings():  # the small-grid warning becomes the error below
-                    warnings.simplefilter("ignore")
+                    warnings.filterwarnings("ignore", "token grid .* run unmerged", UserWarning)
                     for grid in set(grids.values()):
                         runtime.layout(grid)
                 if runtime.unmerged:
