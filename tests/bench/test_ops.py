@@ -7,7 +7,6 @@ hot-path change that adds kernels fails here before it reaches a GPU.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +16,8 @@ from torch import nn
 
 from tokenreduce.bench import ops
 from tokenreduce.bench.variants import toma_preset
-from tokenreduce.config import load_config
+from tokenreduce.config import load_config, resolve
+from tokenreduce.engine.runtime import Runtime
 
 #: What size-weighted attention (on in the Flux presets) adds to a merged block: q and k widened
 #: by one concatenation each and v padded (3 kernels per attention call), and the key weights built
@@ -45,26 +45,29 @@ PLAN_MARGIN = 5
 GREEDY_ROUND = 4
 GREEDY = GREEDY_ROUND * 32
 
+#: A Flux plan step: ToMA's own kernels (28 + the greedy) plus size weighting's (on in the presets).
+FLUX_SELECT = 28 + GREEDY + SIZE_WEIGHTING["select"]
+
 #: (site, step kind) -> most kernels a merged block may add over the unmodified one: ToMA's own
 #: budget (select 28 + the greedy, reuse 2 on Flux) plus size weighting where the preset turns it on.
 BUDGETS = {
     "flux": {
         "toma-flux": {
-            ("double", "select"): 28 + GREEDY + SIZE_WEIGHTING["select"],
+            ("double", "select"): FLUX_SELECT,
             ("double", "reuse"): 2 + SIZE_WEIGHTING["reuse"],
-            ("single", "select"): 28 + GREEDY + SIZE_WEIGHTING["select"],
+            ("single", "select"): FLUX_SELECT,
             ("single", "reuse"): 2 + SIZE_WEIGHTING["reuse"],
         },
         "toma-flux-run": {
-            ("double", "select"): 28 + GREEDY + SIZE_WEIGHTING["select"],
+            ("double", "select"): FLUX_SELECT,
             ("double", "reuse"): 2 + SIZE_WEIGHTING["reuse"],
-            ("single_run", "select"): 28 + GREEDY + SIZE_WEIGHTING["select"] + RUN_PLAN_SOURCE,
+            ("single_run", "select"): FLUX_SELECT + RUN_PLAN_SOURCE,
             ("single_run", "reuse"): RUN_EXIT + SIZE_WEIGHTING["reuse"],
         },
         "toma-flux-ff": {
-            ("double_ff", "select"): 28 + GREEDY + SIZE_WEIGHTING["select"] + FF_MERGE,
+            ("double_ff", "select"): FLUX_SELECT + FF_MERGE,
             ("double_ff", "reuse"): 2 + SIZE_WEIGHTING["reuse"] + FF_MERGE,
-            ("single", "select"): 28 + GREEDY + SIZE_WEIGHTING["select"],
+            ("single", "select"): FLUX_SELECT,
             ("single", "reuse"): 2 + SIZE_WEIGHTING["reuse"],
         },
     },
@@ -93,8 +96,8 @@ BUDGETS = {
     },
     "qwenimage": {"toma-qwenimage": {("joint", "select"): 24 + GREEDY + PLAN_MARGIN, ("joint", "reuse"): 4}},
     # One Wan block holds three merged sites (self-attention, cross-attention, feed-forward). A
-    # select step of the 8x8 tiles runs 32 greedy rounds of 4 kernels (8 rounds with 4x4 tiles) and
-    # about 45 kernels of jitter noise; it comes once per merged step (one plan for all blocks). On
+    # select step runs the greedy and about 45 kernels of jitter noise; it comes once per merged
+    # step (one plan for all blocks). On
     # Wan 2.1 1.3B the merged step with 8x8 tiles measured as fast as with 4x4 (docs/performance.md),
     # with the noise drawn from a generator then (7 kernels).
     "wan": {
@@ -121,9 +124,9 @@ def test_the_greedy_budget_matches_the_presets_tiles() -> None:
     """The budgets above count 32 greedy rounds: the DiT presets' tiles times their ratio."""
     for family in BUDGETS.keys() - {"sdxl"}:
         for preset in BUDGETS[family]:
-            config = load_config(preset)
-            tile = math.prod(config.partitioner.model_dump()["size"])
-            assert round(config.ratio * tile) * GREEDY_ROUND == GREEDY, (preset, tile, config.ratio)
+            runtime = Runtime(resolve(load_config(preset)))
+            tile = tuple(runtime.config.partitioner.model_dump()["size"])
+            assert runtime.layout(tile).k * GREEDY_ROUND == GREEDY, (preset, tile)  # one tile's picks
 
 
 def test_every_family_with_a_toma_preset_is_budgeted() -> None:
