@@ -45,13 +45,14 @@ print(json.dumps({
 
 def _setuptools_builds_wheels() -> bool:
     major, minor = (int(p) for p in version("setuptools").split(".")[:2])
-    return (major, minor) >= (70, 1)  # bdist_wheel built in, no `wheel` package needed
+    return (major, minor) >= (77, 0)  # bdist_wheel built in (70.1), SPDX `license` strings read (77)
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
+def build(tmp_path_factory) -> tuple[Path, str]:
+    """The built wheel and what the build printed."""
     if not _setuptools_builds_wheels():
-        pytest.skip("building the wheel offline needs setuptools>=70.1 (installed by the `test` extra)")
+        pytest.skip("building the wheel offline needs setuptools>=77 (installed by the `test` extra)")
     root = tmp_path_factory.mktemp("wheel")
     src = root / "src"
     src.mkdir()
@@ -62,14 +63,25 @@ def wheel(tmp_path_factory) -> Path:
         else:
             shutil.copy2(path, src / name)
     out = root / "dist"
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
         + ["-w", str(out), str(src)],
         check=True,
         capture_output=True,
+        text=True,
     )
     (built,) = out.glob("tokenreduce-*.whl")
-    return built
+    return built, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(build: tuple[Path, str]) -> Path:
+    return build[0]
+
+
+def test_building_the_wheel_warns_of_nothing(build: tuple[Path, str]) -> None:
+    """A deprecated setting or a data folder missing from ``packages`` warns at every install."""
+    assert "Warning" not in build[1], build[1]
 
 
 def test_wheel_holds_one_top_level_package(wheel: Path) -> None:
