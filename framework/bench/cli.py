@@ -119,6 +119,13 @@ def add_bench_parser(subparsers: Any, func: Callable[[argparse.Namespace], int])
         "Broadcast) and/or torch.compile, next to each alone",
     )
     p.add_argument(
+        "--compile-mode",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        default="default",
+        help="with --compose compile: torch.compile's mode (reduce-overhead and max-autotune replay CUDA "
+        "graphs; default: %(default)s)",
+    )
+    p.add_argument(
         "--predict-from",
         default=None,
         metavar="BENCH_JSON",
@@ -184,6 +191,7 @@ def run_bench_command(args: argparse.Namespace, console: Console) -> int:
                 width=args.width,
                 configs=[Path(c) for c in args.configs],
                 compose=list(args.compose),
+                compile_mode=None if args.compile_mode == "default" else args.compile_mode,
                 methods=list(args.methods),
                 predict_from=args.predict_from,
                 output=Path(args.output),

@@ -62,6 +62,7 @@ class Combination:
     toma: Variant | None
     cache: bool = False
     compile: bool = False
+    compile_mode: str | None = None  # torch.compile's mode (None: its default)
 
     @property
     def name(self) -> str:
@@ -78,11 +79,11 @@ class Combination:
         return Variant(self.name, f"{self.toma.method}{extra}", self.toma.ratio, self.toma.config)
 
     def without_toma(self) -> Combination:
-        return Combination(None, self.cache, self.compile)
+        return Combination(None, self.cache, self.compile, self.compile_mode)
 
 
 def combinations(
-    family: str, parts: Sequence[str], model: torch.nn.Module
+    family: str, parts: Sequence[str], model: torch.nn.Module, compile_mode: str | None = None
 ) -> tuple[list[Combination], VariantSet]:
     """Every subset of ``{ToMA} + parts``; skipped ones recorded (no preset, no cache support).
 
@@ -106,7 +107,7 @@ def combinations(
     for t, cache, compiled in itertools.product(tomas, [False, True], [False, True]):
         if (cache and "cache" not in parts) or (compiled and "compile" not in parts):
             continue
-        combo = Combination(t, cache, compiled)
+        combo = Combination(t, cache, compiled, compile_mode if compiled else None)
         if cache and not cacheable:
             skipped.skip(
                 combo.name, combo.variant.method, None, f"{type(model).__name__} has no enable_cache"
@@ -135,7 +136,7 @@ def installed(gen: generation.Generation, combo: Combination) -> Iterator[None]:
         if combo.compile:
             if handle is not None:  # layouts built before compiling, not inside the graph
                 handle.prepare(gen.height, gen.width, **gen.size)
-            pipe.forward = torch.compile(model)
+            pipe.forward = torch.compile(model, mode=combo.compile_mode)
         yield
     finally:
         if combo.compile:
@@ -217,12 +218,13 @@ def bench_compose(
     height: int | None = None,
     width: int | None = None,
     console: Console | None = None,
+    compile_mode: str | None = None,
 ) -> dict[str, Any]:
     """The run record of ``arch``: every combination of ToMA with ``parts``, per generation."""
     console = console or Console()
     family = models.spec(arch).family
     meta = models.meta_model(arch)
-    combos, skipped = combinations(family, parts, meta)
+    combos, skipped = combinations(family, parts, meta, compile_mode)
     with console.status(f"building {arch} for {steps}-step generations on {device} ({dtype})"):
         gen = generation.build_generation(arch, steps, device, dtype, seed, height, width, meta=meta)
     result = time_combinations(gen, combos, rounds, warmup)
@@ -230,4 +232,6 @@ def bench_compose(
     run = generation.run_record(gen, variants, result, rounds, warmup, mode="compose")
     add_part_speedups(run["variants"], combos)
     run["notes"]["compose"] = ORDER_NOTE
+    if "compile" in parts:
+        run["notes"]["compile_mode"] = f"torch.compile mode: {compile_mode or 'default'}"
     return run

@@ -610,6 +610,7 @@ class GenerationSettings:
     width: int | None = None
     configs: list[Any] = field(default_factory=list)
     compose: list[str] = field(default_factory=list)  # parts composed with ToMA (compose.PARTS)
+    compile_mode: str | None = None  # torch.compile's mode for the compose "compile" part
     methods: list[str] = field(default_factory=lambda: ["toma", "ideal"])
     predict_from: Any = None  # a per-step bench.json
     output: Any = "bench-results"
@@ -657,7 +658,9 @@ def run_generation_bench(settings: GenerationSettings, console: Console | None =
         }
         timing_args = (settings.steps, device, dtype, settings.rounds, settings.warmup)
         if settings.compose:
-            run = compose.bench_compose(arch, settings.compose, *timing_args, **common)
+            run = compose.bench_compose(
+                arch, settings.compose, *timing_args, **common, compile_mode=settings.compile_mode
+            )
         else:
             run = bench_generation(
                 arch, *timing_args, configs=settings.configs, methods=settings.methods, **common

@@ -195,6 +195,17 @@ def test_compiled_combinations_run_on_copies_interleaved_with_the_rest(
     )
 
 
+def test_the_compile_mode_reaches_every_compiled_combination(
+    flux: generation.Generation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    modes: list[str | None] = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    combos, _ = compose.combinations("flux", ["compile"], flux.pipe.denoiser, "reduce-overhead")
+    assert [c.compile_mode for c in combos] == [None, "reduce-overhead", None, "reduce-overhead"]
+    result = compose.time_combinations(flux, combos, rounds=1, warmup=0)
+    assert result.errors == {} and modes == ["reduce-overhead", "reduce-overhead"]
+
+
 def test_methods_choose_the_variants_and_unmodified_stays() -> None:
     every = generation.generation_variants("sd3")  # a family without a -fast preset
     assert [v.method for v in every.variants] == ["unmodified", "toma", "ideal"]
