@@ -164,7 +164,19 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     )
 
 
+def check_generation_options(args: argparse.Namespace) -> None:
+    """Options of whole-generation timing refused where they would be ignored."""
+    given = [
+        flag for flag, value in (("--compose", args.compose), ("--predict-from", args.predict_from)) if value
+    ]
+    if given and not args.generation:
+        raise ValueError(f"without --generation, {' and '.join(given)} would be ignored: add --generation")
+    if args.compile_mode != "default" and "compile" not in args.compose:
+        raise ValueError(f"--compile-mode {args.compile_mode} needs --compose compile")
+
+
 def run_bench_command(args: argparse.Namespace, console: Console) -> int:
+    check_generation_options(args)
     if args.ops:
         from tokenreduce.bench.ops import run_ops
 

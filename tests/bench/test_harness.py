@@ -281,6 +281,25 @@ def test_modes_are_checked_before_anything_runs() -> None:
     assert main(["bench", "--arch", "tiny-sdxl", "--modes", "graph", "--device", "cpu"]) == 2
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--compose", "compile"], "without --generation, --compose would be ignored"),
+        (["--predict-from", "x.json"], "without --generation, --predict-from would be ignored"),
+        (
+            ["--generation", "--compile-mode", "reduce-overhead"],
+            "--compile-mode reduce-overhead needs --compose",
+        ),
+        (["--generation", "--compose", "cache", "--compile-mode", "max-autotune"], "needs --compose compile"),
+    ],
+)
+def test_options_that_would_be_ignored_are_refused(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "--arch", "tiny-sdxl", "--device", "cpu", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_bench_command_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "results"
