@@ -39,11 +39,9 @@ def _case(
     small: Callable[[], nn.Module],
     merge_all: dict[str, Any],
     preset: str | None = None,
-    compiled_overrides: dict[str, Any] | None = None,
 ) -> AdapterCase:
     """A case whose compile check runs ``small`` (one or two blocks of each kind, all merged)."""
-    overrides = {"adapter": {"name": adapter, **merge_all}, **(compiled_overrides or {})}
-    compiled = AdapterCase(adapter, small, inputs, preset, overrides)
+    compiled = AdapterCase(adapter, small, inputs, preset, {"adapter": {"name": adapter, **merge_all}})
     return AdapterCase(adapter, model, inputs, preset, compiled=compiled)
 
 
@@ -85,12 +83,12 @@ CASES = {
         "qwenimage",
         tiny_qwenimage_transformer,
         functools.partial(tiny_qwenimage_inputs, **DIT_GRID),
-        functools.partial(tiny_qwenimage_transformer, num_layers=2),
+        # Weights of seed 1: with seed 0's, facility location has gains that tie to float32
+        # rounding on the second call (scaling the input by 1 + 1e-6 flips a pick and moves the
+        # output as much as compiling does), so eager and compiled could rightly differ. Seeds 1-5
+        # have no such tie, and the check compiles the preset's own selector.
+        functools.partial(tiny_qwenimage_transformer, 1, num_layers=2),
         {"skip": 0},
-        # On this small model's second call, facility location has gains that tie to float32
-        # rounding: scaling the input by 1 + 1e-6 flips a pick and moves the output by 0.016, as
-        # much as compiling does. Grid destinations have no ties, so the check sees the wiring.
-        compiled_overrides={"selector": {"name": "grid", "stride": [1, 2]}},
     ),
     # 3 frames x 9 x 10 tokens (18 x 20 latents, 2x2 patches); image-to-video adds image context.
     "wan": _case(
