@@ -44,6 +44,11 @@ ORDER_NOTE = (
     "one on its own copy of the denoiser, compiled in an untimed first generation; "
     "speedup_over_part = the same combination without ToMA over this one"
 )
+DIFFERENCE_NOTE = (
+    "compiled_difference: a compiled combination's last timed output against the same combination "
+    "uncompiled, as the root mean square of the difference over that of the uncompiled output "
+    "(compiled kernels round differently: compare with the row 'compile' against 'unmodified')"
+)
 
 
 @runtime_checkable
@@ -192,7 +197,7 @@ def time_combinations(
                     runs[combo.name] = generation.Run(gen, partial(installed, gen, combo), -warmup)
             except Exception as exc:  # one broken combination must not end the run
                 errors[combo.name] = describe_error(exc)
-        out = generation.time_interleaved(runs, rounds, advance)
+        out = generation.time_interleaved(runs, rounds, advance, keep_outputs=True)
     out.samples = {c.name: out.samples.get(c.name, []) for c in combos}
     out.errors.update(errors)
     return out
@@ -231,7 +236,32 @@ def bench_compose(
     variants = VariantSet([c.variant for c in combos], skipped.skipped)
     run = generation.run_record(gen, variants, result, rounds, warmup, mode="compose")
     add_part_speedups(run["variants"], combos)
+    add_compiled_differences(run["variants"], combos, result.outputs)
     run["notes"]["compose"] = ORDER_NOTE
+    run["notes"]["compiled_difference"] = DIFFERENCE_NOTE
     if "compile" in parts:
         run["notes"]["compile_mode"] = f"torch.compile mode: {compile_mode or 'default'}"
     return run
+
+
+def relative_difference(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """RMS of ``output - reference`` over the RMS of ``reference``."""
+    return float((output - reference).norm() / reference.norm().clamp_min(torch.finfo(torch.float32).tiny))
+
+
+def add_compiled_differences(
+    rows: list[dict[str, Any]], combos: Sequence[Combination], outputs: dict[str, torch.Tensor]
+) -> None:
+    """``compiled_difference``: how far each compiled combination's output is from its eager twin's.
+
+    Compiling must not change what a combination computes beyond rounding; a CUDA-graph mode that
+    replayed stale plans, or a graph that froze a step's decision, would show here as a difference
+    far above the one between ``compile`` and ``unmodified``.
+    """
+    for row, combo in zip(rows, combos, strict=True):
+        twin = dataclasses.replace(combo, compile=False, compile_mode=None)
+        ours, theirs = outputs.get(combo.name), outputs.get(twin.name)
+        if combo.compile and ours is not None and theirs is not None:
+            row["compiled_difference"] = relative_difference(ours, theirs)
+        else:
+            row["compiled_difference"] = None

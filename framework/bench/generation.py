@@ -343,9 +343,16 @@ class Run:
     first_round: int
 
 
-def time_interleaved(runs: dict[str, Run], rounds: int, advance: Callable[[], None] | None = None) -> Timings:
+def _generate_into(gen: Generation, outputs: list[torch.Tensor]) -> None:
+    outputs.append(gen())
+
+
+def time_interleaved(
+    runs: dict[str, Run], rounds: int, advance: Callable[[], None] | None = None, keep_outputs: bool = False
+) -> Timings:
     """Each entry of ``runs`` timed round by round, interleaved, so drift over the run reaches all alike;
-    one that fails is recorded and dropped, the others go on."""
+    one that fails is recorded and dropped, the others go on. ``keep_outputs``: keep each entry's last
+    timed output (copied to the host after the stopwatch stops)."""
     watch = Stopwatch(_device_of(next(iter(runs.values())).gen.pipe.denoiser)) if runs else None
     out = Timings(samples={name: [] for name in runs})
     active = dict(runs)
@@ -355,8 +362,9 @@ def time_interleaved(runs: dict[str, Run], rounds: int, advance: Callable[[], No
                 continue
             assert watch is not None  # runs is not empty here
             try:
+                produced: list[torch.Tensor] = []
                 with run.setup():
-                    ms = watch(run.gen)
+                    ms = watch(partial(_generate_into, run.gen, produced))
             except Exception as exc:  # one broken variant must not end a long benchmark
                 out.errors[name] = describe_error(exc)
                 del active[name]
@@ -365,6 +373,8 @@ def time_interleaved(runs: dict[str, Run], rounds: int, advance: Callable[[], No
             if rnd >= 0:
                 out.samples[name].append(ms)
                 out.step_ms.setdefault(name, []).append(run.gen.step_ms())
+                if keep_outputs:
+                    out.outputs[name] = produced[0].detach().float().cpu()
             if advance is not None:
                 advance()
     return out
@@ -545,6 +555,11 @@ def with_rest(steps_speedup: float, steps_ms: float, rest_ms: float) -> float:
     return (steps_ms + rest_ms) / (steps_ms / steps_speedup + rest_ms)
 
 
+def compose_run(run: dict[str, Any]) -> bool:
+    """Whether ``run`` compared compiled combinations with their uncompiled twins."""
+    return any("compiled_difference" in v for v in run["variants"])
+
+
 def markdown(record: dict[str, Any]) -> str:
     """Per-generation table: median and quartiles, the steps' and the rest's share, measured speedup,
     predicted where known."""
@@ -555,8 +570,10 @@ def markdown(record: dict[str, Any]) -> str:
             f"{run['dtype']}, {run['scheduler']}; {run['vae']}"
             + (f"; predicted from {run['predicted_mode']}-mode steps" if run.get("predicted_mode") else ""),
             "",
-            "| variant | median ms | q1 ms | q3 ms | steps ms | rest ms | speedup | predicted | over the part alone |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| variant | median ms | q1 ms | q3 ms | steps ms | rest ms | speedup | predicted | over the part alone |"
+            + (" differs from uncompiled |" if compose_run(run) else ""),
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            + (" ---: |" if compose_run(run) else ""),
         ]
         for v in run["variants"]:
             cells = [
@@ -565,6 +582,8 @@ def markdown(record: dict[str, Any]) -> str:
             cells += [
                 report._fmt(v.get(k), ".3f") for k in ("speedup", "predicted_speedup", "speedup_over_part")
             ]
+            if compose_run(run):
+                cells.append(report._fmt(v.get("compiled_difference"), ".1e"))
             lines.append(
                 f"| {v['name']} | " + " | ".join("failed" if v.get("error") else c for c in cells) + " |"
             )
@@ -576,21 +595,26 @@ def table(run: dict[str, Any]) -> Any:
     from rich.table import Table
 
     out = Table(title=f"{run['arch']}, {run['mode']}: {run['steps']} steps, ms per generation")
-    for column in ("variant", "median ms", "q1-q3 ms", "speedup", "predicted", "over part"):
+    columns = ["variant", "median ms", "q1-q3 ms", "speedup", "predicted", "over part"]
+    columns += ["vs uncompiled"] if compose_run(run) else []
+    for column in columns:
         out.add_column(column, justify="left" if column == "variant" else "right")
     for v in run["variants"]:
         if v.get("error"):
-            out.add_row(v["name"], "[red]failed[/red]", v["error"].splitlines()[0][:60], "", "", "")
+            blank = [""] * (len(columns) - 3)
+            out.add_row(v["name"], "[red]failed[/red]", v["error"].splitlines()[0][:60], *blank)
             continue
         quartiles = f"{report._fmt(v['q1_ms'], '.1f')}-{report._fmt(v['q3_ms'], '.1f')}"
-        out.add_row(
+        cells = [
             v["name"],
             report._fmt(v["median_ms"], ".1f"),
             quartiles,
             report._fmt(v["speedup"], ".3f"),
             report._fmt(v.get("predicted_speedup"), ".3f"),
             report._fmt(v.get("speedup_over_part"), ".3f"),
-        )
+        ]
+        cells += [report._fmt(v.get("compiled_difference"), ".1e")] if compose_run(run) else []
+        out.add_row(*cells)
     return out
 
 

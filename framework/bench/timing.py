@@ -122,6 +122,8 @@ class Timings:
     # whole generations: the milliseconds of each denoising step, per timed round
     step_ms: dict[str, list[list[float]]] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
+    # whole generations, when kept: the output of each variant's last timed generation (float32, CPU)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def describe_error(exc: BaseException) -> str:

@@ -193,6 +193,32 @@ def test_compiled_combinations_run_on_copies_interleaved_with_the_rest(
     assert all(
         len(rounds) == 2 and all(len(s) == flux.steps for s in rounds) for rounds in result.step_ms.values()
     )
+    # A "compiled" copy computes what its eager twin computes: no difference, and said so per row.
+    rows: list[dict[str, object]] = [{} for _ in combos]
+    compose.add_compiled_differences(rows, combos, result.outputs)
+    assert [r["compiled_difference"] for r in rows] == [None, 0.0, None, 0.0]
+
+
+def test_a_compiled_model_that_computes_something_else_shows_in_the_record(
+    flux: generation.Generation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def replays_its_first_output(model: torch.nn.Module, **_: object) -> object:
+        first: list[object] = []  # what a graph replaying a stale step would give back
+
+        def forward(*args: object, **kwargs: object) -> object:
+            first.append(model(*args, **kwargs)) if not first else None
+            return first[0]
+
+        return forward
+
+    monkeypatch.setattr(torch, "compile", replays_its_first_output)
+    toma = generation.generation_variants("flux").variants[1]
+    combos = [compose.Combination(toma), compose.Combination(toma, compile=True)]
+    result = compose.time_combinations(flux, combos, rounds=1, warmup=0)
+    rows: list[dict[str, object]] = [{} for _ in combos]
+    compose.add_compiled_differences(rows, combos, result.outputs)
+    difference = rows[1]["compiled_difference"]
+    assert rows[0]["compiled_difference"] is None and isinstance(difference, float) and difference > 0.01
 
 
 def test_the_compile_mode_reaches_every_compiled_combination(
