@@ -72,7 +72,12 @@ def add_bench_parser(subparsers: Any, func: Callable[[argparse.Namespace], int])
         "toma (the default and -fast presets) and ideal",
     )
     p.add_argument(
-        "--configs", nargs="+", default=[], metavar="FILE", help="extra config files, each a variant"
+        "--configs",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="extra config files, each a variant; with --compose: the ToMA variants composed, instead of "
+        "the family's default preset",
     )
     p.add_argument("--rounds", type=int, default=10, help="timed rounds (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")

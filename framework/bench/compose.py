@@ -1,7 +1,7 @@
 """ToMA composed with a fixed-schedule diffusers cache and with ``torch.compile``, per generation.
 
 ``tokenreduce bench --generation --compose cache compile`` times, on the same model, every
-combination of the family's default preset with the named parts: unmodified, cache alone, ToMA
+combination of the family's default preset (or of each ``--configs`` file) with the named parts: unmodified, cache alone, ToMA
 alone, compile alone, ToMA + cache, ToMA + compile, ... Order of set-up (the recommended one):
 ``tokenreduce.apply`` first, then the cache hooks (they wrap the patched attention modules), then
 ``torch.compile`` of the denoiser; torn down in reverse.
@@ -88,9 +88,15 @@ class Combination:
 
 
 def combinations(
-    family: str, parts: Sequence[str], model: torch.nn.Module, compile_mode: str | None = None
+    family: str,
+    parts: Sequence[str],
+    model: torch.nn.Module,
+    compile_mode: str | None = None,
+    configs: Sequence[Any] = (),
 ) -> tuple[list[Combination], VariantSet]:
     """Every subset of ``{ToMA} + parts``; skipped ones recorded (no preset, no cache support).
+
+    ToMA is the family's default preset, or each of ``configs`` (config files or mappings) instead.
 
     The preset runs with its own merge schedule next to the cache: at a step that starts or stops
     merging (or selects new destinations) tokenreduce resets the cache's state, so the cache never
@@ -100,8 +106,12 @@ def combinations(
     if unknown:
         raise ValueError(f"unknown --compose part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     skipped = VariantSet()
-    preset = toma_preset(family)
-    toma = check_against(model, VariantSet([Variant(preset, "toma", None, _validated(preset))]))
+    if configs:
+        chosen = [Variant(str(getattr(c, "stem", "config")), "config", None, _validated(c)) for c in configs]
+    else:
+        preset = toma_preset(family)
+        chosen = [Variant(preset, "toma", None, _validated(preset))]
+    toma = check_against(model, VariantSet(chosen))
     skipped.skipped += toma.skipped
     tomas: list[Variant | None] = [None]
     for v in toma.variants:
@@ -224,12 +234,14 @@ def bench_compose(
     width: int | None = None,
     console: Console | None = None,
     compile_mode: str | None = None,
+    configs: Sequence[Any] = (),
 ) -> dict[str, Any]:
-    """The run record of ``arch``: every combination of ToMA with ``parts``, per generation."""
+    """The run record of ``arch``: every combination of ToMA (the default preset, or each of
+    ``configs``) with ``parts``, per generation."""
     console = console or Console()
     family = models.spec(arch).family
     meta = models.meta_model(arch)
-    combos, skipped = combinations(family, parts, meta, compile_mode)
+    combos, skipped = combinations(family, parts, meta, compile_mode, configs)
     with console.status(f"building {arch} for {steps}-step generations on {device} ({dtype})"):
         gen = generation.build_generation(arch, steps, device, dtype, seed, height, width, meta=meta)
     result = time_combinations(gen, combos, rounds, warmup)

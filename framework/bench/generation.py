@@ -683,7 +683,12 @@ def run_generation_bench(settings: GenerationSettings, console: Console | None =
         timing_args = (settings.steps, device, dtype, settings.rounds, settings.warmup)
         if settings.compose:
             run = compose.bench_compose(
-                arch, settings.compose, *timing_args, **common, compile_mode=settings.compile_mode
+                arch,
+                settings.compose,
+                *timing_args,
+                **common,
+                compile_mode=settings.compile_mode,
+                configs=settings.configs,
             )
         else:
             run = bench_generation(

@@ -232,6 +232,17 @@ def test_the_compile_mode_reaches_every_compiled_combination(
     assert result.errors == {} and modes == ["reduce-overhead", "reduce-overhead"]
 
 
+def test_configs_replace_the_preset_in_the_compositions(flux: generation.Generation, tmp_path) -> None:
+    config = load_config("toma-flux").model_dump()
+    config["reuse"] = {"name": "step_sharing", "destinations_every": 1, "weights_every": 1}
+    every_step = tmp_path / "every-step.json"
+    every_step.write_text(json.dumps(config))
+    combos, skipped = compose.combinations("flux", ["compile"], flux.pipe.denoiser, configs=[every_step])
+    assert [c.name for c in combos] == ["unmodified", "compile", "every-step", "every-step+compile"]
+    assert not skipped.skipped and combos[3].variant.method == "config+compile"
+    assert combos[2].variant.config == load_config(config).model_dump()
+
+
 def test_methods_choose_the_variants_and_unmodified_stays() -> None:
     every = generation.generation_variants("sd3")  # a family without a -fast preset
     assert [v.method for v in every.variants] == ["unmodified", "toma", "ideal"]
