@@ -395,7 +395,7 @@ def tokenreduce_register(registry: Any) -> None:
         "toma-sdxl",
         "tokenreduce.toma_plugin.presets",
         "toma-sdxl.yaml",
-        "ToMA on SDXL: r=0.5 in the second half of the steps, facility location on 8x8 tiles, plans shared per level",
+        "ToMA on SDXL: r=0.5 in the second half of the steps, facility location on 8x8 tiles, new plans every merged step",
     )
     registry.add_preset(
         "toma-sdxl-fast",

@@ -300,6 +300,42 @@ def bench_speeds(bench: dict[str, Any], mode: str) -> dict[tuple[str, str], floa
     return out
 
 
+def _same_config(config: dict[str, Any]) -> str:
+    """``config`` validated (parameters added since a row was made get their defaults), as text."""
+    from tokenreduce.config import load_config
+
+    return json.dumps(load_config(config).model_dump(mode="json"), sort_keys=True)
+
+
+def as_shipped(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with the presets as shipped now: a preset or knob row whose config is a registered
+    preset's (on its proxy) becomes that preset's row; a preset's row whose config no longer is
+    becomes a knob row named "<preset> (earlier)", and so do the knob rows varied from it."""
+    current: dict[tuple[str, str], str] = {}
+    for kind in {r["kind"] for r in rows}:
+        toma = f"toma-{spec(kind).arch}"
+        for preset in (p for p in (toma, f"{toma}-fast") if p in _registered()):
+            current[(kind, _same_config(config_for(kind, preset)))] = preset
+    earlier = {
+        (r["kind"], r["label"])
+        for r in rows
+        if r["method"] == "preset" and (r["kind"], _same_config(r["config"])) not in current
+    }
+    out = []
+    for row in rows:
+        if row["method"] not in ("preset", "toma-knob"):
+            out.append(row)
+            continue
+        shipped = current.get((row["kind"], _same_config(row["config"])))
+        base, _, knob = row["label"].partition(", ")
+        if shipped is not None:
+            row = row | {"method": "preset", "label": shipped}
+        elif (row["kind"], base) in earlier:
+            row = row | {"method": "toma-knob", "label": f"{base} (earlier)" + (f", {knob}" if knob else "")}
+        out.append(row)
+    return out
+
+
 def with_speed(rows: list[dict[str, Any]], speeds: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
     out = []
     for row in rows:
@@ -493,6 +529,7 @@ def report(
     rows_file: Path, bench_files: Sequence[Path], output: Path, mode: str = "graph", metric: str = "psnr"
 ) -> list[str]:
     rows = [json.loads(line) for line in rows_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = as_shipped(rows)
     benches = [json.loads(path.read_text(encoding="utf-8")) for path in bench_files]
     speeds: dict[tuple[str, str], float] = {}
     for bench in benches:  # a variant timed in several records keeps the first record's speed

@@ -125,7 +125,10 @@ def test_reuse_cycle_is_the_policy_period() -> None:
 
 def test_manual_clock_drives_the_reuse_schedule(sdxl, monkeypatch) -> None:
     model, call = sdxl
-    variant = variants_by_name("sdxl", ratios=[0.5], methods=["toma"])["toma@0.5"]
+    preset = variants_by_name("sdxl", ratios=[0.5], methods=["toma"])["toma@0.5"]
+    assert preset.config is not None
+    reusing = {"name": "step_sharing", "destinations_every": 10, "weights_every": 5}  # the release's reuse
+    variant = Variant(preset.name, preset.method, preset.ratio, {**preset.config, "reuse": reusing})
     selector_cls = get_registry().get("selector", variant.config["selector"]["name"])
     merger_cls = get_registry().get("merger", variant.config["merger"]["name"])
     counts = {"select": 0, "plan": 0}

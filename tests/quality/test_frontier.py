@@ -115,6 +115,26 @@ def test_checks_find_dominated_presets_and_compare_at_equal_speed() -> None:
     assert "1 no faster than the unmodified model" in lines[3]
 
 
+def test_reports_name_the_presets_as_shipped_now() -> None:
+    shipped = frontier.config_for("sdxl-latent", "toma-sdxl")
+    earlier = {**shipped, "ratio": 0.4}  # a row made before the preset changed
+    knob = {**earlier, "partitioner": {"name": "tile", "size": [4, 4]}}
+    rows = [
+        {"kind": "sdxl-latent", "method": "preset", "label": "toma-sdxl", "config": earlier},
+        {"kind": "sdxl-latent", "method": "toma-knob", "label": "toma-sdxl, tile 4", "config": knob},
+        {"kind": "sdxl-latent", "method": "toma-knob", "label": "toma-sdxl, jitter 1", "config": shipped},
+        {"kind": "sdxl-latent", "method": "random", "label": "random@0.5", "config": shipped},
+    ]
+    out = frontier.as_shipped(rows)
+    assert [(r["method"], r["label"]) for r in out] == [
+        ("toma-knob", "toma-sdxl (earlier)"),
+        ("toma-knob", "toma-sdxl (earlier), tile 4"),
+        ("preset", "toma-sdxl"),
+        ("random", "random@0.5"),  # only ToMA's own rows are renamed
+    ]
+    assert frontier.as_shipped(out) == out  # nothing changes twice
+
+
 def test_speeds_are_joined_through_the_schedule() -> None:
     config = load_config("toma-flux").model_dump(mode="json")
     row = {"kind": "flux-latent", "speed_name": "toma@0.5", "config": config, "steps": 20}
@@ -134,13 +154,20 @@ def test_the_demos_gpu_speeds_are_those_of_the_committed_records() -> None:
 
     root = Path(__file__).resolve().parents[2]
     packaged = json.loads(GPU_SPEEDS.read_text(encoding="utf-8"))
-    found = {}
+
+    def ratio_aside(config: object) -> dict:
+        return {**load_config(config).model_dump(mode="json"), "ratio": None}
+
+    found: dict[str, dict[str, float]] = {}
     for path, revision in packaged["records"].items():
         record = json.loads((root / path).read_text(encoding="utf-8"))
         assert record["env"]["gpu"] == packaged["gpu"] and record["revision"] == revision
         run = next(r for r in record["runs"] if r["mode"] == packaged["mode"])
+        preset = ratio_aside(f"toma-{run['arch']}")  # the default preset's config at every ratio
         found[f"toma-{run['arch']}"] = {
-            f"{v['ratio']:g}": round(v["speedup"], 4) for v in run["variants"] if v["method"] == "toma"
+            f"{v['ratio']:g}": round(v["speedup"], 4)
+            for v in run["variants"]
+            if v["config"] is not None and ratio_aside(v["config"]) == preset
         }
     assert found == packaged["speedups"]
     config = load_config("toma-flux")
