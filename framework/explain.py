@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ from tokenreduce.api import prepare
 from tokenreduce.config import ConfigBase, load_config
 from tokenreduce.engine import Runtime
 from tokenreduce.engine.sites.stack import placement_notes
-from tokenreduce.interfaces import MergeSchedule, ModelAdapter, SiteSpec
+from tokenreduce.interfaces import Decision, MergeSchedule, ModelAdapter, ReusePolicy, SiteSpec
 from tokenreduce.layout import grid_text
 
 
@@ -65,20 +66,45 @@ def check_on_architecture(
     return Checked(cfg, arch, model, adapter, runtime, sites, grids)
 
 
-def schedule_line(schedule: MergeSchedule, steps: int) -> str:
-    """Which of ``steps`` steps a schedule merges. Timestep schedules assume evenly spaced
+def merged_steps(schedule: MergeSchedule, steps: int) -> list[int]:
+    """The steps of ``steps`` that ``schedule`` merges. Timestep schedules assume evenly spaced
     timesteps from 1 (noise) down, ``1 - i / steps`` (a real scheduler's spacing may differ)."""
     timesteps = [1 - i / steps for i in range(steps)] if schedule.needs == "timestep" else None
+    return [i for i, m in enumerate(schedule.steps(steps, timesteps)) if m]
+
+
+def schedule_line(schedule: MergeSchedule, steps: int) -> str:
+    """Which of ``steps`` steps a schedule merges."""
+    timesteps = schedule.needs == "timestep"
     try:
-        merged = [i for i, m in enumerate(schedule.steps(steps, timesteps)) if m]
+        merged = merged_steps(schedule, steps)
     except ValueError as exc:
         return f"schedule {schedule.name}: {exc}"
     params = ", ".join(f"{k}={v}" for k, v in schedule.params.model_dump().items() if k != "name")
     listed = ", ".join(map(str, merged[:24])) + (" ..." if len(merged) > 24 else "")
-    note = " (timesteps assumed evenly spaced from 1 down)" if timesteps is not None else ""
+    note = " (timesteps assumed evenly spaced from 1 down)" if timesteps else ""
     return (
         f"schedule {schedule.name}{f' ({params})' if params else ''}: merges {len(merged)} of {steps} "
         f"steps: {listed or 'none'}{note}; the other steps run the unmodified model"
+    )
+
+
+def plans_line(reuse: ReusePolicy, merged: int) -> str:
+    """When a reuse policy makes plans over ``merged`` merged steps, and whether a plan outlives the
+    denoiser call that made it (which torch.compile's CUDA-graph modes cannot run)."""
+    if merged == 0:
+        return "plans: none (no step merges)"
+    decisions = [reuse.decide(i) if reuse.needs_step else Decision.SELECT for i in range(merged)]
+    select = decisions.count(Decision.SELECT)
+    if select == merged:
+        return (
+            "plans: new destinations and weights at every merged step; nothing is kept from one denoiser "
+            "call to the next (runs under torch.compile's CUDA-graph modes)"
+        )
+    return (
+        f"plans: new destinations at {select} of {merged} merged steps, new weights alone at "
+        f"{decisions.count(Decision.WEIGHTS)}, reused at the others; plans are kept from one denoiser call "
+        "to the next, which torch.compile's CUDA-graph modes (reduce-overhead, max-autotune) cannot run"
     )
 
 
@@ -108,6 +134,8 @@ def explain(
         f"reuse {cfg.reuse.name}"
     )
     console.print(schedule_line(runtime.schedule, steps))
+    with suppress(ValueError):  # a schedule that cannot say its steps has said so above
+        console.print(plans_line(runtime.reuse, len(merged_steps(runtime.schedule, steps))))
     if getattr(adapter.params, "size_weighting", False):
         console.print(
             "size-weighted attention: on (each merged key's logit + log(group size); head dim padded to a "

@@ -145,6 +145,17 @@ def test_explain_shows_size_weighting(capsys, tmp_path: Path) -> None:
     assert "size-weighted attention: off" in out
 
 
+def test_explain_says_whether_plans_outlive_a_denoiser_call(capsys) -> None:
+    # Every model preset plans at each merged step: nothing crosses calls, as CUDA graphs need.
+    for preset in ("toma-sdxl", "toma-sdxl-fast", "toma-flux", "toma-wan"):
+        out = " ".join(run(capsys, "explain", preset)[1].split())  # rich wraps lines
+        assert "nothing is kept from one denoiser call to the next" in out, preset
+    # The release's reuse (destinations every 10 merged steps, weights every 5) over 20 merged steps.
+    out = " ".join(run(capsys, "explain", "toma")[1].split())
+    assert "new destinations at 2 of 20 merged steps, new weights alone at 2, reused at the others" in out
+    assert "kept from one denoiser call to the next, which torch.compile's CUDA-graph modes" in out
+
+
 @pytest.mark.slow
 def test_generate_writes_image_and_record(capsys, tmp_path: Path) -> None:
     from tokenreduce.testing.tiny_sdxl import tiny_sdxl_pipeline
