@@ -72,9 +72,8 @@ BUDGETS = {
         },
     },
     "sdxl": {
-        "toma-sdxl": {
+        "toma-sdxl": {  # new plans at every merged step: no "weights" steps
             ("stack", "select"): 200,
-            ("stack", "weights"): 20,
             ("stack", "reuse"): 4,
         },
         "toma-sdxl-block": {
