@@ -1,10 +1,10 @@
 """ToMA composed with a fixed-schedule diffusers cache and with ``torch.compile``, per generation.
 
 ``tokenreduce bench --generation --compose cache compile`` times, on the same model, every
-combination of the family's default preset (or of each ``--configs`` file) with the named parts: unmodified, cache alone, ToMA
-alone, compile alone, ToMA + cache, ToMA + compile, ... Order of set-up (the recommended one):
-``tokenreduce.apply`` first, then the cache hooks (they wrap the patched attention modules), then
-``torch.compile`` of the denoiser; torn down in reverse.
+combination of the family's default preset (or of each ``--configs`` file) with the named parts:
+unmodified, cache alone, ToMA alone, compile alone, ToMA + cache, ToMA + compile, ... Order of
+set-up (the recommended one): ``tokenreduce.apply`` first, then the cache hooks (they wrap the
+patched attention modules), then ``torch.compile`` of the denoiser; torn down in reverse.
 
 - ``cache``: Pyramid Attention Broadcast through the denoiser's ``enable_cache`` (diffusers'
   ``CacheMixin``): spatial attention recomputed every 2nd call between timesteps 100 and 800,

@@ -565,15 +565,16 @@ def markdown(record: dict[str, Any]) -> str:
     predicted where known."""
     lines = ["", "## per generation: measured and predicted speedup", ""]
     for run in record["runs"]:
+        compiled = compose_run(run)
         lines += [
             f"### {run['arch']}, {run['mode']}: {run['steps']} steps, {run['height']}x{run['width']}, "
             f"{run['dtype']}, {run['scheduler']}; {run['vae']}"
             + (f"; predicted from {run['predicted_mode']}-mode steps" if run.get("predicted_mode") else ""),
             "",
             "| variant | median ms | q1 ms | q3 ms | steps ms | rest ms | speedup | predicted | over the part alone |"
-            + (" differs from uncompiled |" if compose_run(run) else ""),
+            + (" differs from uncompiled |" if compiled else ""),
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-            + (" ---: |" if compose_run(run) else ""),
+            + (" ---: |" if compiled else ""),
         ]
         for v in run["variants"]:
             cells = [
@@ -582,7 +583,7 @@ def markdown(record: dict[str, Any]) -> str:
             cells += [
                 report._fmt(v.get(k), ".3f") for k in ("speedup", "predicted_speedup", "speedup_over_part")
             ]
-            if compose_run(run):
+            if compiled:
                 cells.append(report._fmt(v.get("compiled_difference"), ".1e"))
             lines.append(
                 f"| {v['name']} | " + " | ".join("failed" if v.get("error") else c for c in cells) + " |"
@@ -595,8 +596,9 @@ def table(run: dict[str, Any]) -> Any:
     from rich.table import Table
 
     out = Table(title=f"{run['arch']}, {run['mode']}: {run['steps']} steps, ms per generation")
+    compiled = compose_run(run)
     columns = ["variant", "median ms", "q1-q3 ms", "speedup", "predicted", "over part"]
-    columns += ["vs uncompiled"] if compose_run(run) else []
+    columns += ["vs uncompiled"] if compiled else []
     for column in columns:
         out.add_column(column, justify="left" if column == "variant" else "right")
     for v in run["variants"]:
@@ -613,7 +615,7 @@ def table(run: dict[str, Any]) -> Any:
             report._fmt(v.get("predicted_speedup"), ".3f"),
             report._fmt(v.get("speedup_over_part"), ".3f"),
         ]
-        cells += [report._fmt(v.get("compiled_difference"), ".1e")] if compose_run(run) else []
+        cells += [report._fmt(v.get("compiled_difference"), ".1e")] if compiled else []
         out.add_row(*cells)
     return out
 
