@@ -58,6 +58,14 @@ BENCH_ARCHS = {"flux": "flux", "sdxl": "sdxl", "wan": "wan-1.3b"}
 SKIPS = {"flux": ((0, 0), (2, 10)), "wan": ((2, 8), (4, 15))}
 #: Tile sizes tried beside each preset's (one per side).
 TILES = {"flux": (2, 4), "sdxl": (4,), "wan": (2, 4, 8)}
+#: Plan reuse tried beside each preset's: ``(label, bench name part, reuse update)``. New plans at
+#: every merged step, or the release's reuse (destinations every 10 merged steps, weights every 5).
+#: Random destinations are tried under each too: reuse changes what any selector's errors do over
+#: the steps (a plan made once repeats its errors; one drawn anew at every step spreads them).
+REUSES: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("plans every step", "plans1", {"destinations_every": 1, "weights_every": 1}),
+    ("plans reused", "reused", {"destinations_every": 10, "weights_every": 5}),
+)
 #: Facility location's similarity noise tried beside each preset's (0: the paper's selector). Its scale
 #: does not change the kernels, so every nonzero value takes the speed of one bench variant.
 JITTERS = (0.0, 0.5, 1.5)
@@ -110,10 +118,31 @@ def knobs(arch: str) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
     for jitter in JITTERS:
         noise = {"selector": {"jitter": jitter}}
         out.append((f"jitter {jitter:g}", "jitter" if jitter else "nojitter", noise, noise))
-    # New destinations and weights at every merged step (a preset that already plans every step
-    # skips it): what reusing plans across steps saves, and what it costs in fidelity.
-    plans = {"reuse": {"destinations_every": 1, "weights_every": 1}}
-    out.append(("plans every step", "plans1", plans, plans))
+    # What reusing plans across steps saves, and what it costs in fidelity (the preset's own value
+    # is skipped by the callers).
+    for label, name, reuse in REUSES:
+        out.append((label, name, {"reuse": reuse}, {"reuse": reuse}))
+    return out
+
+
+def _schedule_label(schedule: dict[str, Any]) -> str:
+    return next((label for label, s in SCHEDULES if merged(schedule, s) == schedule), "preset schedule")
+
+
+def random_under_reuse(kind: str, preset: str) -> list[Point]:
+    """Random destinations at ``preset``'s ratio and schedule under each plan reuse other than the
+    preset's own (random rows of the sweep take the preset's reuse)."""
+    arch = spec(kind).arch
+    base = config_for(kind, preset)
+    out = []
+    for label, name, reuse in REUSES:
+        config = merged(base, {"selector": {"name": "random"}, "reuse": reuse})
+        if config["reuse"] == base["reuse"]:
+            continue
+        ratio = base["ratio"]
+        speed = bench_config_name(arch, f"random-{name}", ratio)
+        text = f"random@{ratio:g} {_schedule_label(base['schedule'])}, {label}"
+        out.append(Point(kind, "random", text, config, speed))
     return out
 
 
@@ -166,6 +195,7 @@ def points(kind: str, ratios: Sequence[float] = RATIOS) -> list[Point]:
                 continue  # the preset's own value
             speed = bench_config_name(arch, name, base["ratio"])
             out.append(Point(kind, "toma-knob", f"{preset}, {label}", config, speed))
+        out.extend(random_under_reuse(kind, preset))
     return out
 
 
@@ -206,6 +236,10 @@ def bench_configs(arch: str, ratios: Sequence[float] = RATIOS) -> dict[str, dict
             variant = bench_config_name(arch, name, base["ratio"])
             if merged(base, real) != base and variant not in out:
                 out[variant] = full(preset, **real)
+        for _, name, reuse in REUSES:
+            if merged(base, {"reuse": reuse}) != base:
+                variant = bench_config_name(arch, f"random-{name}", base["ratio"])
+                out[variant] = full(preset, selector={"name": "random"}, reuse=reuse)
     return out
 
 

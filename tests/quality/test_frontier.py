@@ -56,19 +56,31 @@ def test_the_jitter_knob_is_tried_beside_each_presets_own_value() -> None:
             assert (configs[point.speed_name]["selector"]["jitter"] > 0) == (jitter > 0)
 
 
-def test_plans_every_step_is_tried_where_a_preset_reuses_plans() -> None:
+def test_each_plan_reuse_is_tried_beside_the_presets_own_with_toma_and_random_destinations() -> None:
     for kind, arch in (("sdxl-latent", "sdxl"), ("flux-latent", "flux")):
-        labels = {p.label: p for p in frontier.points(kind)}
+        points = frontier.points(kind)
         configs = frontier.bench_configs(arch)
         for preset in (f"toma-{arch}", f"toma-{arch}-fast"):
-            reuse = load_config(preset).reuse.model_dump()
-            point = labels.get(f"{preset}, plans every step")
-            if (reuse["destinations_every"], reuse["weights_every"]) == (1, 1):
-                assert point is None  # the preset's own value
-                continue
-            assert point is not None
-            assert point.config["reuse"] == {**reuse, "destinations_every": 1, "weights_every": 1}
-            assert configs[point.speed_name]["reuse"]["destinations_every"] == 1
+            own = load_config(preset)
+            reuse, ratio = own.reuse.model_dump(), own.ratio
+            for label, _, values in frontier.REUSES:
+                expected = {**reuse, **values}
+                toma = [p for p in points if p.label == f"{preset}, {label}"]
+                random = [
+                    p
+                    for p in points
+                    if p.method == "random" and p.label.endswith(f", {label}") and p.config["ratio"] == ratio
+                ]
+                if expected == reuse:
+                    assert toma == [] and random == []  # the preset's own value
+                    continue
+                assert [p.config["reuse"] for p in toma + random] == [expected, expected]
+                assert random[0].config["selector"]["name"] == "random"
+                assert random[0].config["schedule"] == own.schedule.model_dump(mode="json")
+                for point in toma + random:
+                    bench = configs[point.speed_name]
+                    assert bench["reuse"] == expected
+                    assert bench["selector"]["name"] == point.config["selector"]["name"]
 
 
 def test_knobs_are_timed_on_the_real_model_at_the_proxys_fraction_of_blocks() -> None:
