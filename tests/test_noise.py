@@ -55,3 +55,38 @@ def test_the_runtime_counts_draws_on_the_device_and_reset_restarts_them() -> Non
         assert draws.item() == 0
         again = model(**inputs, return_dict=False)[0]
     assert torch.equal(first, again)  # the same draw after a reset: the same destinations
+
+
+def test_the_counter_is_a_static_input_of_the_compiled_graph_so_cuda_graph_trees_may_advance_it() -> None:
+    """Under ``torch.compile(mode="reduce-overhead")`` CUDA-graph trees skip a graph that mutates an
+    input unless the input's address is static (``check_for_mutation``). The draw counter is
+    advanced in place inside the call: it must be among the graph's static inputs."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._guards import TracingContext
+
+    import tokenreduce as tr
+    from tokenreduce.testing.tiny_wan import tiny_wan_inputs, tiny_wan_transformer
+
+    graphs: list[tuple[list[int], list[int]]] = []
+
+    def inspect(gm: torch.fx.GraphModule, _: object) -> torch.fx.GraphModule:
+        context = TracingContext.try_get()
+        assert context is not None and context.fw_metadata is not None
+        meta = context.fw_metadata
+        graphs.append((list(meta.mutated_inp_runtime_indices), list(meta.static_input_indices)))
+        return gm
+
+    torch._dynamo.reset()
+    model = tiny_wan_transformer()
+    inputs = tiny_wan_inputs(model, batch=1)  # a 3 x 9 x 10 token grid: 9 frames of 144 x 160
+    with tr.apply(model, "toma-wan", schedule={"name": "always"}) as handle, torch.no_grad():
+        handle.prepare(144, 160, frames=9)  # as before any compiled call at a new size
+        compiled = torch.compile(model, backend=aot_autograd(fw_compiler=inspect), fullgraph=True)
+        for _ in range(2):
+            compiled(**inputs, return_dict=False)
+        assert handle.runtime.draws(torch.device("cpu")).item() == 2
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+    mutated, static = graphs[0]
+    assert mutated, "the counter advances in place inside the graph"
+    assert set(mutated) <= set(static)

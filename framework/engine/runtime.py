@@ -234,6 +234,11 @@ class Runtime:
         counter = self._draws.get(key)
         if counter is None:
             counter = self._draws[key] = torch.zeros((), dtype=torch.int64, device=device)
+            if not torch.compiler.is_compiling():
+                # Draws advance the counter in place. torch.compile's CUDA-graph trees capture a
+                # graph that mutates an input only if the input's address is static; made here,
+                # before the first compiled call (see `prepare`), the counter can be marked so.
+                torch._dynamo.mark_static_address(counter)
         return counter
 
     def switch(self, on: bool) -> None:
