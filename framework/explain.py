@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,13 +72,9 @@ def merged_steps(schedule: MergeSchedule, steps: int) -> list[int]:
     return [i for i, m in enumerate(schedule.steps(steps, timesteps)) if m]
 
 
-def schedule_line(schedule: MergeSchedule, steps: int) -> str:
-    """Which of ``steps`` steps a schedule merges."""
+def schedule_line(schedule: MergeSchedule, steps: int, merged: list[int]) -> str:
+    """Which of ``steps`` steps a schedule merges (``merged``: :func:`merged_steps`)."""
     timesteps = schedule.needs == "timestep"
-    try:
-        merged = merged_steps(schedule, steps)
-    except ValueError as exc:
-        return f"schedule {schedule.name}: {exc}"
     params = ", ".join(f"{k}={v}" for k, v in schedule.params.model_dump().items() if k != "name")
     listed = ", ".join(map(str, merged[:24])) + (" ..." if len(merged) > 24 else "")
     note = " (timesteps assumed evenly spaced from 1 down)" if timesteps else ""
@@ -133,9 +128,13 @@ def explain(
         f"selector {cfg.selector.name}, merger {cfg.merger.name}, partitioner {cfg.partitioner.name}, "
         f"reuse {cfg.reuse.name}"
     )
-    console.print(schedule_line(runtime.schedule, steps))
-    with suppress(ValueError):  # a schedule that cannot say its steps has said so above
-        console.print(plans_line(runtime.reuse, len(merged_steps(runtime.schedule, steps))))
+    try:
+        merged = merged_steps(runtime.schedule, steps)
+    except ValueError as exc:
+        console.print(f"schedule {runtime.schedule.name}: {exc}")
+    else:
+        console.print(schedule_line(runtime.schedule, steps, merged))
+        console.print(plans_line(runtime.reuse, len(merged)))
     if getattr(adapter.params, "size_weighting", False):
         console.print(
             "size-weighted attention: on (each merged key's logit + log(group size); head dim padded to a "

@@ -126,7 +126,7 @@ def knobs(arch: str) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
 
 
 def _schedule_label(schedule: dict[str, Any]) -> str:
-    return next((label for label, s in SCHEDULES if merged(schedule, s) == schedule), "preset schedule")
+    return next((label for label, s in SCHEDULES if s == schedule), "preset schedule")
 
 
 def random_under_reuse(kind: str, preset: str) -> list[Point]:
