@@ -143,7 +143,8 @@ class FacilityLocationSelector(Selector):
                 "Standard deviation of Gaussian noise added to the cosine similarities between each "
                 "region's tokens before the greedy, in Fisher's z space (atanh), drawn anew at every selection "
                 "(a counter-based hash of the config's seed: the same values eager, compiled and in CUDA "
-                "graphs): near-equal candidates then alternate between steps, so merge errors do not pile "
+                "graphs; the draws restart with each generation, so one seed gives one image at every "
+                "call): near-equal candidates then alternate between steps, so merge errors do not pile "
                 "up in the same tokens. 0: deterministic (the paper's selector)."
             ),
         )

@@ -86,6 +86,7 @@ class Clock:
         self.step = 0
         self.merged_steps = 0
         self.last_t = None
+        self.runtime.restart_draws()  # noise-drawing selectors: the same seed, the same image
         self._open_step()
 
     def start(self, scheduler: Any) -> None:

@@ -255,12 +255,16 @@ class Runtime:
         """Forget every cached plan (e.g. after the model moved to another device)."""
         for group in self.groups.values():
             group.slots = fresh_slots()
-        # Re-seeded rather than dropped: the same stream restarts, and compiled graphs keep the objects.
+        self.clock.reset()
+
+    def restart_draws(self) -> None:
+        """Every random stream back to its start (the clock calls this when a generation starts), so
+        one seed gives one image at every call. Re-seeded and zeroed in place rather than dropped:
+        compiled graphs and captured CUDA graphs keep the objects."""
         for gen in self._generators.values():
             gen.manual_seed(self.config.seed)
         for counter in self._draws.values():
             counter.zero_()
-        self.clock.reset()
 
     # ------------------------------------------------------------------ hot path
 

@@ -114,6 +114,24 @@ def test_a_new_generation_never_reuses_the_last_ones_plans():
     assert calls == fresh_calls
 
 
+@pytest.mark.parametrize("selector", [{"jitter": 0.5}, {"name": "random"}], ids=["jitter", "random"])
+@torch.no_grad()
+def test_the_same_seed_gives_the_same_image_at_every_call_with_drawn_destinations(selector):
+    """Selectors that draw noise (jitter, random destinations) restart their draws with each
+    generation, as the plans do: a second call with the same seed is the first one again, on a
+    bare denoiser (its timesteps start the generation) as through the pipeline."""
+    config = {**SDXL, "selector": {**SDXL["selector"], **selector}}
+    pipe = tiny_sdxl_pipeline()
+    with tr.apply(pipe, config):
+        first, second = sdxl_generate(pipe, 6), sdxl_generate(pipe, 6)
+    assert torch.equal(first, second)
+    with tr.apply(pipe.unet, config):
+        inputs = tiny_sdxl_inputs(pipe.unet, batch=2, seed=3)
+        calls = [[pipe.unet(**{**inputs, "timestep": t}).sample for t in (900, 500, 100)] for _ in range(2)]
+    for a, b in zip(*calls, strict=True):
+        assert torch.equal(a, b)
+
+
 @torch.no_grad()
 def test_custom_loop_with_the_denoiser_of_a_patched_pipeline():
     """After a pipeline call, a hand-written loop with another scheduler calls ``pipe.unet``: it shares
