@@ -176,11 +176,11 @@ def test_the_demos_gpu_speeds_are_those_of_the_committed_records() -> None:
         assert record["env"]["gpu"] == packaged["gpu"] and record["revision"] == revision
         run = next(r for r in record["runs"] if r["mode"] == packaged["mode"])
         preset = ratio_aside(f"toma-{run['arch']}")  # the default preset's config at every ratio
-        found[f"toma-{run['arch']}"] = {
-            f"{v['ratio']:g}": round(v["speedup"], 4)
-            for v in run["variants"]
-            if v["config"] is not None and ratio_aside(v["config"]) == preset
-        }
+        speeds: dict[str, float] = {}
+        for v in run["variants"]:  # the bench's own preset rows first, then any config file equal to it
+            if v["config"] is not None and ratio_aside(v["config"]) == preset:
+                speeds.setdefault(f"{v['ratio']:g}", round(v["speedup"], 4))
+        found[f"toma-{run['arch']}"] = speeds
     assert found == packaged["speedups"]
     config = load_config("toma-flux")
     assert gpu_speedup("toma-flux", config, 20) == pytest.approx(20 / (10 + 10 / found["toma-flux"]["0.5"]))
