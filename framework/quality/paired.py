@@ -43,6 +43,7 @@ def compare(
     device: str = "cpu",
     schedules: Sequence[str] = tuple(SCHEDULES),
     log: Any = print,
+    first_seed: int = 0,
 ) -> list[dict[str, Any]]:
     from tokenreduce.api import apply
     from tokenreduce.demo import DEMO_CLASSES
@@ -54,8 +55,9 @@ def compare(
     rows = []
     for kind in kinds:
         pipe = load_proxy(kind, None, device, DTYPES[dtype])
-        labels = [pipe.class_names.index(DEMO_CLASSES[i % len(DEMO_CLASSES)]) for i in range(num_seeds)]
-        seeds = list(range(num_seeds))
+        # Each seed keeps its class whatever the range, so runs over split or shifted ranges pair up.
+        seeds = list(range(first_seed, first_seed + num_seeds))
+        labels = [pipe.class_names.index(DEMO_CLASSES[seed % len(DEMO_CLASSES)]) for seed in seeds]
         base = _images(pipe, labels, seeds, steps)
         base_embeddings = metrics.embed(features, metrics.frames(base).float())
         preset = f"toma-{spec(kind).arch}"
@@ -78,6 +80,7 @@ def compare(
                 "dtype": dtype,
                 "steps": steps,
                 "seeds": num_seeds,
+                "first_seed": first_seed,
                 "psnr_a": float(scores["a"]["psnr"].mean()),
                 "psnr_b": float(scores["b"]["psnr"].mean()),
                 **_paired("paired_difference", scores["a"]["psnr"], scores["b"]["psnr"], "_db"),
@@ -125,7 +128,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--kinds", nargs="+", default=list(LATENT_IMAGE_KINDS))
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="the proxies' dtype (default fp32)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--seeds", type=int, default=8, help="how many seeds (one image each)")
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="the first seed (default 0): a range apart from the one a choice was made on tests it fairly",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--schedules",
@@ -145,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.seeds,
         args.device,
         args.schedules,
+        first_seed=args.first_seed,
     )
     if args.output:
         import datetime

@@ -36,3 +36,11 @@ def test_ssim_is_reported_and_paired_per_image() -> None:
     assert abs(always["ssim_paired_difference"] - sum(y - x for x, y in zip(a, b, strict=True)) / 2) < 1e-5
     assert always["ssim_paired_difference_sem"] > 0
     assert always["ssim_b"] < always["ssim_a"] <= 1.0
+
+
+def test_a_later_seed_range_gives_the_same_images_as_the_same_seeds_in_a_longer_run() -> None:
+    (_, longer) = paired.compare(["flux-latent"], {"ratio": 0.75}, {}, "fp32", steps=2, num_seeds=2)
+    (_, later) = paired.compare(["flux-latent"], {"ratio": 0.75}, {}, "fp32", steps=2, num_seeds=1, first_seed=1)
+    assert later["first_seed"] == 1 and later["seeds"] == 1
+    for key in ("psnr_a_per_image", "psnr_b_per_image", "feature_similarity_b_per_image"):
+        assert later[key] == longer[key][1:]
