@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,15 @@ import torch
 from tokenreduce.quality import metrics
 from tokenreduce.quality.proxy.models import LATENT_IMAGE_KINDS, spec
 
+METRICS = ("psnr", "ssim", "feature_similarity")
+#: The names of each metric's mean paired difference in a row, and their unit suffix.
+DIFFERENCE_NAMES = {
+    "psnr": ("paired_difference", "_db"),
+    "ssim": ("ssim_paired_difference", ""),
+    "feature_similarity": ("feature_similarity_paired_difference", ""),
+}
+#: What makes two rows the same comparison (rows that may be joined).
+COMPARISON = ("kind", "schedule", "base", "change", "dtype", "steps")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCHEDULES: dict[str, dict[str, Any] | None] = {"preset": None, "always": {"name": "always"}}
 
@@ -71,6 +83,12 @@ def compare(
                 with apply(pipe, config):
                     out[name] = _images(pipe, labels, seeds, steps)
                 scores[name] = metrics.same_seed(features, out[name].float(), base.float(), base_embeddings)
+            # Per image, in seed order, so a later comparison (or a join of split runs) can pair with these.
+            per_image = {
+                f"{metric}_{name}_per_image": [round(float(x), 6) for x in scores[name][metric]]
+                for name in ("a", "b")
+                for metric in METRICS
+            }
             row = {
                 "kind": kind,
                 "preset": preset,
@@ -81,26 +99,9 @@ def compare(
                 "steps": steps,
                 "seeds": num_seeds,
                 "first_seed": first_seed,
-                "psnr_a": float(scores["a"]["psnr"].mean()),
-                "psnr_b": float(scores["b"]["psnr"].mean()),
-                **_paired("paired_difference", scores["a"]["psnr"], scores["b"]["psnr"], "_db"),
+                **summary(per_image),
                 "psnr_a_vs_b": float(metrics.psnr_per_item(out["b"], out["a"]).mean()),
-                "ssim_a": float(scores["a"]["ssim"].mean()),
-                "ssim_b": float(scores["b"]["ssim"].mean()),
-                **_paired("ssim_paired_difference", scores["a"]["ssim"], scores["b"]["ssim"]),
-                "feature_similarity_a": float(scores["a"]["feature_similarity"].mean()),
-                "feature_similarity_b": float(scores["b"]["feature_similarity"].mean()),
-                **_paired(
-                    "feature_similarity_paired_difference",
-                    scores["a"]["feature_similarity"],
-                    scores["b"]["feature_similarity"],
-                ),
-                # Per image, in seed order, so a later comparison can pair with these.
-                **{
-                    f"{metric}_{name}_per_image": [round(float(x), 6) for x in scores[name][metric]]
-                    for name in ("a", "b")
-                    for metric in ("psnr", "ssim", "feature_similarity")
-                },
+                **per_image,
             }
             rows.append(row)
             log(
@@ -113,10 +114,83 @@ def compare(
     return rows
 
 
-def _paired(name: str, a: torch.Tensor, b: torch.Tensor, unit: str = "") -> dict[str, float]:
-    """Mean of ``b - a`` over the images and its standard error."""
-    mean, sem = metrics.mean_and_sem(b - a)
-    return {f"{name}{unit}": mean, f"{name}_sem{unit}": sem}
+def summary(per_image: Mapping[str, Sequence[float]]) -> dict[str, Any]:
+    """Per metric: the means of A and B, the mean paired difference (B - A) and its standard error,
+    on how many images each is ahead, and the two-sided Wilcoxon signed-rank p of the differences
+    (null for fewer than two non-zero differences)."""
+    from scipy.stats import wilcoxon  # lazy: only the quality tools need scipy
+
+    out: dict[str, Any] = {}
+    for metric in METRICS:
+        a = torch.tensor(per_image[f"{metric}_a_per_image"], dtype=torch.float64)
+        b = torch.tensor(per_image[f"{metric}_b_per_image"], dtype=torch.float64)
+        name, unit = DIFFERENCE_NAMES[metric]
+        mean, sem = metrics.mean_and_sem(b - a)
+        differences = (b - a)[b != a]
+        p = float(wilcoxon(differences.numpy()).pvalue) if len(differences) > 1 else None
+        out |= {
+            f"{metric}_a": float(a.mean()),
+            f"{metric}_b": float(b.mean()),
+            f"{name}{unit}": mean,
+            f"{name}_sem{unit}": sem,
+            f"{metric}_a_higher": int((a > b).sum()),
+            f"{metric}_b_higher": int((b > a).sum()),
+            f"{metric}_wilcoxon_p": p,
+        }
+    return out
+
+
+def join(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One record from the records of one comparison run over consecutive seed ranges (a run split
+    into parts, e.g. to spread it over processes): the rows with the per-image scores put together
+    and the summary recomputed, as the whole run would have written them."""
+    if not records:
+        raise ValueError("nothing to join: give the records of the parts")
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:
+        for row in record["rows"]:
+            groups.setdefault(json.dumps([row[k] for k in COMPARISON], sort_keys=True), []).append(row)
+    rows = []
+    for parts in groups.values():
+        parts = sorted(parts, key=lambda row: row.get("first_seed", 0))
+        for before, after in pairwise(parts):
+            end = before.get("first_seed", 0) + before["seeds"]
+            if after.get("first_seed", 0) != end:
+                raise ValueError(
+                    f"{after['kind']}, {after['schedule']}: the parts' seeds are not one range (a part "
+                    f"ends before seed {end}, the next starts at {after.get('first_seed', 0)}); join parts "
+                    "that follow each other, each once"
+                )
+        seeds = sum(row["seeds"] for row in parts)
+        per_image = {
+            key: [x for row in parts for x in row[key]]
+            for key in (f"{metric}_{name}_per_image" for name in ("a", "b") for metric in METRICS)
+        }
+        rows.append(
+            {
+                **{k: parts[0][k] for k in COMPARISON},
+                "preset": parts[0]["preset"],
+                "seeds": seeds,
+                "first_seed": parts[0].get("first_seed", 0),
+                **summary(per_image),
+                "psnr_a_vs_b": sum(row["psnr_a_vs_b"] * row["seeds"] for row in parts) / seeds,
+                **per_image,
+            }
+        )
+    counts = {len(parts) for parts in groups.values()}
+    if len(counts) > 1:
+        raise ValueError("the parts do not all hold the same comparisons; join the parts of one run only")
+    return {"rows": rows, "parts": [_without_output(record.get("command", "")) for record in records]}
+
+
+def _without_output(command: str) -> str:
+    """A part's command without its ``-o`` file (where the part was written is no part of the result)."""
+    words = shlex.split(command)
+    for flag in ("-o", "--output"):
+        if flag in words:
+            i = words.index(flag)
+            del words[i : i + 2]
+    return shlex.join(words)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,7 +198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--base", default="{}", help="JSON merged into each preset to make A (default: the preset)"
     )
-    p.add_argument("--change", required=True, help="JSON merged into each preset to make B")
+    p.add_argument("--change", help="JSON merged into each preset to make B (required unless --join)")
+    p.add_argument(
+        "--join",
+        nargs="+",
+        metavar="RECORD",
+        help="instead of running: join the records of one run made in parts over consecutive seed ranges",
+    )
     p.add_argument("--kinds", nargs="+", default=list(LATENT_IMAGE_KINDS))
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="the proxies' dtype (default fp32)")
     p.add_argument("--steps", type=int, default=20)
@@ -145,6 +225,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("-o", "--output", default=None, help="JSON file for the rows")
     args = p.parse_args(argv)
+    command = "python -m tokenreduce.quality.paired " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.join:
+        parts = [json.loads(Path(name).read_text(encoding="utf-8")) for name in args.join]
+        if len({part["device"] for part in parts}) > 1:
+            p.error("--join: the parts ran on different devices; join the parts of one run only")
+        try:
+            joined = join(parts)
+        except ValueError as error:
+            p.error(f"--join: {error}")
+        first = parts[0]
+        record = {"command": command, "date": first["date"], "device": first["device"], "env": first["env"]}
+        _write(args.output, record | joined)
+        return 0
+    if args.change is None:
+        p.error("--change is required (or --join to join records)")
     rows = compare(
         args.kinds,
         json.loads(args.change),
@@ -158,21 +253,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.output:
         import datetime
-        import shlex
-        import sys
 
         from tokenreduce.generate import environment
 
         record = {
-            "command": "python -m tokenreduce.quality.paired "
-            + shlex.join(sys.argv[1:] if argv is None else argv),
+            "command": command,
             "date": datetime.date.today().isoformat(),
             "device": args.device,
             "env": environment(),
             "rows": rows,
         }
-        Path(args.output).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        _write(args.output, record)
     return 0
+
+
+def _write(output: str | None, record: Mapping[str, Any]) -> None:
+    if output:
+        Path(output).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    else:
+        print(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":
