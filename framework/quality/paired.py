@@ -8,8 +8,12 @@ every step, which shows differences the preset's schedule hides), the unmodified
 ToMA preset with ``--base`` merged in (A) and with ``--change`` merged in (B) generate the demo's classes from the
 same seeds, one image per call. Per image: PSNR, SSIM and feature similarity of A and of B against
 the unmodified image, and their differences (B - A). Reported: the means, the mean paired differences
-and their standard errors, PSNR between A and B (how far the change moves the images), and the
-per-image scores.
+and their standard errors, on how many images each side is ahead with the Wilcoxon signed-rank p,
+PSNR between A and B (how far the change moves the images), and the per-image scores.
+
+``--first-seed`` moves the seed range (test a choice on seeds it was not made on); a run split
+into parts over consecutive ranges (e.g. one process each) is put back together with
+``--join PART.json ... -o OUT.json``.
 """
 
 from __future__ import annotations
