@@ -154,36 +154,38 @@ def join(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for record in records:
         for row in record["rows"]:
             groups.setdefault(json.dumps([row[k] for k in COMPARISON], sort_keys=True), []).append(row)
+    if len({len(parts) for parts in groups.values()}) > 1:
+        raise ValueError("the parts do not all hold the same comparisons; join the parts of one run only")
+
+    def first(row: Mapping[str, Any]) -> int:
+        return row.get("first_seed", 0)  # records from before --first-seed start at 0
+
     rows = []
     for parts in groups.values():
-        parts = sorted(parts, key=lambda row: row.get("first_seed", 0))
+        parts = sorted(parts, key=first)
         for before, after in pairwise(parts):
-            end = before.get("first_seed", 0) + before["seeds"]
-            if after.get("first_seed", 0) != end:
+            end = first(before) + before["seeds"]
+            if first(after) != end:
                 raise ValueError(
                     f"{after['kind']}, {after['schedule']}: the parts' seeds are not one range (a part "
-                    f"ends before seed {end}, the next starts at {after.get('first_seed', 0)}); join parts "
+                    f"ends before seed {end}, the next starts at {first(after)}); join parts "
                     "that follow each other, each once"
                 )
         seeds = sum(row["seeds"] for row in parts)
         per_image = {
-            key: [x for row in parts for x in row[key]]
-            for key in (f"{metric}_{name}_per_image" for name in ("a", "b") for metric in METRICS)
+            key: [x for row in parts for x in row[key]] for key in parts[0] if key.endswith("_per_image")
         }
         rows.append(
             {
                 **{k: parts[0][k] for k in COMPARISON},
                 "preset": parts[0]["preset"],
                 "seeds": seeds,
-                "first_seed": parts[0].get("first_seed", 0),
+                "first_seed": first(parts[0]),
                 **summary(per_image),
                 "psnr_a_vs_b": sum(row["psnr_a_vs_b"] * row["seeds"] for row in parts) / seeds,
                 **per_image,
             }
         )
-    counts = {len(parts) for parts in groups.values()}
-    if len(counts) > 1:
-        raise ValueError("the parts do not all hold the same comparisons; join the parts of one run only")
     return {"rows": rows, "parts": [_without_output(record.get("command", "")) for record in records]}
 
 
