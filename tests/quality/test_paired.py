@@ -55,6 +55,10 @@ def test_a_run_in_parts_joins_into_the_run_made_whole() -> None:
     for key, value in whole.items():
         if isinstance(value, float):
             assert abs(row[key] - value) < 1e-5, key
+        elif key.endswith("_per_image"):
+            # The feature extractor embeds a run's images as one batch: another batch size may
+            # round differently in the last of the six stored digits.
+            assert row[key] == pytest.approx(value, abs=2e-6), key
         else:
             assert row[key] == value, key
 
