@@ -91,6 +91,14 @@ def test_the_summary_counts_who_is_ahead_and_tests_the_differences() -> None:
     assert paired.summary(_row(0, [1.0], [2.0]))["psnr_wilcoxon_p"] is None
 
 
+def test_the_median_difference_shows_a_mean_carried_by_one_image() -> None:
+    a = [0.0] * 4
+    one_outlier = paired.summary(_row(0, a, [0.0, 0.1, -0.1, 10.0]))
+    assert one_outlier["paired_difference_db"] == pytest.approx(2.5)
+    assert one_outlier["psnr_median_difference_db"] == pytest.approx(0.05)  # between the middle two
+    assert one_outlier["feature_similarity_median_difference"] == pytest.approx(0.05)
+
+
 def test_it_asks_for_a_change_unless_joining() -> None:
     with pytest.raises(SystemExit):
         paired.main(["--kinds", "flux-latent"])
