@@ -501,9 +501,12 @@ def markdown(rows: list[dict[str, Any]], frontier_ids: set[int]) -> str:
     return head + "\n".join(body) + "\n"
 
 
+#: One colour per method in every panel (the presets are drawn as stars on top).
 COLOURS = {
     "toma": "tab:blue",
+    "toma-knob": "tab:cyan",
     "random": "tab:gray",
+    "grid": "tab:purple",
     "tomesd": "tab:orange",
     "tofu": "tab:green",
     "todo": "tab:red",
@@ -518,6 +521,9 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    uncoloured = sorted({r["method"] for r in rows} - set(COLOURS) - {"preset"})
+    if uncoloured:  # a row left off the plot would leave frontier points undrawn
+        raise ValueError(f"no plot colour for the methods {uncoloured}; add them to COLOURS")
     kinds = sorted({r["kind"] for r in rows})
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):

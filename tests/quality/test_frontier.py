@@ -32,6 +32,15 @@ def test_points_are_valid_and_name_their_bench_variant(kind: str) -> None:
     presets = [p.label for p in points if p.method == "preset"]
     assert presets[0] == f"toma-{arch}" and all(p.startswith(f"toma-{arch}") for p in presets)
     assert {"random", "grid", "toma"} <= {p.method for p in points}
+    # Every method the sweep scores is drawn in the plot, in its own colour.
+    assert {p.method for p in points} - {"preset"} <= set(frontier.COLOURS)
+
+
+def test_the_plot_refuses_a_method_it_would_leave_out(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    row = {"kind": "flux-latent", "method": "unknown", "speedup": 1.2, "psnr": 30.0, "label": "x"}
+    with pytest.raises(ValueError, match="no plot colour for the methods \\['unknown'\\]"):
+        frontier.plot([row], [], "psnr", tmp_path / "frontier.png", "t")
 
 
 def _noise_on(selector: Any) -> dict[str, Any]:
