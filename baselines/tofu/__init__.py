@@ -28,3 +28,9 @@ def tokenreduce_register(registry) -> None:  # noqa: ANN001 - the typed registry
         "tofu-flux.yaml",
         "ToFu on Flux: r=0.5, 2x2 grid destinations, prune in the first half of the merged blocks, then MLERP",
     )
+    registry.add_preset(
+        "tofu-wan",
+        PRESETS,
+        "tofu-wan.yaml",
+        "ToFu on Wan: r=0.5 at toma-wan's sites, 2x2 grid destinations per frame, prune then MLERP",
+    )

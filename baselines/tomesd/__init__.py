@@ -1,5 +1,5 @@
 """ToMeSD (Bolya & Hoffman, arXiv 2303.17604) as plugins: the ``tomesd_grid`` selector and the
-``bipartite`` merger, with presets for SDXL and Flux and two presets that mix them with ToMA parts."""
+``bipartite`` merger, with presets for SDXL, Flux and Wan and two presets that mix them with ToMA parts."""
 
 from __future__ import annotations
 
@@ -27,6 +27,12 @@ def tokenreduce_register(registry) -> None:  # noqa: ANN001 - the typed registry
         PRESETS,
         "tomesd-flux.yaml",
         "ToMeSD's bipartite matching on Flux: r=0.5, 2x2 grid destinations, batch-shared matching",
+    )
+    registry.add_preset(
+        "tomesd-wan",
+        PRESETS,
+        "tomesd-wan.yaml",
+        "ToMeSD's bipartite matching on Wan: r=0.5 at toma-wan's sites, 2x2 grid destinations per frame",
     )
     registry.add_preset(
         "mixed-fl-bipartite",

@@ -1,4 +1,5 @@
-"""ToMeSD's destination grid: one destination per ``sy x sx`` cell of every region.
+"""ToMeSD's destination grid: one destination per ``sy x sx`` cell of every region (on video
+grids, frames x rows x cols, cells are one frame deep: ``sy x sx`` in every frame).
 
 Cells tile each region from its top-left corner; border rows and columns that do not fill a
 whole cell hold no destination (their tokens are sources). A region smaller than one cell (a
@@ -19,71 +20,74 @@ import torch
 from pydantic import Field, field_validator
 
 from tokenreduce.interfaces import SelectContext, Selector
-from tokenreduce.layout import Regions
+from tokenreduce.layout import Regions, raster_positions
 from tokenreduce.params import StrictParams
 
 
-def region_extents(regions: Regions) -> list[tuple[int, int]]:
-    """``(rows, cols)`` spanned by the valid slots of every region (host, set-up time)."""
-    if regions.local_rc is None:
-        if regions.is_raster:
-            rows, cols = regions.grid  # one raster region: the whole grid
-            return [(rows, cols)]
-        raise ValueError(
-            "needs rectangular regions with per-slot rows/cols (Regions.local_rc); the partitioner provides none"
-        )
-    rc = regions.local_rc.cpu()
-    valid = regions.valid.cpu().unsqueeze(-1)
-    span = torch.where(valid, rc + 1, 0).amax(dim=1)  # (R, 2); 0 for an empty region
-    return [(int(h), int(w)) for h, w in span.tolist()]
-
-
-def local_rc_of(regions: Regions) -> torch.Tensor:
-    """``(R, S, 2)`` row/col of every slot inside its region (raster order for a single raster region)."""
+def local_positions(regions: Regions) -> torch.Tensor:
+    """``(R, S, 3)`` frame/row/col of every slot inside its region (frame 0 on image grids; raster
+    order for a single raster region)."""
     if regions.local_rc is not None:
-        return regions.local_rc.cpu()
-    w = regions.grid[1]
-    slot = torch.arange(regions.slots)
-    return torch.stack([slot // w, slot % w], dim=-1).unsqueeze(0)
+        pos = regions.local_rc.cpu()
+    elif regions.is_raster:
+        pos = raster_positions(regions.grid).unsqueeze(0)  # one raster region: the whole grid
+    else:
+        raise ValueError(
+            "needs rectangular regions with per-slot positions (Regions.local_rc); the partitioner provides none"
+        )
+    if pos.shape[-1] not in (2, 3):
+        raise ValueError(f"works on grids of rank 2 or 3, got a rank-{pos.shape[-1]} region")
+    return pos if pos.shape[-1] == 3 else torch.cat([torch.zeros_like(pos[..., :1]), pos], dim=-1)
+
+
+def region_extents(regions: Regions) -> list[tuple[int, int, int]]:
+    """``(frames, rows, cols)`` spanned by the valid slots of every region (host, set-up time)."""
+    valid = regions.valid.cpu().unsqueeze(-1)
+    span = torch.where(valid, local_positions(regions) + 1, 0).amax(dim=1)  # (R, 3); 0 for an empty region
+    return [(int(t), int(h), int(w)) for t, h, w in span.tolist()]
 
 
 def cells_per_region(regions: Regions, stride: tuple[int, int]) -> list[int]:
-    """Whole cells per region; a non-empty region smaller than one cell gets one destination (its first token)."""
+    """Whole cells per region (one frame deep); a non-empty region smaller than one cell gets one
+    destination (its first token)."""
     sy, sx = stride
-    counts = [(h // sy) * (w // sx) for h, w in region_extents(regions)]
+    counts = [t * (h // sy) * (w // sx) for t, h, w in region_extents(regions)]
     return [n if n or not size else 1 for n, size in zip(counts, regions.sizes, strict=True)]
 
 
 def cell_table(regions: Regions, stride: tuple[int, int], k: int) -> torch.Tensor:
-    """``(R, k, sy*sx)``: local slot of every offset of every cell (cells in row-major order).
+    """``(R, k, sy*sx)``: local slot of every offset of every cell (cells one frame deep, frame by
+    frame, each frame's cells in row-major order).
 
     Entries past a region's cell count are slot 0 (never used: the layout marks them unreal); a
     region smaller than one cell has one "cell" whose every offset is its first valid slot.
     Raises ``ValueError`` when a cell covers a position that no valid slot holds.
     """
     sy, sx = stride
-    extents = region_extents(regions)
-    rc = local_rc_of(regions)
+    extent = torch.tensor(region_extents(regions), dtype=torch.long).view(-1, 3)  # (R, 3)
+    pos = local_positions(regions)
     valid = regions.valid.cpu()
-    rows = max(h for h, _ in extents)
-    cols = max(w for _, w in extents)
-    # slot_at[r, row, col]: the slot holding (row, col) of region r, or -1.
-    slot_at = torch.full((regions.num_regions, max(rows, 1), max(cols, 1)), -1, dtype=torch.long)
+    frames, rows, cols = (max(int(n), 1) for n in extent.amax(dim=0).tolist()) if len(extent) else (1, 1, 1)
+    # slot_at[r, frame, row, col]: the slot holding that position of region r, or -1.
+    slot_at = torch.full((regions.num_regions, frames, rows, cols), -1, dtype=torch.long)
     r_ids, s_ids = torch.nonzero(valid, as_tuple=True)
-    slot_at[r_ids, rc[r_ids, s_ids, 0], rc[r_ids, s_ids, 1]] = s_ids
-    extent = torch.tensor(extents, dtype=torch.long).view(-1, 2)  # (R, 2)
-    n_cols = (extent[:, 1] // sx).clamp_min(1).unsqueeze(1)  # (R, 1)
-    n_cells = ((extent[:, 0] // sy) * (extent[:, 1] // sx)).unsqueeze(1)  # (R, 1)
+    slot_at[r_ids, pos[r_ids, s_ids, 0], pos[r_ids, s_ids, 1], pos[r_ids, s_ids, 2]] = s_ids
+    n_cols = (extent[:, 2] // sx).clamp_min(1).unsqueeze(1)  # (R, 1)
+    per_frame = ((extent[:, 1] // sy) * (extent[:, 2] // sx)).unsqueeze(1)  # (R, 1)
+    n_cells = extent[:, :1] * per_frame  # (R, 1)
     cell = torch.arange(k).unsqueeze(0)  # (1, k)
     real = cell < n_cells  # (R, k)
+    frame = cell // per_frame.clamp_min(1)
+    in_frame = cell % per_frame.clamp_min(1)
     dy = torch.arange(sy).repeat_interleave(sx)  # (O,) offsets in row-major order
     dx = torch.arange(sx).repeat(sy)
-    row = ((cell // n_cols) * sy).unsqueeze(-1) + dy  # (R, k, O)
-    col = ((cell % n_cols) * sx).unsqueeze(-1) + dx
+    row = ((in_frame // n_cols) * sy).unsqueeze(-1) + dy  # (R, k, O)
+    col = ((in_frame % n_cols) * sx).unsqueeze(-1) + dx
+    frame = torch.where(real, frame, 0).unsqueeze(-1).expand_as(row)
     row = torch.where(real.unsqueeze(-1), row, 0)
     col = torch.where(real.unsqueeze(-1), col, 0)
     region = torch.arange(regions.num_regions).view(-1, 1, 1)
-    table = slot_at[region, row.clamp_max(slot_at.shape[1] - 1), col.clamp_max(slot_at.shape[2] - 1)]
+    table = slot_at[region, frame, row.clamp_max(rows - 1), col.clamp_max(cols - 1)]
     missing = real.unsqueeze(-1) & (table < 0)
     if bool(missing.any()):
         r, c, _ = (int(v) for v in torch.nonzero(missing)[0])
@@ -98,7 +102,7 @@ class TomesdGridSelector(Selector):
     """One destination per stride cell of each region (ToMeSD's ``bipartite_soft_matching_random2d`` split)."""
 
     name = "tomesd_grid"
-    grid_ranks = (2,)  # cells of rows x cols; video grids are not supported
+    grid_ranks = (2, 3)  # cells of rows x cols, one frame deep on video grids
 
     class Params(StrictParams):
         name: Literal["tomesd_grid"] = "tomesd_grid"

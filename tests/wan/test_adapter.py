@@ -86,7 +86,6 @@ def test_sites_groups_and_filters(t2v) -> None:
     [
         ({"adapter": {"name": "wan", "blocks": [9]}}, "out of range"),
         ({"adapter": {"name": "wan", "skip": 4}}, "selects none"),
-        ({"selector": {"name": "tomesd_grid"}}, "rank 3.*tomesd_grid"),
         ({"merger": {"name": "downsample"}, "partitioner": {"name": "global"}}, "kv_only|rank"),
     ],
 )
