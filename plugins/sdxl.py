@@ -413,5 +413,5 @@ def tokenreduce_register(registry: Any) -> None:
         "toma",
         "tokenreduce.toma_plugin.presets",
         "toma.yaml",
-        "ToMA components with the adapter picked from the model (SDXL UNet or Flux transformer)",
+        "ToMA components with the adapter picked from the model (any supported denoiser), merging at every step",
     )

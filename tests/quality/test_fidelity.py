@@ -75,7 +75,7 @@ def test_evaluate_scores_each_variant_against_the_unmodified_images():
             "toma",
             "methods",
             "toma@0.75",
-            # Both steps merge (the preset's schedule merges from step 2 on).
+            # Both steps merge (the preset's second-half window would merge the second only).
             fidelity.config_for("sdxl", "toma-sdxl", ratio=0.75, schedule={"name": "always"}),
         ),
     ]
