@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+# Where pip takes torch from; empty: pip's configured index. On Linux, PyPI's torch is the CUDA
+# build (gigabytes): TORCH_INDEX=https://download.pytorch.org/whl/cpu gives the CPU-only one.
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
 .PHONY: setup setup-test demo test test-slow lint typecheck schema clean
@@ -10,7 +13,7 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e .
 	touch $@
 
