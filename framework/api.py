@@ -99,7 +99,7 @@ class TokenReduceHandle:
         it, where no scheduler says it (a bare denoiser); restarts the step clock."""
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-        self.runtime.clock.reset(num_steps=num_steps)
+        self.runtime.clock.restart(num_steps=num_steps)
 
     def prepare(self, height: int, width: int, **size: int) -> None:
         """Build the layouts for images of ``height x width`` pixels now (before a compiled call at

@@ -89,6 +89,24 @@ class Clock:
         self.runtime.restart_draws()  # noise-drawing selectors: the same seed, the same image
         self._open_step()
 
+    def restart(self, num_steps: int | None = None) -> None:
+        """Back to step 0 outside a denoiser call (``handle.reset``, ``handle.set_num_steps``). Where
+        the merge schedule cannot answer for step 0 yet (no step count, or a timestep schedule with
+        no timestep list), nothing merges until the next call or pipeline generation starts one,
+        which asks the schedule then (and reports what it lacks)."""
+        needs = self.runtime.schedule.needs
+        known_steps = num_steps is not None or self.num_steps is not None
+        if (needs != "num_steps" or known_steps) and (needs != "timestep" or self.timesteps is not None):
+            self.reset(num_steps=num_steps)
+            return
+        if num_steps is not None:
+            self.num_steps = num_steps
+        self.step = self.merged_steps = self.pass_index = self._passes_in_step = 0
+        self.last_t = None  # the next call starts a generation
+        self.runtime.restart_draws()
+        self.merging = False
+        self.runtime.enabled = False
+
     def start(self, scheduler: Any) -> None:
         """A generation of ``scheduler``'s current timesteps begins."""
         timesteps = getattr(scheduler, "timesteps", None)

@@ -255,7 +255,7 @@ class Runtime:
         """Forget every cached plan (e.g. after the model moved to another device)."""
         for group in self.groups.values():
             group.slots = fresh_slots()
-        self.clock.reset()
+        self.clock.restart()
 
     def restart_draws(self) -> None:
         """Every random stream back to its start (the clock calls this when a generation starts), so

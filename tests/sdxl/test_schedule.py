@@ -131,6 +131,27 @@ def test_window_on_a_bare_denoiser_needs_the_step_count(unet):
         handle.set_num_steps(0)
 
 
+@pytest.mark.parametrize(
+    "schedule",
+    [{"name": "timesteps", "above": 0.4}, {"name": "window", "start": 0.5}],
+    ids=["timesteps", "window"],
+)
+def test_restarting_a_bare_denoiser_before_its_first_call(unet, schedule):
+    """``reset`` and ``set_num_steps`` work before the schedule has what it needs; the first call asks it."""
+    handle = tr.apply(unet, config(schedule=schedule))
+    handle.reset()
+    handle.set_num_steps(len(TIMESTEPS))
+    handle.reset()
+    log = merged_per_call(unet, handle.runtime)
+    inputs = tiny_sdxl_inputs(unet, batch=2, seed=5)
+    for t in TIMESTEPS:
+        run(unet, at(inputs, t))
+    if schedule["name"] == "timesteps":
+        assert log == [t / 1000 > 0.4 for t in TIMESTEPS]
+    else:
+        assert log == [i >= len(TIMESTEPS) // 2 for i in range(len(TIMESTEPS))]
+
+
 def test_disabled_and_schedule_compose(unet):
     handle = tr.apply(unet, config(schedule={"name": "steps", "steps": [1]}))
     log = merged_per_call(unet, handle.runtime)
