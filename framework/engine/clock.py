@@ -90,22 +90,26 @@ class Clock:
         self._open_step()
 
     def restart(self, num_steps: int | None = None) -> None:
-        """Back to step 0 outside a denoiser call (``handle.reset``, ``handle.set_num_steps``). Where
-        the merge schedule cannot answer for step 0 yet (no step count, or a timestep schedule with
-        no timestep list), nothing merges until the next call or pipeline generation starts one,
-        which asks the schedule then (and reports what it lacks)."""
+        """Back to step 0 outside a denoiser call (``handle.reset``, ``handle.set_num_steps``).
+
+        Driven by the timesteps or a pipeline, the next call or pipeline generation starts a
+        generation and asks the merge schedule then: a schedule that needs a timestep, or a step
+        count not known yet, is not asked now (nothing merges until then). The ``"manual"`` driver
+        has no such next start: it is asked now, and reports what it lacks."""
         needs = self.runtime.schedule.needs
-        known_steps = num_steps is not None or self.num_steps is not None
-        if (needs != "num_steps" or known_steps) and (needs != "timestep" or self.timesteps is not None):
-            self.reset(num_steps=num_steps)
-            return
         if num_steps is not None:
             self.num_steps = num_steps
+        waits = needs == "timestep" or (needs == "num_steps" and self.num_steps is None)
+        if self.driver == "manual" or not waits:
+            self.reset(timesteps=self.timesteps if needs == "timestep" else None)
+            return
         self.step = self.merged_steps = self.pass_index = self._passes_in_step = 0
         self.last_t = None  # the next call starts a generation
         self.runtime.restart_draws()
         self.merging = False
-        self.runtime.enabled = False
+        was, self.runtime.enabled = self.runtime.enabled, False
+        if was and self.runtime.on_new_tokens is not None:
+            self.runtime.on_new_tokens()  # a cache hook's state holds merged tokens
 
     def start(self, scheduler: Any) -> None:
         """A generation of ``scheduler``'s current timesteps begins."""

@@ -150,6 +150,11 @@ def test_restarting_a_bare_denoiser_before_its_first_call(unet, schedule):
         assert log == [t / 1000 > 0.4 for t in TIMESTEPS]
     else:
         assert log == [i >= len(TIMESTEPS) // 2 for i in range(len(TIMESTEPS))]
+    # Driven by hand there is no first call to wait for: what the schedule lacks is said at once.
+    manual = tr.apply(copy.deepcopy(unet), config(schedule=schedule))
+    manual.runtime.clock.driver = "manual"
+    with pytest.raises(ValueError, match="needs the"):
+        manual.reset()
 
 
 def test_disabled_and_schedule_compose(unet):
@@ -210,6 +215,11 @@ def test_pipeline_schedules_follow_the_scheduler(kind, schedule):
     assert log == expected and any(expected) and not all(expected)
     log.clear()
     pipe([1], [1], steps=steps)  # a second call starts over
+    assert log == expected
+    handle.reset()  # between calls, whatever the schedule needs
+    handle.set_num_steps(steps)
+    log.clear()
+    pipe([1], [1], steps=steps)
     assert log == expected
 
 
