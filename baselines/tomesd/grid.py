@@ -35,8 +35,11 @@ def local_positions(regions: Regions) -> torch.Tensor:
         raise ValueError(
             "needs rectangular regions with per-slot positions (Regions.local_rc); the partitioner provides none"
         )
-    if pos.shape[-1] not in (2, 3):
-        raise ValueError(f"works on grids of rank 2 or 3, got a rank-{pos.shape[-1]} region")
+    if pos.shape[-1] not in (2, 3) or pos.shape[-1] != len(regions.grid):
+        raise ValueError(
+            f"works on grids of rank 2 or 3 with positions of that rank, got rank-{pos.shape[-1]} "
+            f"positions on a rank-{len(regions.grid)} grid"
+        )
     return pos if pos.shape[-1] == 3 else torch.cat([torch.zeros_like(pos[..., :1]), pos], dim=-1)
 
 

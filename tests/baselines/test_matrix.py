@@ -23,6 +23,7 @@ from tokenreduce.config import ConfigError
 from tokenreduce.testing.strategies import example_params
 from tokenreduce.testing.tiny_flux import tiny_flux_inputs, tiny_flux_transformer
 from tokenreduce.testing.tiny_sdxl import tiny_sdxl_inputs, tiny_sdxl_unet
+from tokenreduce.testing.tiny_wan import tiny_wan_inputs, tiny_wan_transformer
 
 RATIO = 0.75
 REGISTRY = tr.reset_manager().registry
@@ -42,9 +43,11 @@ def models():
     tr.reset_manager()
     unet = tiny_sdxl_unet(seed=0, sample_size=16)  # level 0 is an 8x8 token grid
     flux = tiny_flux_transformer(seed=0)
+    wan = tiny_wan_transformer(seed=0, num_layers=2)
     return {
         "sdxl": (unet, tiny_sdxl_inputs(unet, batch=2)),
         "flux": (flux, tiny_flux_inputs(flux, batch=1, height_tokens=8, width_tokens=8)),
+        "wan": (wan, tiny_wan_inputs(wan, batch=1)),  # one sample per call, as Wan's pipeline calls it
     }
 
 
@@ -107,15 +110,17 @@ def test_every_combination_runs_or_fails_at_validation(models, adapter) -> None:
         assert not any(m == "downsample" for _, m, _ in ran)
 
 
+#: Every preset the baseline plugins ship, with the model its adapter patches.
 BASELINE_PRESETS = {
-    "tomesd-sdxl": "sdxl",
-    "todo-sdxl": "sdxl",
-    "tofu-sdxl": "sdxl",
-    "mixed-fl-bipartite": "sdxl",
-    "mixed-grid-attention": "sdxl",
-    "tomesd-flux": "flux",
-    "tofu-flux": "flux",
+    name: tr.load_config(name).adapter.name
+    for name in tr.reset_manager().registry.presets
+    if not name.startswith("toma")
 }
+
+
+def test_every_adapter_of_a_baseline_preset_has_a_model() -> None:
+    assert set(BASELINE_PRESETS.values()) == {"sdxl", "flux", "wan"}
+    assert {"tomesd-wan", "tofu-wan"} <= set(BASELINE_PRESETS)
 
 
 @pytest.mark.parametrize("preset", sorted(BASELINE_PRESETS))

@@ -14,7 +14,7 @@ from tokenreduce.baselines.tomesd import TomesdGridSelector
 from tokenreduce.builtins import GlobalPartitioner, GridSelector, HardMeanMerger, StripePartitioner
 from tokenreduce.engine import Runtime
 from tokenreduce.interfaces import SelectContext
-from tokenreduce.testing.contracts import check_regions, layout_or_reject, make_layout, make_runtime
+from tokenreduce.testing.contracts import check_regions, make_layout, make_runtime
 from tokenreduce.testing.strategies import grids, make_tokens
 from tokenreduce.toma_plugin.facility_location import FacilityLocationSelector
 from tokenreduce.toma_plugin.tile import TilePartitioner
@@ -73,16 +73,18 @@ def test_grid_selector_strides_rows_and_cols_per_frame() -> None:
 @given(
     grid=st.tuples(st.integers(2, 3), st.integers(4, 9), st.integers(4, 9)),
     tile=st.sampled_from([None, [4, 4], [2, 4, 4]]),
+    stride=st.sampled_from([(2, 2), (2, 3), (3, 2)]),
     seed=st.integers(0, 3),
 )
-@example(grid=(1, 5, 7), tile=None, seed=0)
-@example(grid=(3, 5, 7), tile=[2, 4, 4], seed=1)
+@example(grid=(1, 5, 7), tile=None, stride=(2, 2), seed=0)
+@example(grid=(3, 5, 7), tile=[2, 4, 4], stride=(3, 2), seed=1)
 def test_tomesd_grid_puts_one_destination_in_each_cell_of_every_frame(
-    grid: tuple[int, int, int], tile: list[int] | None, seed: int
+    grid: tuple[int, int, int], tile: list[int] | None, stride: tuple[int, int], seed: int
 ) -> None:
     part = GlobalPartitioner() if tile is None else TilePartitioner(TilePartitioner.Params(size=tile))
-    selector = TomesdGridSelector()
-    layout = layout_or_reject(lambda: make_layout(part, selector, grid, 0.5))
+    selector = TomesdGridSelector(TomesdGridSelector.Params(stride=list(stride)))
+    sy, sx = stride
+    layout = make_layout(part, selector, grid, 0.5)
     regions = layout.regions
     ctx = SelectContext(layout=layout, generator=torch.Generator().manual_seed(seed))
     picks = selector.select(torch.zeros(2, regions.num_regions, regions.slots, 1), ctx)  # even batch: random
@@ -93,14 +95,14 @@ def test_tomesd_grid_puts_one_destination_in_each_cell_of_every_frame(
         rows = int(unravel(int(positions.max()), grid)[1]) - y0 + 1
         cols = int(unravel(int(positions.max()), grid)[2]) - x0 + 1
         frames = len({unravel(int(i), grid)[0] for i in positions})
-        if rows < 2 or cols < 2:  # a thin border region: its first token is its one destination
+        if rows < sy or cols < sx:  # a thin border region: its first token is its one destination
             assert layout.dests[r] == 1 and int(picks[r, 0]) == 0
             continue
         for slot in picks[r, : layout.dests[r]].tolist():
             t, y, x = unravel(int(regions.index[r, slot]), grid)
-            assert (y - y0) // 2 < rows // 2 and (x - x0) // 2 < cols // 2  # a whole 2x2 cell
-            cells.append((r, t, (y - y0) // 2, (x - x0) // 2))
-        assert layout.dests[r] == frames * (rows // 2) * (cols // 2)
+            assert (y - y0) // sy < rows // sy and (x - x0) // sx < cols // sx  # a whole cell
+            cells.append((r, t, (y - y0) // sy, (x - x0) // sx))
+        assert layout.dests[r] == frames * (rows // sy) * (cols // sx)
     assert len(set(cells)) == len(cells)  # one destination per cell of every frame
 
 
