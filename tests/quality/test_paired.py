@@ -56,9 +56,9 @@ def test_a_run_in_parts_joins_into_the_run_made_whole() -> None:
         if isinstance(value, float):
             assert abs(row[key] - value) < 1e-5, key
         elif key.endswith("_per_image"):
-            # The feature extractor embeds a run's images as one batch: another batch size may
-            # round differently in the last of the six stored digits.
-            assert row[key] == pytest.approx(value, abs=2e-6), key
+            # A run scores its images as one batch (PSNR's reductions, the feature extractor):
+            # another batch size may round differently in the last stored digits.
+            assert row[key] == pytest.approx(value, abs=1e-5), key
         else:
             assert row[key] == value, key
 
