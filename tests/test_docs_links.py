@@ -7,52 +7,39 @@ import re
 from pathlib import Path
 
 import pytest
+from markdown_it import MarkdownIt
+from markdown_it.token import Token
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-
-FENCE = re.compile(r"^\s*(```|~~~)")
-HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)(?:\s+#+)?\s*$")
-INLINE_CODE = re.compile(r"(`+)(.+?)\1")
-LINK = re.compile(r"!?\[((?:[^\[\]]|\[[^\[\]]*\])*)\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+PARSER = MarkdownIt("commonmark").enable("table")
 
 
-def prose(text: str) -> str:
-    """The text with fenced code blocks blanked (line numbers kept)."""
-    out, fenced = [], None
-    for line in text.split("\n"):
-        match = FENCE.match(line)
-        if fenced is None and match:
-            fenced = match.group(1)
-            out.append("")
-        elif fenced is not None:
-            if line.strip().startswith(fenced):
-                fenced = None
-            out.append("")
-        else:
-            out.append(line)
-    return "\n".join(out)
+def tokens(page: Path) -> list[Token]:
+    return PARSER.parse(page.read_text(encoding="utf-8"))
 
 
 def slug(heading: str) -> str:
-    """GitHub's anchor of a heading: the rendered text, lowercase, without characters other
-    than letters, digits, spaces, hyphens and underscores, spaces as hyphens."""
-    text = LINK.sub(lambda m: m.group(1), heading)  # a link in a heading renders as its text
-    text = INLINE_CODE.sub(lambda m: m.group(2), text)
-    text = text.strip().lower()
-    text = "".join(c for c in text if c.isalnum() or c in " -_")
+    """GitHub's anchor of a heading's rendered text: lowercase, without characters other than
+    letters, digits, spaces, hyphens and underscores, spaces as hyphens."""
+    text = "".join(c for c in heading.strip().lower() if c.isalnum() or c in " -_")
     return text.replace(" ", "-")
+
+
+def rendered(inline: Token) -> str:
+    """The text an inline token renders (code spans and link texts included, markup not)."""
+    return "".join(t.content for t in inline.children or [] if t.type in ("text", "code_inline"))
 
 
 def anchors(page: Path) -> set[str]:
     """The anchors of a page's headings; a repeated slug gets -1, -2, ... as on GitHub."""
     seen: dict[str, int] = {}
     out = set()
-    for line in prose(page.read_text(encoding="utf-8")).split("\n"):
-        match = HEADING.match(line)
-        if not match:
+    stream = tokens(page)
+    for opening, inline in zip(stream, stream[1:], strict=False):
+        if opening.type != "heading_open":
             continue
-        base = slug(match.group(2))
+        base = slug(rendered(inline))
         n = seen.get(base, 0)
         seen[base] = n + 1
         out.add(base if n == 0 else f"{base}-{n}")
@@ -60,11 +47,14 @@ def anchors(page: Path) -> set[str]:
 
 
 def links(page: Path) -> list[tuple[int, str]]:
-    """(line, target) of every link outside code (fenced blocks and inline code spans)."""
-    text = prose(page.read_text(encoding="utf-8"))
-    # Inline code keeps its length of characters, so line numbers and link texts stay in place.
-    text = INLINE_CODE.sub(lambda m: "x" * len(m.group(0)), text)
-    return [(text.count("\n", 0, m.start()) + 1, m.group(2)) for m in LINK.finditer(text)]
+    """(line, target) of every link and image outside code."""
+    out = []
+    for block in tokens(page):
+        for token in block.children or []:
+            target = token.attrGet("href") if token.type == "link_open" else token.attrGet("src")
+            if token.type in ("link_open", "image") and isinstance(target, str):
+                out.append(((block.map or [0])[0] + 1, target))
+    return out
 
 
 def broken(page: Path, root: Path = ROOT) -> list[str]:
@@ -96,7 +86,7 @@ def test_slugs_follow_github() -> None:
 
 def test_repeated_headings_and_code_blocks(tmp_path: Path) -> None:
     page = tmp_path / "page.md"
-    page.write_text("# A\n\n```yaml\n# B\n```\n\n## A\n\n### A\n", encoding="utf-8")
+    page.write_text("# A\n\n```yaml\n# B\n```\n\n## A\n\n### `A`\n", encoding="utf-8")
     assert anchors(page) == {"a", "a-1", "a-2"}
     page.write_text(
         "[ok](#a) [gone](#b) [file](missing.md) `[code](missing.md)`\n\n```\n[x](missing.md)\n```\n# A\n",

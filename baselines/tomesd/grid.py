@@ -43,10 +43,14 @@ def local_positions(regions: Regions) -> torch.Tensor:
     return pos if pos.shape[-1] == 3 else torch.cat([torch.zeros_like(pos[..., :1]), pos], dim=-1)
 
 
+def spans(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``(R, 3)`` frames, rows and cols spanned by the valid slots of each region (0 for an empty one)."""
+    return torch.where(valid.unsqueeze(-1), positions + 1, 0).amax(dim=1)
+
+
 def region_extents(regions: Regions) -> list[tuple[int, int, int]]:
     """``(frames, rows, cols)`` spanned by the valid slots of every region (host, set-up time)."""
-    valid = regions.valid.cpu().unsqueeze(-1)
-    span = torch.where(valid, local_positions(regions) + 1, 0).amax(dim=1)  # (R, 3); 0 for an empty region
+    span = spans(local_positions(regions), regions.valid.cpu())
     return [(int(t), int(h), int(w)) for t, h, w in span.tolist()]
 
 
@@ -67,9 +71,9 @@ def cell_table(regions: Regions, stride: tuple[int, int], k: int) -> torch.Tenso
     Raises ``ValueError`` when a cell covers a position that no valid slot holds.
     """
     sy, sx = stride
-    extent = torch.tensor(region_extents(regions), dtype=torch.long).view(-1, 3)  # (R, 3)
     pos = local_positions(regions)
     valid = regions.valid.cpu()
+    extent = spans(pos, valid)  # (R, 3)
     frames, rows, cols = (max(int(n), 1) for n in extent.amax(dim=0).tolist()) if len(extent) else (1, 1, 1)
     # slot_at[r, frame, row, col]: the slot holding that position of region r, or -1.
     slot_at = torch.full((regions.num_regions, frames, rows, cols), -1, dtype=torch.long)

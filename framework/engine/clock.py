@@ -72,11 +72,14 @@ class Clock:
 
     # ---- external drivers (pipeline hooks, benchmarks) ----
 
-    def reset(self, num_steps: int | None = None, timesteps: Sequence[float] | None = None) -> None:
+    def reset(
+        self, num_steps: int | None = None, timesteps: Sequence[float] | None = None, *, ask: bool = True
+    ) -> None:
         """Start of a generation: step 0, every plan recomputed.
 
         ``num_steps`` (kept for later generations until given again) and ``timesteps`` (normalised
         to [0, 1], one per step; this generation only) are what schedules that need them read.
+        ``ask=False``: step 0 does not merge and the schedule is not asked (see :meth:`restart`).
         """
         self.timesteps = None if timesteps is None else [float(t) for t in timesteps]
         if self.timesteps is not None:
@@ -87,7 +90,7 @@ class Clock:
         self.merged_steps = 0
         self.last_t = None
         self.runtime.restart_draws()  # noise-drawing selectors: the same seed, the same image
-        self._open_step()
+        self._open_step(ask)
 
     def restart(self, num_steps: int | None = None) -> None:
         """Back to step 0 outside a denoiser call (``handle.reset``, ``handle.set_num_steps``).
@@ -97,19 +100,9 @@ class Clock:
         count not known yet, is not asked now (nothing merges until then). The ``"manual"`` driver
         has no such next start: it is asked now, and reports what it lacks."""
         needs = self.runtime.schedule.needs
-        if num_steps is not None:
-            self.num_steps = num_steps
-        waits = needs == "timestep" or (needs == "num_steps" and self.num_steps is None)
-        if self.driver == "manual" or not waits:
-            self.reset(timesteps=self.timesteps if needs == "timestep" else None)
-            return
-        self.step = self.merged_steps = self.pass_index = self._passes_in_step = 0
-        self.last_t = None  # the next call starts a generation
-        self.runtime.restart_draws()
-        self.merging = False
-        was, self.runtime.enabled = self.runtime.enabled, False
-        if was and self.runtime.on_new_tokens is not None:
-            self.runtime.on_new_tokens()  # a cache hook's state holds merged tokens
+        known = num_steps is not None or self.num_steps is not None
+        waits = self.driver != "manual" and (needs == "timestep" or (needs == "num_steps" and not known))
+        self.reset(num_steps, self.timesteps if needs == "timestep" else None, ask=not waits)
 
     def start(self, scheduler: Any) -> None:
         """A generation of ``scheduler``'s current timesteps begins."""
@@ -144,13 +137,15 @@ class Clock:
         self.last_t = None
         self._open_step()
 
-    def _open_step(self) -> None:
+    def _open_step(self, ask: bool = True) -> None:
         self.pass_index = 0
         self._passes_in_step = 0
         runtime = self.runtime
         # Past the scheduler's last timestep (after its last step) there is no step to merge.
         beyond = self.timesteps is not None and self.step >= len(self.timesteps)
-        self.merging = not beyond and runtime.schedule.merges(self.step, self.num_steps, self._timestep())
+        self.merging = (
+            ask and not beyond and runtime.schedule.merges(self.step, self.num_steps, self._timestep())
+        )
         was = runtime.enabled
         runtime.enabled = runtime.switched_on and self.merging
         decision = runtime.reuse.decide(self.merged_steps) if self.merging else None
