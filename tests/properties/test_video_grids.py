@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from tokenreduce.baselines.todo import DownsampleMerger
 from tokenreduce.baselines.tomesd import TomesdGridSelector
+from tokenreduce.baselines.tomesd.grid import cells_per_region
 from tokenreduce.builtins import GlobalPartitioner, GridSelector, HardMeanMerger, StripePartitioner
 from tokenreduce.engine import Runtime
 from tokenreduce.interfaces import SelectContext
@@ -104,6 +106,14 @@ def test_tomesd_grid_puts_one_destination_in_each_cell_of_every_frame(
             cells.append((r, t, (y - y0) // sy, (x - x0) // sx))
         assert layout.dests[r] == frames * (rows // sy) * (cols // sx)
     assert len(set(cells)) == len(cells)  # one destination per cell of every frame
+
+
+def test_tomesd_grid_refuses_positions_of_another_rank_than_the_grid() -> None:
+    regions = TilePartitioner(TilePartitioner.Params(size=[4, 4])).partition((2, 4, 4))
+    assert regions.local_rc is not None
+    flat = dataclasses.replace(regions, local_rc=regions.local_rc[..., 1:])  # rows/cols only
+    with pytest.raises(ValueError, match="rank-2 positions on a rank-3 grid"):
+        cells_per_region(flat, (2, 2))
 
 
 def unravel(index: int, grid: tuple[int, int, int]) -> tuple[int, int, int]:

@@ -150,6 +150,13 @@ def test_restarting_a_bare_denoiser_before_its_first_call(unet, schedule):
         assert log == [t / 1000 > 0.4 for t in TIMESTEPS]
     else:
         assert log == [i >= len(TIMESTEPS) // 2 for i in range(len(TIMESTEPS))]
+    # A cache hook on the denoiser hears that the merged steps' tokens are gone.
+    heard: list[int] = []
+    handle.runtime.on_new_tokens = lambda: heard.append(1)
+    merging = handle.runtime.enabled  # the window merges the last step, the timesteps do not
+    assert merging == log[-1]
+    handle.reset()
+    assert heard == ([1] if merging else []) and not handle.runtime.enabled
     # Driven by hand there is no first call to wait for: what the schedule lacks is said at once.
     manual = tr.apply(copy.deepcopy(unet), config(schedule=schedule))
     manual.runtime.clock.driver = "manual"
